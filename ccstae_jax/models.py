@@ -1,0 +1,381 @@
+"""The CC-ST-AE: an encoder that reads affine parameters and a class from a pattern, and a dictionary of bases.
+
+Two presets share one forward pass:
+
+* ``reference`` reproduces Auto4DSTEM 0.2.8's default network layer for layer (200x200 input, pools [5, 4, 2],
+  128 channels, LayerNorm over (H, W), a convolutional decoder from a one-hot code; 4,471,621 parameters), with
+  its rotation head (``ReLU``) and optional 800x800 bicubic up-sampled warps. It exists for like-for-like comparisons.
+  The decoder is evaluated once per base and gathered, instead of once per sample.
+* ``fast`` is our default: the encoder sees the pattern already turned to a canonical orientation by a closed-form
+  rotation estimate (below), at reduced resolution, through a small strided CNN; the bases are free parameters
+  (a learned dictionary of patterns), so the "decoder" is a lookup.
+
+**Rotation.** A lattice with ``n``-fold symmetry (``n = 6`` for hexagonal) is only determined modulo ``2 pi / n``. The
+``n``-th angular Fourier component of the pattern inside the spot ring, ``sum I(q) exp(-i n phi(q))``, has phase
+``n * rotation`` (mod 2 pi) and, to first order, no strain dependence. Its angle (``harmonic_rotation``) turns every
+pattern to a canonical orientation before the encoder sees it; the encoder then learns a bounded residual rotation.
+Rotations anywhere in 0..360 degrees need no hand-tuned angle shift. Set ``rotation_mode="relu"`` for the
+reference's unbounded ``ReLU`` head instead.
+
+Frames: see `ccstae_jax.affine`. The network's warp ``theta`` pulls the data onto the base:
+``warped_input(p) = data(theta p)``; rotation and scale act about the pattern centre ``center`` (the central beam,
+default ``(H // 2, W // 2)``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccstae_jax import affine, warp
+from ccstae_jax.sparsity import k_sparse
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines the network; saved with every run (`to_dict`/`from_dict`).
+
+    Attributes:
+      preset: ``"fast"`` or ``"reference"``.
+      pattern_shape: ``(H, W)`` of the (cropped) diffraction patterns; square.
+      num_bases: size of the learned dictionary (K-sparse picks one per pattern).
+      rotation_mode: ``"prior"`` (harmonic prior + bounded residual), ``"relu"`` (reference: ``ReLU(o)``, unbounded,
+        radians) or ``"bounded"`` (``rotation_limit * tanh(o)``).
+      symmetry: rotational order of the lattice (6 hexagonal, 4 square, 2 for rectangular...).
+      scale_limit, shear_limit, rotation_limit, translation_limit: bounds of the tanh heads (rotation in radians,
+        translation in normalised units).
+      translation: learn a translation (absorbs descan and centring offsets).
+      center: pattern centre ``(row, col)`` in pixels about which rotation/scale act; None = ``(H // 2, W // 2)``.
+      prior_radii: ``(inner, outer)`` pixel radii of the ring used by the rotation prior.
+      intensity_scale: the network multiplies input patterns by this constant (set from the data).
+      interpolate: reference only: warps on patterns bicubic-upsampled to ``up_size`` (the tutorial path).
+      warp_mode: ``"bilinear"`` or ``"bicubic"`` for the pattern warps.
+      dtype: compute dtype of the convolutions/dense layers (``"float32"`` or ``"bfloat16"``); parameters and
+        warps stay float32.
+      encoder_downsample, encoder_channels, encoder_dense: ``fast`` encoder shape.
+      conv_size, pool_list, reduced_size: ``reference`` encoder/decoder shape.
+    """
+
+    preset: str = "fast"
+    pattern_shape: tuple[int, int] = (200, 200)
+    num_bases: int = 1
+    rotation_mode: str = "prior"
+    symmetry: int = 6
+    scale_limit: float = 0.05
+    shear_limit: float = 0.1
+    rotation_limit: float = 0.1
+    translation_limit: float = 0.15
+    translation: bool = True
+    center: tuple[float, float] | None = None
+    prior_radii: tuple[float, float] = (20.0, 90.0)
+    intensity_scale: float = 1.0
+    interpolate: bool = False
+    up_size: int = 800
+    warp_mode: str = "bilinear"
+    dtype: str = "float32"
+    encoder_downsample: int = 2
+    encoder_channels: tuple[int, ...] = (16, 32, 32, 64, 64)
+    encoder_dense: int = 128
+    conv_size: int = 128
+    pool_list: tuple[int, ...] = (5, 4, 2)
+    reduced_size: int = 20
+
+    def __post_init__(self):
+        if self.preset not in ("fast", "reference"):
+            raise ValueError(f"ModelConfig.preset must be 'fast' or 'reference', got {self.preset!r}")
+        if self.rotation_mode not in ("prior", "relu", "bounded"):
+            raise ValueError(f"ModelConfig.rotation_mode must be prior/relu/bounded, got {self.rotation_mode!r}")
+        h, w = self.pattern_shape
+        if h != w:
+            raise ValueError(f"ModelConfig.pattern_shape must be square (crop the patterns), got {self.pattern_shape}")
+        if self.preset == "reference" and h % math.prod(self.pool_list):
+            raise ValueError(
+                f"reference preset: pattern size {h} must be divisible by prod(pool_list)={math.prod(self.pool_list)}")
+        if self.preset == "fast" and h % self.encoder_downsample:
+            raise ValueError(f"fast preset: pattern size {h} not divisible by encoder_downsample "
+                             f"{self.encoder_downsample}")
+        if self.warp_mode not in ("bilinear", "bicubic"):
+            raise ValueError(f"ModelConfig.warp_mode must be 'bilinear' or 'bicubic', got {self.warp_mode!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"ModelConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """The named preset (``fast`` or ``reference``) with overrides."""
+        if name == "reference":
+            base = dict(preset="reference", rotation_mode="relu", translation=False, interpolate=False,
+                        warp_mode="bilinear")
+        elif name == "fast":
+            base = dict(preset="fast")
+        else:
+            raise ValueError(f"unknown preset {name!r}; choose 'fast' or 'reference'")
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def center_px(self) -> tuple[float, float]:
+        h, w = self.pattern_shape
+        return (float(h // 2), float(w // 2)) if self.center is None else tuple(map(float, self.center))
+
+    @property
+    def compute_dtype(self):
+        return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**kw)
+
+
+# ----------------------------------------------------------------------------------------------- rotation prior
+def harmonic_weights(cfg: ModelConfig) -> np.ndarray:
+    """``(2, H, W)`` float32 weights ``ring * cos(n phi)``, ``ring * sin(n phi)``; ``phi`` in the warp frame.
+
+    ``phi = atan2(v, u)`` with ``u`` along columns and ``v`` along rows, about the pattern centre.
+    """
+    h, w = cfg.pattern_shape
+    cr, cc = cfg.center_px
+    v, u = np.mgrid[:h, :w].astype(np.float64)
+    v, u = v - cr, u - cc
+    r = np.hypot(u, v)
+    inner, outer = cfg.prior_radii
+    ring = (r > inner) & (r <= outer)
+    phi = np.arctan2(v, u)
+    n = cfg.symmetry
+    return np.stack([ring * np.cos(n * phi), ring * np.sin(n * phi)]).astype(np.float32)
+
+
+def harmonic_rotation(images: jax.Array, weights: jax.Array, symmetry: int) -> jax.Array:
+    """Lattice orientation modulo ``2 pi / symmetry`` from the angular harmonic, ``(B, H, W)`` → ``(B,)`` radians.
+
+    Returned in the warp frame (from +column toward +row), in ``(-pi/n, pi/n]``. Not differentiated (a prior).
+    """
+    images = jax.lax.stop_gradient(images.astype(jnp.float32))
+    c = jnp.einsum("bhw,hw->b", images, weights[0], precision=jax.lax.Precision.HIGHEST)
+    s = jnp.einsum("bhw,hw->b", images, weights[1], precision=jax.lax.Precision.HIGHEST)
+    # sum I exp(-i n phi) = c - i s; for spots at phi_k = a + 2 pi k / n its phase is -n a.
+    return jnp.arctan2(s, c) / symmetry
+
+
+def about_center(theta: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Re-centres warps so their linear part acts about the pattern centre: ``T(c) theta T(-c)``, ``(B, 2, 3)``."""
+    h, w = cfg.pattern_shape
+    cr, cc = cfg.center_px
+    cu, cv = (2 * cc + 1) / w - 1, (2 * cr + 1) / h - 1
+    shift = jnp.array([[1.0, 0.0, cu], [0.0, 1.0, cv]], theta.dtype)
+    unshift = jnp.array([[1.0, 0.0, -cu], [0.0, 1.0, -cv]], theta.dtype)
+    return affine.compose(shift, affine.compose(theta, unshift))
+
+
+# ----------------------------------------------------------------------------------------------- reference blocks
+class _LayerNormHW(nn.Module):
+    """LayerNorm per channel over (H, W) with (H, W)-shaped scale and bias, eps 1e-5 (the reference's)."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.LayerNorm(epsilon=1e-5, reduction_axes=(1, 2), feature_axes=(1, 2), dtype=self.dtype)(x)
+
+
+class _ConvBlock(nn.Module):
+    """conv→ReLU→conv→ReLU→conv→LayerNorm→ReLU, plus the input (Auto4DSTEM ``conv_block``)."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = x
+        for _ in range(2):
+            y = nn.relu(nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(y))
+        y = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(y)
+        y = nn.relu(_LayerNormHW(self.dtype)(y))
+        return y + x
+
+
+class _IdentityBlock(nn.Module):
+    """conv→LayerNorm→ReLU, no residual (Auto4DSTEM ``identity_block``)."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(_LayerNormHW(self.dtype)(nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(x)))
+
+
+class ReferenceEncoder(nn.Module):
+    """Auto4DSTEM's encoder trunk: ``(B, H, W, 1)`` → features ``(B, reduced_size)``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        x = nn.Conv(cfg.conv_size, (3, 3), padding=1, dtype=dt)(x)
+        for pool in cfg.pool_list:
+            x = _ConvBlock(cfg.conv_size, dt)(x)
+            x = _IdentityBlock(cfg.conv_size, dt)(x)
+            x = nn.max_pool(x, (pool, pool), (pool, pool))
+        x = nn.Conv(1, (3, 3), padding=1, dtype=dt)(x)
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(cfg.reduced_size, dtype=dt)(x)
+
+
+class ReferenceDecoder(nn.Module):
+    """Auto4DSTEM's decoder: one-hot ``(K, num_bases)`` → base patterns ``(K, H, W)``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, code):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        start = cfg.pattern_shape[0] // math.prod(cfg.pool_list)
+        x = nn.Dense(start * start, dtype=dt)(code).reshape(code.shape[0], start, start, 1)
+        x = nn.Conv(cfg.conv_size, (3, 3), padding=1, dtype=dt)(x)
+        x = _ConvBlock(cfg.conv_size, dt)(x)
+        x = _IdentityBlock(cfg.conv_size, dt)(x)
+        for up in reversed(cfg.pool_list):
+            x = warp.upsample_bilinear_align_corners(x, up)
+            x = _ConvBlock(cfg.conv_size, dt)(x)
+            x = _IdentityBlock(cfg.conv_size, dt)(x)
+        x = nn.Conv(1, (3, 3), padding=1, dtype=dt)(x)
+        return nn.leaky_relu(x, 0.001)[..., 0].astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------- fast encoder
+class FastEncoder(nn.Module):
+    """A small strided CNN: ``(B, h, w, 1)`` canonical-orientation pattern → features ``(B, encoder_dense)``."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        x = nn.relu(nn.Conv(cfg.encoder_channels[0], (3, 3), padding=1, dtype=dt)(x))
+        for ch in cfg.encoder_channels[1:]:
+            x = nn.relu(nn.Conv(ch, (3, 3), strides=2, padding=1, dtype=dt)(x))
+        x = x.reshape(x.shape[0], -1)
+        return nn.relu(nn.Dense(cfg.encoder_dense, dtype=dt)(x))
+
+
+# ----------------------------------------------------------------------------------------------- CC-ST-AE
+class CCSTAE(nn.Module):
+    """Cycle-consistent spatial-transforming autoencoder.
+
+    ``__call__(images)`` with images ``(B, H, W)`` (raw intensities; multiplied by ``cfg.intensity_scale`` inside)
+    returns a dict:
+
+    * ``theta`` ``(B, 2, 3)``: warp pulling the data onto the base (normalised frame, `ccstae_jax.affine`);
+    * ``warped_input`` ``(B, H, W)``: the input in the base frame, ``x(theta p)``;
+    * ``base`` ``(B, H, W)``: the base chosen for each pattern; ``bases`` ``(num_bases, H, W)``: the dictionary;
+    * ``reconstruction`` ``(B, H, W)``: the base warped back to the data frame, ``base(theta^{-1} p)``;
+    * ``inputs`` ``(B, H, W)``: the scaled input; ``classes`` ``(B, num_bases)`` one-hot (straight-through);
+    * ``scale_x``, ``scale_y``, ``shear``, ``rotation``, ``translation`` ``(B[, 2])``: the affine parameters
+      (warp frame), with ``rotation`` the total angle (prior + residual) in radians.
+
+    With ``interpolate`` (reference preset) the images compared are the ``up_size`` bicubic up-samplings.
+    """
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        if cfg.preset == "reference":
+            self.encoder = ReferenceEncoder(cfg)
+            self.decoder = ReferenceDecoder(cfg)
+            feat = cfg.reduced_size
+        else:
+            self.encoder = FastEncoder(cfg)
+            h, w = cfg.pattern_shape
+            self.bases = self.param("bases", nn.initializers.zeros, (cfg.num_bases, h, w), jnp.float32)
+            feat = cfg.encoder_dense
+        del feat
+        self.class_dense = nn.Dense(cfg.num_bases)
+        self.class_norm = nn.LayerNorm(epsilon=1e-5)
+        n_out = 4 + (2 if cfg.translation else 0) + 1  # scale x/y, rotation, shear, [translation], mask intensity
+        self.affine_dense = nn.Dense(n_out, kernel_init=nn.initializers.zeros)
+        if cfg.rotation_mode == "prior":
+            self.prior_weights = jnp.asarray(harmonic_weights(cfg))
+
+    def dictionary(self) -> jax.Array:
+        """The learned bases ``(num_bases, H, W)`` (the reference decoder is run once per base)."""
+        if self.cfg.preset == "reference":
+            return self.decoder(jnp.eye(self.cfg.num_bases, dtype=jnp.float32))
+        return self.bases
+
+    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+        cfg = self.cfg
+        x = images.astype(jnp.float32) * cfg.intensity_scale
+        b, h, w = x.shape
+        if cfg.rotation_mode == "prior":
+            rot0 = harmonic_rotation(x, self.prior_weights, cfg.symmetry)
+        else:
+            rot0 = jnp.zeros((b,), jnp.float32)
+        pre = about_center(affine.warp_matrix(rotation=rot0), cfg)
+        if cfg.preset == "fast":
+            d = cfg.encoder_downsample
+            enc_in = warp.affine_warp(x[..., None], pre, out_size=(h // d, w // d))
+        else:
+            enc_in = x[..., None]
+        feats = self.encoder(enc_in.astype(cfg.compute_dtype)).astype(jnp.float32)
+
+        scores = jax.nn.softmax(self.class_norm(self.class_dense(feats)))
+        classes = k_sparse(scores, 1)
+        o = self.affine_dense(jnp.concatenate([feats, classes], -1)).astype(jnp.float32)
+
+        scale_x = 1.0 + cfg.scale_limit * jnp.tanh(o[:, 0])
+        scale_y = 1.0 + cfg.scale_limit * jnp.tanh(o[:, 1])
+        if cfg.rotation_mode == "relu":
+            rot = nn.relu(o[:, 2])
+        else:
+            rot = cfg.rotation_limit * jnp.tanh(o[:, 2])
+        shear = cfg.shear_limit * jnp.tanh(o[:, 3])
+        if cfg.translation:
+            trans = cfg.translation_limit * jnp.tanh(o[:, 4:6])
+        else:
+            trans = jnp.zeros((b, 2), jnp.float32)
+        theta_enc = about_center(affine.warp_matrix(scale_x, scale_y, shear, rot, trans), cfg)
+        theta = affine.compose(pre, theta_enc)
+
+        bases = self.dictionary()
+        base = jnp.einsum("bk,khw->bhw", classes, bases, precision=jax.lax.Precision.HIGHEST)
+        data_img, base_img = x, base
+        if cfg.interpolate:
+            size = (cfg.up_size, cfg.up_size)
+            data_img = warp.resize_bicubic(x[..., None], size)[..., 0]
+            base_img = warp.resize_bicubic(base[..., None], size)[..., 0]
+        warped = warp.affine_warp(data_img[..., None], theta, mode=cfg.warp_mode)[..., 0]
+        recon = warp.affine_warp(base_img[..., None], affine.invert(theta), mode=cfg.warp_mode)[..., 0]
+        return {
+            "theta": theta,
+            "warped_input": warped,
+            "base": base_img,
+            "bases": bases,
+            "reconstruction": recon,
+            "inputs": data_img,
+            "classes": classes,
+            "scale_x": scale_x,
+            "scale_y": scale_y,
+            "shear": shear,
+            "rotation": rot0 + rot,
+            "translation": trans,
+        }
+
+
+def count_params(params) -> int:
+    """Number of scalar parameters in a pytree."""
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))

@@ -1,0 +1,131 @@
+"""Binds the model, the losses and the mask schedule into the training task, and sizes them from the data.
+
+`CCSTAETask` implements the protocol the training engine (`ccstae_jax.train`) expects:
+``init_params(key, images)`` and ``loss(params, images, weights, epoch) -> (loss, metrics)``.
+`configure` reads ring radii and the intensity scale from a sample of the scan.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccstae_jax import masks, warp
+from ccstae_jax.losses import LossConfig, ccstae_loss
+from ccstae_jax.models import CCSTAE, ModelConfig, about_center, harmonic_rotation, harmonic_weights
+from ccstae_jax import affine
+
+
+def configure(
+    sample_images: np.ndarray,
+    *,
+    preset: str = "fast",
+    ring: tuple[float, float] | str = "auto",
+    model_overrides: dict | None = None,
+    loss_overrides: dict | None = None,
+) -> tuple[ModelConfig, LossConfig]:
+    """Model and loss configs sized from a sample of patterns.
+
+    Args:
+      sample_images: ``(N, H, W)`` patterns (a few hundred spread over the scan is plenty).
+      preset: ``"fast"`` or ``"reference"``.
+      ring: ``(inner, outer)`` pixel radii of the loss/prior ring, or ``"auto"`` to read them from the radial
+        profile of the mean pattern (`ccstae_jax.masks.auto_ring_radii`).
+
+    The intensity scale makes the 99.9th percentile of in-ring pixels of the mean pattern equal to 1.
+    """
+    sample_images = np.asarray(sample_images, np.float32)
+    if sample_images.ndim != 3:
+        raise ValueError(f"configure: expected sample patterns (N, H, W), got shape {sample_images.shape}")
+    h, w = sample_images.shape[1:]
+    mean = sample_images.mean(0)
+    if ring == "auto":
+        inner, outer = masks.auto_ring_radii(mean)
+    else:
+        inner, outer = map(float, ring)
+    if not 0 <= inner < outer:
+        raise ValueError(f"ring radii must satisfy 0 <= inner < outer, got ({inner}, {outer})")
+    if inner >= min(h, w) / 2:
+        raise ValueError(f"ring inner radius {inner} px is larger than the pattern ({h}x{w}) half-width {min(h, w) / 2}")
+    ring_px = np.asarray(masks.ring_mask((h, w), inner, outer))
+    level = float(np.percentile(mean[ring_px], 99.9)) if ring_px.any() else 0.0
+    if not np.isfinite(level) or level <= 0:
+        raise ValueError("configure: the patterns carry no intensity inside the ring; check the ring radii and the data")
+    overrides = dict(pattern_shape=(h, w), prior_radii=(inner, outer), intensity_scale=1.0 / level)
+    overrides.update(model_overrides or {})
+    model_cfg = ModelConfig.preset_config(preset, **overrides)
+    loss_cfg = LossConfig(**{"ring_inner": inner, "ring_outer": outer, **(loss_overrides or {})})
+    return model_cfg, loss_cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class CCSTAETask:
+    """The training task: a CC-ST-AE with its loss. Static (hashable); parameters live outside."""
+
+    model_cfg: ModelConfig
+    loss_cfg: LossConfig
+
+    @property
+    def model(self) -> CCSTAE:
+        return CCSTAE(self.model_cfg)
+
+    def config_dict(self) -> dict:
+        return {"model": self.model_cfg.to_dict(), "loss": self.loss_cfg.to_dict()}
+
+    def init_params(self, key: jax.Array, images: jax.Array):
+        """Random encoder; bases initialised to the canonical-orientation mean of ``images`` (fast preset)."""
+        images = jnp.asarray(images, jnp.float32)
+        params = self.model.init(key, images)["params"]
+        if self.model_cfg.preset == "fast":
+            mean = canonical_mean(images, self.model_cfg)
+            params = dict(params)
+            params["bases"] = jnp.broadcast_to(mean, params["bases"].shape).astype(jnp.float32)
+        return params
+
+    def base_masks(self, bases: jax.Array, epoch: jax.Array) -> jax.Array:
+        """Base-frame loss masks ``(num_bases, h, w)`` for this epoch (ring, then ring ∩ spot disks)."""
+        cfg, lc = self.model_cfg, self.loss_cfg
+        h, w = bases.shape[-2:]
+        f = h / cfg.pattern_shape[0]  # >1 on the up-sampled (interpolate) path
+        cr, cc = cfg.center_px
+        center = (cr * f + (f - 1) / 2, cc * f + (f - 1) / 2)
+        ring = masks.ring_mask((h, w), lc.ring_inner * f, lc.ring_outer * f, center=center)
+        ringf = jnp.broadcast_to(ring.astype(jnp.float32), bases.shape)
+        if not lc.use_spot_mask:
+            return ringf
+        sched = masks.MaskSchedule(lc.ring_inner, lc.ring_outer, lc.shrink_start, lc.shrink_epochs,
+                                   lc.spot_radius_start, lc.spot_radius_end, lc.spot_threshold)
+        radius = sched.spot_radius(epoch) * f
+        spots = jax.vmap(lambda b: masks.spot_mask(b, ring, radius, threshold=lc.spot_threshold,
+                                                   max_radius=int(np.ceil(lc.spot_radius_start * f))))(bases)
+        return jnp.where(jnp.asarray(epoch) >= lc.shrink_start, spots, ringf)
+
+    def forward(self, params, images: jax.Array, epoch: jax.Array):
+        """Model output, per-sample base-frame masks ``(B, h, w)``."""
+        out = self.model.apply({"params": params}, images)
+        mb = self.base_masks(out["bases"] if not self.model_cfg.interpolate else _up(out["bases"], self.model_cfg),
+                             epoch)
+        sample_masks = jnp.einsum("bk,khw->bhw", jax.lax.stop_gradient(out["classes"]), mb)
+        return out, sample_masks
+
+    def loss(self, params, images, weights, epoch):
+        out, sample_masks = self.forward(params, images, epoch)
+        loss, terms, _ = ccstae_loss(out, sample_masks, weights, self.loss_cfg)
+        return loss, terms
+
+
+def _up(bases: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return warp.resize_bicubic(bases[..., None], (cfg.up_size, cfg.up_size))[..., 0]
+
+
+def canonical_mean(images: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Mean of the (scaled) patterns turned to the canonical orientation by the rotation prior, ``(H, W)``."""
+    x = jnp.asarray(images, jnp.float32) * cfg.intensity_scale
+    if cfg.rotation_mode == "prior":
+        rot = harmonic_rotation(x, jnp.asarray(harmonic_weights(cfg)), cfg.symmetry)
+    else:
+        rot = jnp.zeros(x.shape[:1], jnp.float32)
+    theta = about_center(affine.warp_matrix(rotation=rot), cfg)
+    return warp.affine_warp(x[..., None], theta)[..., 0].mean(0)
