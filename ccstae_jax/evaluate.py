@@ -1,0 +1,98 @@
+"""Accuracy of strain maps against simulated labels: MAE, median absolute error and spread, referenced alike.
+
+Labels and predictions are referenced to the same scan region with the same polar decomposition
+(`ccstae_jax.strain.referenced_strain`), so a method is scored on what it can measure: strain and rotation relative
+to a reference, rotations modulo the lattice symmetry. Strain errors are dimensionless; rotation errors in degrees.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ccstae_jax import affine
+from ccstae_jax.strain import QUANTITIES, referenced_strain, region_mask
+
+PAPER_REFERENCE_REGION = (30, 60, 10, 40)  # rows 30:60, columns 10:40 of the 256x256 benchmark scan
+
+
+def referenced_labels(
+    labels: dict[str, np.ndarray], *, reference_region=None, symmetry: int = 6
+) -> dict[str, np.ndarray]:
+    """Labels (strain_xx, strain_yy, shear_xy, rotation in radians; ``(Rx, Ry)``) referenced to a region.
+
+    Builds each label's lattice ``A = (I + eps) R(rotation)`` and references it exactly like predictions. For the
+    paper's benchmark (reference grain unstrained) the strains come back unchanged and the rotation becomes relative
+    to the region's orientation, modulo ``2 pi / symmetry``.
+    """
+    missing = [k for k in QUANTITIES if k not in labels]
+    if missing:
+        raise ValueError(f"labels lack {missing}; expected strain_xx, strain_yy, shear_xy, rotation")
+    shapes = {k: np.shape(labels[k]) for k in QUANTITIES}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"label maps differ in shape: {shapes}")
+    lat = np.asarray(affine.lattice_from_strain(*(np.asarray(labels[k], np.float32) for k in QUANTITIES)), np.float64)
+    shape = lat.shape[:2]
+    return referenced_strain(lat, region_mask(shape, reference_region), symmetry=symmetry)
+
+
+def error_table(
+    pred: dict[str, np.ndarray],
+    labels: dict[str, np.ndarray],
+    *,
+    reference_region=None,
+    symmetry: int = 6,
+    interior: np.ndarray | None = None,
+    reference_labels: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Errors of predicted maps against labels, per quantity.
+
+    Args:
+      pred: ``strain_xx``, ``strain_yy``, ``shear_xy``, ``rotation`` (radians) maps ``(Rx, Ry)``, already referenced
+        (as written by `ccstae map`); NaN marks invalid positions. Optional ``valid``.
+      labels: the same keys (radians for rotation), raw; referenced here to ``reference_region`` unless
+        ``reference_labels`` is False.
+      interior: optional boolean ``(Rx, Ry)`` grain-interior mask.
+
+    Returns:
+      ``{quantity: {"mae", "median_abs", "mae_interior", "std_interior", "valid_fraction"}}`` with strain errors
+      dimensionless and rotation errors in degrees (key ``rotation_deg``). MAE is over all valid positions; invalid
+      positions are counted in ``valid_fraction``, never as zero error.
+    """
+    scan_shape = np.shape(pred["strain_xx"])
+    for k in QUANTITIES:
+        if np.shape(labels[k]) != scan_shape:
+            raise ValueError(f"label {k} has shape {np.shape(labels[k])} but the strain map is {scan_shape}")
+    ref_lab = referenced_labels(labels, reference_region=reference_region, symmetry=symmetry) if reference_labels \
+        else {k: np.asarray(labels[k], np.float64) for k in QUANTITIES}
+    period = 2 * np.pi / symmetry
+    valid = np.ones(scan_shape, bool) if "valid" not in pred else np.asarray(pred["valid"], bool)
+    if interior is not None and np.shape(interior) != scan_shape:
+        raise ValueError(f"interior mask has shape {np.shape(interior)} but the strain map is {scan_shape}")
+    table = {}
+    for k in QUANTITIES:
+        p = np.asarray(pred[k], np.float64)
+        diff = p - ref_lab[k]
+        if k == "rotation":
+            diff = np.degrees((diff + period / 2) % period - period / 2)
+        ok = valid & np.isfinite(diff)
+        row = {
+            "mae": float(np.mean(np.abs(diff[ok]))) if ok.any() else float("nan"),
+            "median_abs": float(np.median(np.abs(diff[ok]))) if ok.any() else float("nan"),
+            "valid_fraction": float(ok.mean()),
+        }
+        if interior is not None:
+            sel = ok & np.asarray(interior, bool)
+            row["mae_interior"] = float(np.mean(np.abs(diff[sel]))) if sel.any() else float("nan")
+            row["std_interior"] = float(np.std(diff[sel])) if sel.any() else float("nan")
+        table["rotation_deg" if k == "rotation" else k] = row
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    """A short markdown table of `error_table` output (strain x1e-3, rotation in degrees)."""
+    lines = ["| quantity | MAE | median abs | MAE interior | std interior | valid |", "|---|---|---|---|---|---|"]
+    for k, row in table.items():
+        scale, unit = (1.0, "deg") if k == "rotation_deg" else (1e3, "x1e-3")
+        cells = [f"{row.get(m, float('nan')) * scale:.3f}" for m in ("mae", "median_abs", "mae_interior",
+                                                                       "std_interior")]
+        lines.append(f"| {k} ({unit}) | " + " | ".join(cells) + f" | {row['valid_fraction']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,260 @@
+"""Strain maps from a trained CC-ST-AE: batched inference over a scan, referencing, validity, HDF5 output.
+
+Conventions (also written into every output file): maps are ``(Rx, Ry)``; x = detector Qx = axis 2 of the data (rows
+of a pattern), y = Qy = axis 3 (columns). ``strain_xx``, ``strain_yy``: real-space lattice strain along x and y
+(positive = lattice stretched = spots move inward); ``shear_xy``: tensor shear; ``rotation``: radians,
+counter-clockwise from +Qx toward +Qy. All are relative to a reference: ``T = M M_ref^{-1} = (I + eps) R(rotation)``
+(left polar decomposition), where ``M`` is each pattern's real-space lattice deformation relative to the learned base
+and ``M_ref`` the reference (median over a scan region, else over the whole scan). Rotations are taken modulo the
+lattice symmetry (``2 pi / symmetry``) around the reference orientation, with circular statistics.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccstae_jax import affine
+
+CONVENTIONS = (
+    "maps (Rx, Ry); x = detector Qx = data axis 2 (pattern rows), y = Qy = axis 3 (columns); strain_xx/strain_yy = "
+    "real-space lattice strain along x/y (positive = stretched lattice, spots move inward); shear_xy = tensor shear; "
+    "rotation in radians counter-clockwise from +Qx toward +Qy, modulo 2*pi/symmetry about the reference; "
+    "T = M M_ref^-1 = (I + eps) R (left polar decomposition)"
+)
+QUANTITIES = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+
+# Reasons a position has no strain value (stored in /invalid_reason; 0 = valid).
+INVALID_REASONS = {0: "valid", 1: "blank pattern (no intensity in the ring)", 2: "no lattice signal in the ring",
+                   3: "non-finite prediction"}
+
+
+def region_mask(scan_shape: tuple[int, int], region: tuple[int, int, int, int] | None) -> np.ndarray:
+    """Boolean ``(Rx, Ry)`` mask of scan rows ``r0:r1`` and columns ``c0:c1``; the whole scan when None."""
+    rx, ry = scan_shape
+    if region is None:
+        return np.ones(scan_shape, bool)
+    r0, r1, c0, c1 = (int(v) for v in region)
+    if not (0 <= r0 < r1 <= rx and 0 <= c0 < c1 <= ry):
+        raise ValueError(
+            f"reference region rows {r0}:{r1}, columns {c0}:{c1} lies outside the {rx}x{ry} scan "
+            f"(need 0 <= r0 < r1 <= {rx} and 0 <= c0 < c1 <= {ry})")
+    m = np.zeros(scan_shape, bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+def referenced_strain(
+    lattice: np.ndarray, reference: np.ndarray, *, symmetry: int = 6, valid: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Strain/rotation of each lattice deformation relative to the reference positions.
+
+    Args:
+      lattice: ``(..., 2, 2)`` real-space lattice deformations (physics frame), e.g. `affine.lattice_from_warp`.
+      reference: boolean mask over the leading axes of ``lattice`` selecting the reference positions.
+      symmetry: lattice rotational order; rotations are compared modulo ``2 pi / symmetry``.
+      valid: optional boolean mask of positions allowed into the reference statistics.
+
+    Returns:
+      dict of ``strain_xx``, ``strain_yy``, ``shear_xy``, ``rotation`` (radians, in ``[-pi/n, pi/n)``), shaped like
+      the leading axes of ``lattice``.
+
+    Each ``M`` is split as ``P R(phi)``; a lattice with ``n``-fold symmetry is unchanged by ``R(2 pi k / n)``, so
+    ``phi`` is first moved within ``pi/n`` of the reference orientation (the circular mean of ``n * phi`` over the
+    reference, divided by ``n``). ``M_ref = median(P) R(phi_ref)``, elementwise median over the reference positions.
+    """
+    lattice = np.asarray(lattice, np.float64)
+    sel = np.asarray(reference, bool)
+    if valid is not None:
+        sel = sel & np.asarray(valid, bool)
+    if not sel.any():
+        raise ValueError("the reference region holds no valid positions")
+    p, phi = (np.asarray(a) for a in affine.polar_left(jnp.asarray(lattice)))
+    period = 2 * np.pi / symmetry
+    phi_ref = np.angle(np.mean(np.exp(1j * symmetry * phi[sel]))) / symmetry
+    phi_aligned = phi_ref + (phi - phi_ref + period / 2) % period - period / 2
+    p_ref = np.median(p[sel], axis=0)
+    m = p @ _rot(phi_aligned)
+    m_ref = p_ref @ _rot(phi_ref)
+    t = m @ np.linalg.inv(m_ref)
+    out = {k: np.asarray(v, np.float64) for k, v in affine.strain_from_affine(jnp.asarray(t)).items()}
+    out["rotation"] = (out["rotation"] + period / 2) % period - period / 2
+    return out
+
+
+def _rot(a: np.ndarray) -> np.ndarray:
+    c, s = np.cos(a), np.sin(a)
+    return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+
+
+def make_predict_fn(task, *, mesh=None):
+    """A jitted inference step ``(params, images (B, H, W)) -> dict`` of per-pattern outputs.
+
+    Returns ``theta`` ``(B, 2, 3)``, ``error`` ``(B,)`` (forward masked MSE against the base with the final-epoch
+    mask: the reconstruction-error confidence map), ``ring_signal`` ``(B,)`` (in-ring intensity, scaled) and
+    ``lattice_signal`` ``(B,)`` (relative strength of the ``n``-fold angular harmonic), ``class_index`` ``(B,)``.
+    With a ``mesh`` the batch axis is sharded over its ``data`` axis.
+    """
+    from ccstae_jax.losses import masked_mse
+    from ccstae_jax.models import harmonic_weights
+
+    cfg = task.model_cfg
+    hw = jnp.asarray(harmonic_weights(cfg))
+    ring = jnp.abs(hw[0]) + jnp.abs(hw[1]) > 0
+
+    def predict(params, images):
+        out, masks_b = task.forward(params, images, jnp.int32(10**6))
+        err = masked_mse(out["warped_input"], out["base"], masks_b)
+        x = out["inputs"] if not cfg.interpolate else images * cfg.intensity_scale
+        ring_sum = jnp.sum(jnp.where(ring, x, 0.0), axis=(-2, -1))
+        harm = jnp.hypot(jnp.einsum("bhw,hw->b", x, hw[0], precision="highest"),
+                         jnp.einsum("bhw,hw->b", x, hw[1], precision="highest"))
+        return {
+            "theta": out["theta"],
+            "error": err,
+            "ring_signal": ring_sum,
+            "lattice_signal": harm / jnp.maximum(jnp.abs(ring_sum), 1e-30),
+            "class_index": jnp.argmax(out["classes"], -1),
+        }
+
+    if mesh is None:
+        return jax.jit(predict)
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    return jax.jit(predict, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
+                   out_shardings=NamedSharding(mesh, P("data")))
+
+
+def predict_scan(task, params, batches: Iterable, n_positions: int, *, mesh=None, progress=None) -> dict[str, np.ndarray]:
+    """Runs inference over every batch and scatters results to flat positions ``(N, ...)``.
+
+    Args:
+      batches: iterable of ``Batch(images, weights, index)`` (fixed size, padded; padding has ``index == -1``).
+      progress: optional tqdm-like object with ``update(n)``.
+    """
+    predict = make_predict_fn(task, mesh=mesh)
+    results: dict[str, np.ndarray] = {}
+    pending = None
+
+    def collect(item):
+        out, index = item
+        out = jax.device_get(out)
+        keep = index >= 0
+        for k, v in out.items():
+            if k not in results:
+                results[k] = np.full((n_positions,) + v.shape[1:], np.nan if v.dtype.kind == "f" else -1, v.dtype)
+            results[k][index[keep]] = v[keep]
+        if progress is not None:
+            progress.update(int(keep.sum()))
+
+    shard = None
+    if mesh is not None:
+        from ccstae_jax.parallel import shard_batch as shard  # noqa: F811
+    for batch in batches:
+        images = batch.images if shard is None else shard(batch, mesh).images
+        out = predict(params, images)  # dispatched asynchronously; collect the previous one meanwhile
+        if pending is not None:
+            collect(pending)
+        pending = (out, np.asarray(batch.index))
+    if pending is not None:
+        collect(pending)
+    return results
+
+
+def strain_maps(
+    predictions: dict[str, np.ndarray],
+    scan_shape: tuple[int, int],
+    pattern_shape: tuple[int, int],
+    *,
+    reference_region: tuple[int, int, int, int] | None = None,
+    symmetry: int = 6,
+    min_lattice_signal: float = 0.05,
+) -> dict[str, np.ndarray]:
+    """Maps ``(Rx, Ry)`` of strain, shear, rotation, reconstruction error and validity from `predict_scan` output.
+
+    A position is invalid (NaN in the strain maps, ``valid == False``, code in ``invalid_reason``) when its pattern
+    has no intensity in the ring (blank), when its ``n``-fold harmonic is weaker than ``min_lattice_signal`` times
+    the scan's median (no lattice to measure, e.g. pure background), or when the prediction is not finite.
+    """
+    rx, ry = scan_shape
+    theta = predictions["theta"].reshape(rx, ry, 2, 3)
+    reason = np.zeros((rx, ry), np.uint8)
+    ring_signal = predictions["ring_signal"].reshape(rx, ry)
+    lattice_signal = predictions["lattice_signal"].reshape(rx, ry)
+    finite_theta = np.isfinite(theta).all(axis=(-2, -1))
+    reason[~finite_theta] = 3
+    typical = np.nanmedian(np.where(ring_signal > 0, lattice_signal, np.nan)) if (ring_signal > 0).any() else 0.0
+    reason[(lattice_signal < min_lattice_signal * typical) & (reason == 0)] = 2
+    reason[~(ring_signal > 0)] = 1
+    valid = reason == 0
+    safe_theta = np.where(valid[..., None, None], theta, affine.identity_warp(()))
+    lattice = np.asarray(affine.lattice_from_warp(jnp.asarray(safe_theta), pattern_shape), np.float64)
+    ref = region_mask(scan_shape, reference_region)
+    maps = referenced_strain(lattice, ref, symmetry=symmetry, valid=valid)
+    out = {k: np.where(valid, maps[k], np.nan).astype(np.float32) for k in QUANTITIES}
+    out["reconstruction_error"] = predictions["error"].reshape(rx, ry).astype(np.float32)
+    out["valid"] = valid
+    out["invalid_reason"] = reason
+    out["theta"] = theta.astype(np.float32)
+    out["lattice"] = lattice.astype(np.float32)
+    out["class_index"] = predictions["class_index"].reshape(rx, ry).astype(np.int32)
+    return out
+
+
+def write_strain_h5(path: str | os.PathLike, maps: dict[str, np.ndarray], *, attrs: dict) -> str:
+    """Writes strain maps to HDF5 atomically (temporary file, then rename); returns the path.
+
+    Layout: ``/strain_xx``, ``/strain_yy``, ``/shear_xy``, ``/rotation`` (Rx, Ry) float32 (NaN where invalid),
+    ``/valid`` bool, ``/invalid_reason`` uint8, ``/reconstruction_error`` float32, and (when given) the raw affine
+    data under ``/affine/`` (``theta`` (Rx, Ry, 2, 3) warp matrices, ``lattice`` (Rx, Ry, 2, 2)). Root attributes:
+    ``conventions``, ``invalid_reasons`` and everything in ``attrs`` (dicts/lists stored as JSON text).
+    """
+    import h5py
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise OSError(f"cannot write {path}: directory {directory} does not exist")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key in QUANTITIES + ("reconstruction_error", "valid", "invalid_reason"):
+                if key in maps:
+                    f.create_dataset(key, data=maps[key])
+            for key in ("theta", "lattice", "class_index"):
+                if key in maps:
+                    f.create_dataset(f"affine/{key}", data=maps[key])
+            f.attrs["conventions"] = CONVENTIONS
+            f.attrs["invalid_reasons"] = json.dumps(INVALID_REASONS)
+            for k, v in attrs.items():
+                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) or v is None else v
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def read_strain_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Reads a strain-map file written by `write_strain_h5` (or the py4DSTEM baseline): ``(maps, attrs)``."""
+    import h5py
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"strain map file {path} does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable HDF5 strain-map file ({e})") from None
+    with f:
+        missing = [k for k in QUANTITIES if k not in f]
+        if missing:
+            raise ValueError(f"{path} is not a strain-map file: missing datasets {missing} (found {sorted(f.keys())})")
+        maps = {k: f[k][()] for k in f.keys() if isinstance(f[k], h5py.Dataset)}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    return maps, attrs

@@ -1,0 +1,100 @@
+"""Specifications of strain referencing, validity, the strain-map file and the error table."""
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ccstae_jax import affine
+from ccstae_jax.evaluate import error_table, referenced_labels
+from ccstae_jax.strain import read_strain_h5, referenced_strain, region_mask, strain_maps, write_strain_h5
+
+
+def _labels(shape=(8, 8), seed=0):
+    rng = np.random.default_rng(seed)
+    lab = {k: rng.uniform(-0.02, 0.02, shape) for k in ("strain_xx", "strain_yy", "shear_xy")}
+    lab["rotation"] = rng.uniform(0, 2 * np.pi, shape)
+    for k in ("strain_xx", "strain_yy", "shear_xy"):
+        lab[k][:2, :2] = 0.0  # unstrained reference corner, one orientation
+    lab["rotation"][:2, :2] = 1.0
+    return lab
+
+
+def test_referencing_recovers_strain_despite_sixty_degree_ambiguity_and_base_rotation():
+    lab = _labels()
+    a = np.asarray(affine.lattice_from_strain(*(lab[k] for k in ("strain_xx", "strain_yy", "shear_xy", "rotation"))))
+    # what a model sees: relative to an arbitrarily rotated base, each pattern's angle known only modulo 60 degrees
+    rng = np.random.default_rng(1)
+    k60 = rng.integers(-3, 3, lab["rotation"].shape)
+    m = a @ np.asarray(affine.rotation_matrix(np.pi / 3 * k60)) @ np.asarray(affine.rotation_matrix(-0.7))
+    got = referenced_strain(m, region_mask((8, 8), (0, 2, 0, 2)))
+    for k in ("strain_xx", "strain_yy", "shear_xy"):
+        np.testing.assert_allclose(got[k], lab[k], atol=2e-6)
+    want_rot = (lab["rotation"] - 1.0 + np.pi / 6) % (np.pi / 3) - np.pi / 6
+    err = (got["rotation"] - want_rot + np.pi / 6) % (np.pi / 3) - np.pi / 6
+    assert np.abs(err).max() < 1e-4
+
+
+def test_region_outside_scan_is_rejected_with_its_bounds():
+    with pytest.raises(ValueError, match="outside the 8x8 scan"):
+        region_mask((8, 8), (0, 9, 0, 2))
+
+
+def test_blank_and_featureless_patterns_are_marked_invalid_not_garbage():
+    n = 16
+    preds = {
+        "theta": np.broadcast_to(np.eye(2, 3, dtype=np.float32), (n, 2, 3)).copy(),
+        "error": np.zeros(n, np.float32),
+        "ring_signal": np.ones(n, np.float32),
+        "lattice_signal": np.full(n, 0.3, np.float32),
+        "class_index": np.zeros(n, np.int32),
+    }
+    preds["ring_signal"][3] = 0.0  # blank
+    preds["lattice_signal"][5] = 0.001  # pure background: no six-fold signal
+    preds["theta"][7] = np.nan
+    maps = strain_maps(preds, (4, 4), (64, 64))
+    assert maps["valid"].sum() == 13
+    assert maps["invalid_reason"].ravel()[[3, 5, 7]].tolist() == [1, 2, 3]
+    assert np.isnan(maps["strain_xx"].ravel()[[3, 5, 7]]).all()
+    assert np.isfinite(maps["strain_xx"][maps["valid"]]).all()
+
+
+def test_strain_file_round_trips_and_writes_atomically(tmp_path):
+    maps = {k: np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+            for k in ("strain_xx", "strain_yy", "shear_xy", "rotation", "reconstruction_error")}
+    maps["valid"] = np.ones((4, 5), bool)
+    path = write_strain_h5(tmp_path / "s.h5", maps, attrs={"reference_region": [0, 2, 0, 2], "method": "test"})
+    got, attrs = read_strain_h5(path)
+    np.testing.assert_array_equal(got["strain_xx"], maps["strain_xx"])
+    assert attrs["method"] == "test" and "Qx" in attrs["conventions"]
+    assert os.listdir(tmp_path) == ["s.h5"]
+    with pytest.raises(OSError, match="does not exist"):
+        write_strain_h5(tmp_path / "missing_dir" / "s.h5", maps, attrs={})
+
+
+def test_error_table_is_zero_for_perfect_maps_and_excludes_invalid_positions():
+    lab = _labels()
+    ref = referenced_labels(lab, reference_region=(0, 2, 0, 2))
+    pred = {k: ref[k].astype(np.float32) for k in ref}
+    pred["valid"] = np.ones((8, 8), bool)
+    pred["valid"][7, 7] = False
+    pred["strain_xx"][7, 7] = np.nan
+    table = error_table(pred, lab, reference_region=(0, 2, 0, 2), interior=np.ones((8, 8), bool))
+    assert table["strain_xx"]["mae"] < 1e-6 and table["rotation_deg"]["mae"] < 1e-3
+    assert table["strain_xx"]["valid_fraction"] == pytest.approx(63 / 64)
+
+
+def test_error_table_measures_a_known_offset():
+    lab = _labels()
+    ref = referenced_labels(lab, reference_region=(0, 2, 0, 2))
+    pred = {k: ref[k] + (0.001 if k != "rotation" else np.radians(0.5)) for k in ref}
+    table = error_table(pred, lab, reference_region=(0, 2, 0, 2))
+    assert table["strain_yy"]["mae"] == pytest.approx(0.001, rel=1e-3)
+    assert table["rotation_deg"]["mae"] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_labels_of_another_shape_are_rejected():
+    lab = _labels()
+    pred = {k: np.zeros((4, 4)) for k in lab}
+    with pytest.raises(ValueError, match="label strain_xx has shape"):
+        error_table(pred, lab)
