@@ -55,6 +55,9 @@ class ModelConfig:
       intensity_scale: the network multiplies input patterns by this constant (set from the data).
       interpolate: reference only: warps on patterns bicubic-upsampled to ``up_size`` (the tutorial path).
       warp_mode: ``"bilinear"`` or ``"bicubic"`` for the pattern warps.
+      symmetrize_bases: fast preset: each base is averaged over the ``symmetry`` rotations about the centre, so the
+        dictionary holds lattices with the lattice's own symmetry (an unstrained reference shape). Then a pattern's
+        affine is defined up to exactly the lattice rotations, which strain referencing removes (`ccstae_jax.strain`).
       dtype: compute dtype of the convolutions/dense layers (``"float32"`` or ``"bfloat16"``); parameters and
         warps stay float32.
       encoder_downsample, encoder_channels, encoder_dense: ``fast`` encoder shape.
@@ -78,6 +81,7 @@ class ModelConfig:
     up_size: int = 800
     warp_mode: str = "bilinear"
     dtype: str = "float32"
+    symmetrize_bases: bool = True
     encoder_downsample: int = 2
     encoder_channels: tuple[int, ...] = (16, 32, 32, 64, 64)
     encoder_dense: int = 128
@@ -109,7 +113,7 @@ class ModelConfig:
         """The named preset (``fast`` or ``reference``) with overrides."""
         if name == "reference":
             base = dict(preset="reference", rotation_mode="relu", translation=False, interpolate=False,
-                        warp_mode="bilinear")
+                        warp_mode="bilinear", symmetrize_bases=False)
         elif name == "fast":
             base = dict(preset="fast")
         else:
@@ -177,6 +181,17 @@ def about_center(theta: jax.Array, cfg: ModelConfig) -> jax.Array:
     shift = jnp.array([[1.0, 0.0, cu], [0.0, 1.0, cv]], theta.dtype)
     unshift = jnp.array([[1.0, 0.0, -cu], [0.0, 1.0, -cv]], theta.dtype)
     return affine.compose(shift, affine.compose(theta, unshift))
+
+
+def symmetrize(bases: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Average of each base over the ``cfg.symmetry`` rotations about the pattern centre, ``(K, H, W)``."""
+    n = cfg.symmetry
+    angles = 2 * np.pi * np.arange(n) / n
+    theta = about_center(affine.warp_matrix(rotation=jnp.asarray(angles, jnp.float32)), cfg)  # (n, 2, 3)
+    k = bases.shape[0]
+    stacked = jnp.repeat(bases[:, None], n, axis=1).reshape(k * n, *bases.shape[1:])
+    turned = warp.affine_warp(stacked[..., None], jnp.tile(theta, (k, 1, 1)))[..., 0]
+    return turned.reshape(k, n, *bases.shape[1:]).mean(1)
 
 
 # ----------------------------------------------------------------------------------------------- reference blocks
@@ -314,8 +329,10 @@ class CCSTAE(nn.Module):
     def dictionary(self) -> jax.Array:
         """The learned bases ``(num_bases, H, W)`` (the reference decoder is run once per base)."""
         if self.cfg.preset == "reference":
-            return self.decoder(jnp.eye(self.cfg.num_bases, dtype=jnp.float32))
-        return self.bases
+            bases = self.decoder(jnp.eye(self.cfg.num_bases, dtype=jnp.float32))
+        else:
+            bases = self.bases
+        return symmetrize(bases, self.cfg) if self.cfg.symmetrize_bases else bases
 
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
         cfg = self.cfg

@@ -91,8 +91,11 @@ def _rot(a: np.ndarray) -> np.ndarray:
     return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
 
 
-def make_predict_fn(task, *, mesh=None):
+def make_predict_fn(task, *, mesh=None, refine_steps: int = 0):
     """A jitted inference step ``(params, images (B, H, W)) -> dict`` of per-pattern outputs.
+
+    With ``refine_steps > 0`` each pattern's warp is polished against its learned base by that many
+    Levenberg-Marquardt iterations on the masked forward error (`ccstae_jax.refine`) before it is returned.
 
     Returns ``theta`` ``(B, 2, 3)``, ``error`` ``(B,)`` (forward masked MSE against the base with the final-epoch
     mask: the reconstruction-error confidence map), ``ring_signal`` ``(B,)`` (in-ring intensity, scaled) and
@@ -108,13 +111,20 @@ def make_predict_fn(task, *, mesh=None):
 
     def predict(params, images):
         out, masks_b = task.forward(params, images, jnp.int32(10**6))
+        theta = out["theta"]
+        if refine_steps and not cfg.interpolate:
+            from ccstae_jax import warp
+            from ccstae_jax.refine import refine_theta
+
+            theta = refine_theta(theta, out["inputs"], out["base"], masks_b, steps=refine_steps)
+            out["warped_input"] = warp.affine_warp(out["inputs"][..., None], theta)[..., 0]
         err = masked_mse(out["warped_input"], out["base"], masks_b)
         x = out["inputs"] if not cfg.interpolate else images * cfg.intensity_scale
         ring_sum = jnp.sum(jnp.where(ring, x, 0.0), axis=(-2, -1))
         harm = jnp.hypot(jnp.einsum("bhw,hw->b", x, hw[0], precision="highest"),
                          jnp.einsum("bhw,hw->b", x, hw[1], precision="highest"))
         return {
-            "theta": out["theta"],
+            "theta": theta,
             "error": err,
             "ring_signal": ring_sum,
             "lattice_signal": harm / jnp.maximum(jnp.abs(ring_sum), 1e-30),
@@ -129,14 +139,15 @@ def make_predict_fn(task, *, mesh=None):
                    out_shardings=NamedSharding(mesh, P("data")))
 
 
-def predict_scan(task, params, batches: Iterable, n_positions: int, *, mesh=None, progress=None) -> dict[str, np.ndarray]:
+def predict_scan(task, params, batches: Iterable, n_positions: int, *, mesh=None, progress=None,
+                 refine_steps: int = 0) -> dict[str, np.ndarray]:
     """Runs inference over every batch and scatters results to flat positions ``(N, ...)``.
 
     Args:
       batches: iterable of ``Batch(images, weights, index)`` (fixed size, padded; padding has ``index == -1``).
       progress: optional tqdm-like object with ``update(n)``.
     """
-    predict = make_predict_fn(task, mesh=mesh)
+    predict = make_predict_fn(task, mesh=mesh, refine_steps=refine_steps)
     results: dict[str, np.ndarray] = {}
     pending = None
 

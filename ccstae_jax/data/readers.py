@@ -1,0 +1,753 @@
+"""Streaming 4D-STEM readers with bounded memory: HDF5/EMD, MATLAB v7.3, .npy and EMPAD .raw.
+
+`open_scan` returns a `Scan`, a read-only view of a 4-D dataset as ``(Rx, Ry, Qx, Qy)`` (scan row,
+scan column, detector row, detector column) after an optional axis ``transpose``, pattern ``crop``
+and sum-``binning``. Patterns are addressed by flat row-major scan position ``p = rx * Ry + ry``.
+Nothing reads the whole array: `Scan.read` reads the scan rows covering a position range,
+`Scan.batches` streams fixed-size (padded) batches, optionally shuffled with a bounded buffer and
+split between processes, and `Scan.mean_pattern` averages a bounded subset.
+
+Formats (files are only ever opened read-only):
+
+* HDF5 / EMD (``.h5``, ``.hdf5``, ``.emd``, ...): ``key`` if given; else our simulator's ``/data``;
+  else py4DSTEM / EMD 1.0 ``4DSTEM/datacube/data``; else the old py4DSTEM
+  ``4DSTEM_experiment/data/datacubes/*/data``; else Prismatic
+  ``4DSTEM_simulation/data/datacubes/CBED_array_depth*/datacube``; else the only 4-D dataset.
+* MATLAB v7.3 ``.mat`` (HDF5, MATLAB writes axes reversed): found as above (e.g. ``output4D``). A
+  dataset carrying MATLAB's ``MATLAB_class`` attribute defaults to ``transpose=(1, 0, 3, 2)``
+  (the Auto4DSTEM tutorial's setting for ``polycrystal_output4D.mat``).
+* NumPy ``.npy``: memory-mapped (``mmap_mode="r"``), any layout via ``transpose``.
+* EMPAD ``.raw`` (+ ``.xml``): frames of 130 x 128 little-endian float32 whose last 2 rows are a
+  footer (dropped -> 128 x 128); the scan shape comes from the ``.xml`` (``scan_resolution_y``
+  rows, ``scan_resolution_x`` columns) or from ``scan_shape=``.
+
+Bad input raises `DataError` (a `ValueError`) with one line naming the file, the key and what was
+expected.
+"""
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Iterator, NamedTuple, Sequence
+
+import h5py
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "Batch",
+    "Scan",
+    "open_scan",
+    "load_labels",
+    "reference_region_from_file",
+    "LABEL_NAMES",
+]
+
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".emd", ".mat", ".nxs", ".cxi")
+LABEL_NAMES = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+_PAPER_LABEL_FILES = {name: f"Label_{name}.npy" for name in LABEL_NAMES}
+_PAPER_GRAIN_FILE = "simulated_4dstem_grain_index.npy"
+_H5_CACHE_BYTES = 64 * 2**20
+_BUFFER_BYTES = 256 * 2**20
+_EMPAD_FRAME = (130, 128)
+_EMPAD_PATTERN = (128, 128)
+_KNOWN_HDF5_PATHS = (
+    "data",
+    "4DSTEM/datacube/data",
+    "4DSTEM_experiment/data/datacubes/*/data",
+    "4DSTEM_simulation/data/datacubes/CBED_array_depth*/datacube",
+)
+
+
+class DataError(ValueError):
+    """Unreadable or unsuitable input data (message: file, key, what was expected)."""
+
+
+class Batch(NamedTuple):
+    """A fixed-size batch of patterns.
+
+    Attributes:
+      images: ``(B, H, W)`` float32 patterns (zeros for padding).
+      weights: ``(B,)`` float32, 1 for real patterns, 0 for padding.
+      index: ``(B,)`` int64 flat row-major scan positions, -1 for padding.
+    """
+
+    images: np.ndarray
+    weights: np.ndarray
+    index: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening files
+# ---------------------------------------------------------------------------------------------
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a 4D-STEM data file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes)")
+
+
+def _sniff_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return "npy"
+    if suffix in (".raw", ".xml"):
+        return "empad"
+    if suffix in HDF5_SUFFIXES:
+        return "hdf5"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if h5py.is_hdf5(str(path)):
+        return "hdf5"
+    raise DataError(
+        f"{path}: unknown file format (suffix {suffix!r}); expected HDF5/EMD/.mat v7.3, .npy or EMPAD .raw"
+    )
+
+
+def _list_datasets(f: h5py.File) -> list[tuple[str, tuple[int, ...]]]:
+    found = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            found.append((name, tuple(obj.shape)))
+
+    f.visititems(visit)
+    return found
+
+
+def _describe_4d(f: h5py.File) -> str:
+    four = [f"{n} {s}" for n, s in _list_datasets(f) if len(s) == 4]
+    return ("4-D datasets present: " + ", ".join(four)) if four else "the file has no 4-D dataset"
+
+
+def _glob_hdf5(f: h5py.File, pattern: str) -> list[str]:
+    import fnmatch
+
+    parts = pattern.split("/")
+    current = [""]
+    for part in parts:
+        nxt = []
+        for base in current:
+            group = f[base] if base else f
+            if not isinstance(group, h5py.Group):
+                continue
+            for name in sorted(group.keys()):
+                if fnmatch.fnmatchcase(name, part):
+                    nxt.append(f"{base}/{name}" if base else name)
+        current = nxt
+    return [c for c in current if isinstance(f.get(c), h5py.Dataset)]
+
+
+def _find_hdf5_dataset(f: h5py.File, path: Path, key: str | None) -> str:
+    if key is not None:
+        obj = f.get(key)
+        if obj is None:
+            raise DataError(f"{path}: no dataset at key {key!r}; {_describe_4d(f)}")
+        if not isinstance(obj, h5py.Dataset):
+            raise DataError(f"{path}: key {key!r} is a group, not a dataset; {_describe_4d(f)}")
+        return obj.name
+    for pattern in _KNOWN_HDF5_PATHS:
+        hits = [h for h in _glob_hdf5(f, pattern) if f[h].ndim == 4]
+        if len(hits) == 1:
+            return f[hits[0]].name
+        if len(hits) > 1:
+            raise DataError(
+                f"{path}: several 4-D datasets match {pattern!r} ({', '.join(hits)}); pass key= to choose one"
+            )
+    four = [n for n, s in _list_datasets(f) if len(s) == 4]
+    if len(four) == 1:
+        return "/" + four[0]
+    if not four:
+        listing = ", ".join(f"{n} {s}" for n, s in _list_datasets(f)[:12]) or "none"
+        raise DataError(f"{path}: no 4-D dataset found (datasets: {listing}); expected (Rx, Ry, Qx, Qy) data")
+    raise DataError(f"{path}: several 4-D datasets ({', '.join(four)}); pass key= to choose one")
+
+
+def _parse_empad_xml(xml_path: Path) -> tuple[Path | None, tuple[int, int] | None, tuple[int, int] | None]:
+    """Returns (raw file named in the xml, acquire scan shape, search scan shape), shapes (rows, cols)."""
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError) as err:
+        raise DataError(f"{xml_path}: cannot parse EMPAD .xml ({err})") from None
+    raw = root.find("raw_file")
+    raw_path = xml_path.parent / Path(raw.attrib["filename"]).name if raw is not None and "filename" in raw.attrib \
+        else None
+    shapes = {}
+    for elem in root.findall("scan_parameters"):
+        x, y = elem.find("scan_resolution_x"), elem.find("scan_resolution_y")
+        if x is not None and y is not None:
+            shapes[elem.attrib.get("mode", "acquire")] = (int(y.text), int(x.text))
+    return raw_path, shapes.get("acquire"), shapes.get("search")
+
+
+class _Source:
+    """The stored 4-D array (h5py dataset or numpy memmap) and how to close it."""
+
+    def __init__(self, array, handle=None, key="", default_transpose=(0, 1, 2, 3)):
+        self.array = array
+        self.handle = handle
+        self.key = key
+        self.default_transpose = default_transpose
+        chunks = getattr(array, "chunks", None)
+        self.chunks = tuple(chunks) if chunks else None
+
+    def close(self):
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def _open_source(path: Path, key: str | None, scan_shape) -> _Source:
+    fmt = _sniff_format(path)
+    if fmt == "hdf5":
+        if not h5py.is_hdf5(str(path)):
+            hint = " (MATLAB v5/v7 .mat files are not HDF5: re-save with -v7.3)" if path.suffix.lower() == ".mat" \
+                else ""
+            raise DataError(f"{path}: not an HDF5 file{hint}")
+        try:
+            f = h5py.File(path, "r", rdcc_nbytes=_H5_CACHE_BYTES, rdcc_nslots=10007)
+        except OSError as err:
+            raise DataError(f"{path}: cannot open as HDF5, the file may be truncated or corrupt ({err})") from None
+        try:
+            name = _find_hdf5_dataset(f, path, key)
+            dset = f[name]
+            matlab = "MATLAB_class" in dset.attrs
+            return _Source(dset, f, name, (1, 0, 3, 2) if matlab else (0, 1, 2, 3))
+        except BaseException:
+            f.close()
+            raise
+    if fmt == "npy":
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as err:
+            raise DataError(f"{path}: not a readable .npy file, it may be truncated ({err})") from None
+        except OSError as err:
+            raise DataError(f"{path}: cannot read .npy ({err})") from None
+        if not isinstance(arr, np.ndarray):
+            raise DataError(f"{path}: expected a single .npy array")
+        return _Source(arr, None, key or "")
+    # EMPAD
+    raw_path, xml_path = path, None
+    if path.suffix.lower() == ".xml":
+        xml_path = path
+    elif path.with_suffix(".xml").exists():
+        xml_path = path.with_suffix(".xml")
+    acquire = search = None
+    if xml_path is not None:
+        named_raw, acquire, search = _parse_empad_xml(xml_path)
+        if path.suffix.lower() == ".xml":
+            if named_raw is None:
+                raise DataError(f"{xml_path}: EMPAD .xml names no raw_file; open the .raw with scan_shape=")
+            raw_path = named_raw
+            _check_file(raw_path)
+    frame_bytes = _EMPAD_FRAME[0] * _EMPAD_FRAME[1] * 4
+    size = raw_path.stat().st_size
+    if size % frame_bytes:
+        raise DataError(
+            f"{raw_path}: EMPAD .raw size {size} bytes is not a whole number of 130x128 float32 frames "
+            f"({frame_bytes} bytes each); the file may be truncated"
+        )
+    n_frames = size // frame_bytes
+    if scan_shape is None:
+        for cand in (acquire, search):
+            if cand is not None and cand[0] * cand[1] == n_frames:
+                scan_shape = cand
+                break
+        else:
+            if acquire is not None:
+                raise DataError(
+                    f"{raw_path}: {n_frames} frames do not match the scan {acquire} of {xml_path}; pass scan_shape="
+                )
+            raise DataError(
+                f"{raw_path}: EMPAD .raw with {n_frames} frames and no .xml; pass scan_shape=(rows, cols)"
+            )
+    scan_shape = tuple(int(s) for s in scan_shape)
+    if len(scan_shape) != 2 or scan_shape[0] * scan_shape[1] != n_frames:
+        raise DataError(f"{raw_path}: scan_shape={scan_shape} does not match the {n_frames} frames in the file")
+    mm = np.memmap(raw_path, dtype="<f4", mode="r", shape=(*scan_shape, *_EMPAD_FRAME))
+    return _Source(mm[:, :, : _EMPAD_PATTERN[0], :], None, "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scan
+# ---------------------------------------------------------------------------------------------
+class Scan:
+    """A read-only, streamed view of a 4D-STEM scan as ``(Rx, Ry, H, W)`` float32 patterns.
+
+    Create with `open_scan`. Attributes: ``path``, ``key`` (dataset path inside the file, "" for
+    .npy/.raw), ``scan_shape`` ``(Rx, Ry)``, ``pattern_shape`` ``(H, W)`` (after crop and binning),
+    ``n_positions`` ``Rx * Ry``, ``stored_shape``, ``stored_dtype``, ``transpose``, ``crop``, ``binning``.
+    Flat positions are row-major: ``p = rx * Ry + ry``.
+    """
+
+    def __init__(self, path: Path, source: _Source, *, transpose, crop, binning, check_finite):
+        self.path = path
+        self._source = source
+        self.key = source.key
+        arr = source.array
+        self.stored_shape = tuple(int(s) for s in arr.shape)
+        self.stored_dtype = np.dtype(arr.dtype)
+        self.transpose = transpose
+        logical = tuple(self.stored_shape[a] for a in transpose)
+        self.scan_shape = (logical[0], logical[1])
+        self.crop = crop
+        self.binning = binning
+        self.check_finite = bool(check_finite) and self.stored_dtype.kind == "f"
+        (q0, q1), (q2, q3) = crop
+        self.pattern_shape = ((q1 - q0) // binning, (q3 - q2) // binning)
+        self.n_positions = self.scan_shape[0] * self.scan_shape[1]
+        self._bytes_per_position = 4 * (q1 - q0) * (q3 - q2)
+        self._block_rows = self._chunk_rows()
+
+    # -- basics --
+    def __repr__(self) -> str:
+        return (f"Scan({str(self.path)!r}, key={self.key!r}, scan_shape={self.scan_shape}, "
+                f"pattern_shape={self.pattern_shape}, stored={self.stored_shape} {self.stored_dtype})")
+
+    def __len__(self) -> int:
+        return self.n_positions
+
+    def close(self) -> None:
+        """Closes the underlying file (idempotent)."""
+        self._source.close()
+
+    def __enter__(self) -> "Scan":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _chunk_rows(self) -> int:
+        """Scan rows per natural read block: the HDF5 chunk extent along the scan-row axis, else 1."""
+        chunks = self._source.chunks
+        if chunks is None:
+            return 1
+        return max(1, min(self.scan_shape[0], chunks[self.transpose[0]]))
+
+    # -- reading --
+    def _read_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Logical rows ``r0:r1`` as ``(r1 - r0, Ry, H, W)`` float32 (transposed, cropped, binned)."""
+        (q0, q1), (q2, q3) = self.crop
+        logical_slices = (slice(r0, r1), slice(None), slice(q0, q1), slice(q2, q3))
+        stored_index = [slice(None)] * 4
+        for logical_axis, stored_axis in enumerate(self.transpose):
+            stored_index[stored_axis] = logical_slices[logical_axis]
+        try:
+            block = self._source.array[tuple(stored_index)]
+        except (OSError, ValueError) as err:
+            raise DataError(
+                f"{self.path}: key {self.key!r}: cannot read scan rows {r0}:{r1}; the file may be truncated ({err})"
+            ) from None
+        block = np.transpose(np.asarray(block), self.transpose).astype(np.float32, copy=False)
+        b = self.binning
+        if b > 1:
+            n, m, h, w = block.shape
+            block = block.reshape(n, m, h // b, b, w // b, b).sum(axis=(3, 5), dtype=np.float32)
+        return block
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Reads patterns at flat positions ``start:stop``.
+
+        Args:
+          start, stop: flat row-major positions, ``0 <= start <= stop <= n_positions``.
+
+        Returns:
+          ``(stop - start, H, W)`` float32 (a fresh array).
+
+        Raises:
+          DataError: non-finite values (when ``check_finite``) or an unreadable file.
+          IndexError: range outside the scan.
+        """
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n_positions:
+            raise IndexError(f"positions {start}:{stop} outside the scan of {self.n_positions} positions")
+        h, w = self.pattern_shape
+        if start == stop:
+            return np.zeros((0, h, w), np.float32)
+        ry = self.scan_shape[1]
+        r0, r1 = start // ry, -(-stop // ry)
+        rows = self._read_rows(r0, r1).reshape(-1, h, w)
+        out = rows[start - r0 * ry: stop - r0 * ry]
+        if self.check_finite:
+            self._assert_finite(out, start)
+        return np.ascontiguousarray(out)
+
+    def _assert_finite(self, block: np.ndarray, start: int) -> None:
+        bad = ~np.isfinite(block)
+        if bad.any():
+            count = int(bad.sum())
+            first = np.argwhere(bad)[0]
+            pos = start + int(first[0])
+            rx, ry = divmod(pos, self.scan_shape[1])
+            raise DataError(
+                f"{self.path}: key {self.key!r}: {count} non-finite value(s) (NaN/Inf) among positions "
+                f"{start}:{start + len(block)}; first at scan position ({rx}, {ry}) pixel "
+                f"({int(first[1])}, {int(first[2])}) (after transpose/crop/binning); pass check_finite=False to skip"
+            )
+
+    # -- streaming --
+    def _process_positions(self, order_runs: list[tuple[int, int]], process_index: int, process_count: int):
+        """Cuts the global order (a list of contiguous runs) into this process's share."""
+        n = self.n_positions
+        lo = process_index * n // process_count
+        hi = (process_index + 1) * n // process_count
+        out, offset = [], 0
+        for a, b in order_runs:
+            length = b - a
+            s, e = max(lo, offset), min(hi, offset + length)
+            if s < e:
+                out.append((a + s - offset, a + e - offset))
+            offset += length
+        return out
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        pad: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+        buffer_size: int | None = None,
+    ) -> Iterator[Batch]:
+        """Streams the scan in fixed-size batches.
+
+        Without ``shuffle`` positions come in order ``0, 1, ...``. With ``shuffle`` the order is a
+        seeded permutation (a function of ``seed`` and ``epoch`` only): blocks of whole scan rows
+        (HDF5-chunk aligned) are visited in random order and positions are permuted within a bounded
+        buffer of ``buffer_size`` positions, so memory stays bounded whatever the scan size.
+
+        Multi-process: the global order is cut into ``process_count`` contiguous shares, differing
+        by at most one position; process ``process_index`` reads only its share. Every process yields
+        the same number of batches, ``ceil(ceil(n_positions / process_count) / batch_size)``, when
+        ``pad`` is True (padding has weight 0 and index -1; shares are disjoint and cover the scan).
+
+        Args:
+          batch_size: patterns per batch.
+          shuffle: permute positions (seeded).
+          seed, epoch: the permutation is determined by ``(seed, epoch)``.
+          pad: pad the last batch to ``batch_size`` (weights 0); if False it is shorter.
+          process_index, process_count: this process's share of the positions.
+          buffer_size: positions held in memory for shuffling (default: about 256 MiB of patterns,
+            at least ``batch_size`` and 4 blocks).
+
+        Yields:
+          `Batch` of ``images (B, H, W)`` float32, ``weights (B,)`` float32, ``index (B,)`` int64.
+        """
+        batch_size = int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if not (process_count >= 1 and 0 <= process_index < process_count):
+            raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
+        ry = self.scan_shape[1]
+        block = self._block_rows * ry
+        n = self.n_positions
+        runs = [(a, min(n, a + block)) for a in range(0, n, block)]
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), 0xBA7C4]))
+        if shuffle:
+            runs = [runs[i] for i in rng.permutation(len(runs))]
+        runs = self._process_positions(runs, process_index, process_count)
+        per_process = -(-n // process_count)
+        n_batches = -(-per_process // batch_size)
+        if buffer_size is None:
+            buffer_size = max(batch_size, 4 * block, _BUFFER_BYTES // max(1, self._bytes_per_position))
+        buffer_size = max(int(buffer_size), batch_size)
+        h, w = self.pattern_shape
+
+        # Group the share's runs into buffers of at most buffer_size positions (ints only).
+        groups, group, held = [], [], 0
+        for a, b in runs:
+            while a < b:
+                e = min(b, a + buffer_size - held)
+                group.append((a, e))
+                held += e - a
+                a = e
+                if held == buffer_size:
+                    groups.append(group)
+                    group, held = [], 0
+        if group:
+            groups.append(group)
+
+        emitted = 0
+        carry_img = np.zeros((0, h, w), np.float32)
+        carry_idx = np.zeros((0,), np.int64)
+        for group in groups:
+            c = len(carry_idx)
+            m = c + sum(e - a for a, e in group)
+            img = np.empty((m, h, w), np.float32)  # the only buffer-sized allocation
+            idx = np.empty((m,), np.int64)
+            img[:c], idx[:c] = carry_img, carry_idx
+            pos = c
+            for a, e in group:
+                img[pos: pos + e - a] = self.read(a, e)
+                idx[pos: pos + e - a] = np.arange(a, e)
+                pos += e - a
+            order = np.arange(m)
+            if shuffle:
+                order[c:] = c + rng.permutation(m - c)
+            full = m // batch_size * batch_size
+            for s in range(0, full, batch_size):
+                sel = order[s: s + batch_size]
+                yield Batch(img[sel], np.ones(batch_size, np.float32), idx[sel])
+                emitted += 1
+            carry_img, carry_idx = img[order[full:]], idx[order[full:]]
+            del img, idx
+        if len(carry_idx) or (pad and emitted < n_batches):
+            m = len(carry_idx)
+            size = batch_size if pad else m
+            if size:
+                images = np.zeros((size, h, w), np.float32)
+                images[:m] = carry_img
+                weights = np.zeros(size, np.float32)
+                weights[:m] = 1.0
+                index = np.full(size, -1, np.int64)
+                index[:m] = carry_idx
+                yield Batch(images, weights, index)
+                emitted += 1
+        while pad and emitted < n_batches:  # keep every process at the same number of steps
+            yield Batch(np.zeros((batch_size, h, w), np.float32), np.zeros(batch_size, np.float32),
+                        np.full(batch_size, -1, np.int64))
+            emitted += 1
+
+    def num_batches(self, batch_size: int, *, process_count: int = 1) -> int:
+        """Batches per process yielded by ``batches(batch_size, pad=True, process_count=...)``."""
+        return -(-(-(-self.n_positions // process_count)) // int(batch_size))
+
+    def mean_pattern(self, *, max_positions: int = 4096) -> np.ndarray:
+        """Mean pattern over at most ``max_positions`` positions, streamed row by row.
+
+        Uses every position when the scan is small enough; otherwise evenly spaced whole scan rows
+        (and evenly spaced columns within them if one row alone exceeds the budget).
+
+        Returns:
+          ``(H, W)`` float32.
+        """
+        rx, ry = self.scan_shape
+        max_positions = max(1, int(max_positions))
+        n_rows = min(rx, max(1, max_positions // ry))
+        rows = np.unique(np.round(np.linspace(0, rx - 1, n_rows)).astype(int))
+        cols = np.unique(np.round(np.linspace(0, ry - 1, min(ry, max_positions))).astype(int))
+        total = np.zeros(self.pattern_shape, np.float64)
+        count = 0
+        for r in rows:
+            block = self.read(r * ry, (r + 1) * ry)[cols]
+            total += block.sum(axis=0, dtype=np.float64)
+            count += len(block)
+        return (total / count).astype(np.float32)
+
+    def reference_region(self) -> tuple[int, int, int, int] | None:
+        """The ``reference_region`` stored in the file (our simulator's files), else None."""
+        return reference_region_from_file(self.path)
+
+    @property
+    def metadata(self) -> dict:
+        """Root attributes of an HDF5 file (e.g. our simulator's ``noise_level``, ``noise_applied``,
+        ``q_pixel``, ``reference_region``), as Python/numpy values; ``{}`` for other formats."""
+        handle = self._source.handle
+        if handle is None:
+            return {}
+        out = {}
+        for k, v in handle.attrs.items():
+            out[k] = v.decode() if isinstance(v, bytes) else v
+        return out
+
+
+def _normalise_crop(crop, shape, path, key):
+    qx, qy = shape
+    if crop is None:
+        return ((0, qx), (0, qy))
+    try:
+        (q0, q1), (q2, q3) = ((int(a), int(b)) for a, b in crop)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: key {key!r}: crop={crop!r} must be ((q0, q1), (q2, q3))") from None
+    if not (0 <= q0 < q1 <= qx and 0 <= q2 < q3 <= qy):
+        raise DataError(
+            f"{path}: key {key!r}: crop={crop!r} outside the pattern of shape ({qx}, {qy}) after transpose; "
+            f"expected 0 <= q0 < q1 <= {qx} and 0 <= q2 < q3 <= {qy}"
+        )
+    return ((q0, q1), (q2, q3))
+
+
+def open_scan(
+    path: str | os.PathLike,
+    *,
+    key: str | None = None,
+    transpose: Sequence[int] | None = None,
+    crop=None,
+    binning: int = 1,
+    check_finite: bool = True,
+    scan_shape: tuple[int, int] | None = None,
+) -> Scan:
+    """Opens a 4D-STEM file for streamed, read-only access.
+
+    Args:
+      path: an HDF5/EMD/.mat v7.3, .npy or EMPAD .raw/.xml file.
+      key: dataset path inside an HDF5 file (default: found automatically, see module docstring).
+      transpose: 4 axis indices: the stored array's axes, in the order that makes it
+        ``(Rx, Ry, Qx, Qy)`` (like ``np.transpose``; e.g. ``(2, 3, 0, 1)`` for pattern-first
+        ``(Qx, Qy, Rx, Ry)`` storage). Default: identity, or ``(1, 0, 3, 2)`` for MATLAB datasets.
+      crop: ``((q0, q1), (q2, q3))`` pattern rows q0:q1 and columns q2:q3 kept (after transpose).
+      binning: integer sum-binning of the cropped pattern; the cropped size must be divisible by it.
+      check_finite: raise `DataError` on NaN/Inf, checked batch by batch as data are read.
+      scan_shape: ``(rows, cols)`` for an EMPAD .raw without .xml (ignored for other formats).
+
+    Returns:
+      A `Scan` (use as a context manager or call ``close()``).
+
+    Raises:
+      DataError: missing/empty/unreadable file, missing dataset, wrong rank or dtype, empty scan,
+        bad transpose, crop or binning.
+    """
+    path = Path(path)
+    _check_file(path)
+    source = _open_source(path, key, scan_shape)
+    try:
+        arr = source.array
+        where = f"{path}: key {source.key!r}" if source.key else f"{path}"
+        shape = tuple(arr.shape)
+        if len(shape) != 4:
+            raise DataError(
+                f"{where}: data have {len(shape)} dimensions (shape {shape}), expected 4 (Rx, Ry, Qx, Qy)"
+            )
+        dtype = np.dtype(arr.dtype)
+        if dtype.kind not in "iuf":
+            what = {"b": "bool", "c": "complex"}.get(dtype.kind, "non-numeric")
+            raise DataError(f"{where}: dtype {dtype} is {what}; expected real integer or float intensities")
+        if transpose is None:
+            transpose = source.default_transpose
+        try:
+            transpose = tuple(int(a) for a in transpose)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: transpose={transpose!r} must be a permutation of (0, 1, 2, 3)") from None
+        if sorted(transpose) != [0, 1, 2, 3]:
+            raise DataError(f"{where}: transpose={transpose!r} must be a permutation of (0, 1, 2, 3)")
+        logical = tuple(shape[a] for a in transpose)
+        if logical[0] * logical[1] == 0:
+            raise DataError(f"{where}: empty scan (0 positions; shape {logical} after transpose)")
+        if logical[2] * logical[3] == 0:
+            raise DataError(f"{where}: empty patterns (shape {logical} after transpose)")
+        crop = _normalise_crop(crop, logical[2:], path, source.key)
+        if isinstance(binning, bool) or int(binning) != binning or int(binning) < 1:
+            raise DataError(f"{where}: binning={binning!r} must be a positive integer")
+        binning = int(binning)
+        (q0, q1), (q2, q3) = crop
+        if (q1 - q0) % binning or (q3 - q2) % binning:
+            raise DataError(
+                f"{where}: binning={binning} does not divide the cropped pattern ({q1 - q0}, {q3 - q2}); "
+                "choose a crop whose sizes are multiples of the binning"
+            )
+        return Scan(path, source, transpose=transpose, crop=crop, binning=binning, check_finite=check_finite)
+    except BaseException:
+        source.close()
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels and reference region
+# ---------------------------------------------------------------------------------------------
+def _check_label_shapes(labels: dict, shape, where: str) -> dict:
+    if shape is not None:
+        shape = tuple(int(s) for s in shape)
+        for name, arr in labels.items():
+            if arr.shape != shape:
+                raise DataError(f"{where}: label {name!r} has shape {arr.shape}, expected the scan shape {shape}")
+    return labels
+
+
+def _load_npy_labels(directory: Path) -> dict[str, np.ndarray] | None:
+    files = {name: directory / fname for name, fname in _PAPER_LABEL_FILES.items()}
+    present = {name: p for name, p in files.items() if p.is_file()}
+    if not present:
+        return None
+    missing = sorted(set(files) - set(present))
+    if missing:
+        raise DataError(
+            f"{directory}: label files incomplete, missing {', '.join(_PAPER_LABEL_FILES[m] for m in missing)}"
+        )
+    out = {}
+    for name, p in present.items():
+        try:
+            out[name] = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise DataError(f"{p}: cannot read label file ({err})") from None
+        if out[name].ndim != 2:
+            raise DataError(f"{p}: label {name!r} has shape {out[name].shape}, expected 2-D (Rx, Ry)")
+    grain = directory / _PAPER_GRAIN_FILE
+    if grain.is_file():
+        out["grain_index"] = np.load(grain, allow_pickle=False)
+    return out
+
+
+def load_labels(path: str | os.PathLike, *, shape: tuple[int, int] | None = None) -> dict[str, np.ndarray] | None:
+    """Loads ground-truth labels.
+
+    Sources: the ``/labels`` group of an HDF5 file (our simulator: ``strain_xx, strain_yy,
+    shear_xy, rotation`` [radians], ``grain_index``, ``interior``); or a directory holding the
+    paper's ``Label_strain_xx.npy, Label_strain_yy.npy, Label_shear_xy.npy, Label_rotation.npy``
+    (and, if present, ``simulated_4dstem_grain_index.npy`` as ``grain_index``); or one of those
+    ``Label_*.npy`` files (its folder is used).
+
+    Args:
+      path: HDF5 file, label folder or one label file.
+      shape: expected ``(Rx, Ry)``; mismatches raise `DataError`.
+
+    Returns:
+      Dict of ``(Rx, Ry)`` arrays as stored (strains dimensionless, rotation in radians), or None
+      when the source holds no labels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file or folder not found")
+    if path.is_dir():
+        labels = _load_npy_labels(path)
+        return None if labels is None else _check_label_shapes(labels, shape, str(path))
+    if path.suffix.lower() == ".npy":
+        if path.name in _PAPER_LABEL_FILES.values():
+            labels = _load_npy_labels(path.parent)
+            return None if labels is None else _check_label_shapes(labels, shape, str(path.parent))
+        return None
+    _check_file(path)
+    if not h5py.is_hdf5(str(path)):
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            group = f.get("labels")
+            if not isinstance(group, h5py.Group):
+                return None
+            labels = {name: group[name][...] for name in group if isinstance(group[name], h5py.Dataset)}
+    except OSError as err:
+        raise DataError(f"{path}: cannot read labels, the file may be truncated ({err})") from None
+    missing = [n for n in LABEL_NAMES if n not in labels]
+    if missing:
+        raise DataError(f"{path}: key '/labels' lacks {', '.join(missing)}; expected {', '.join(LABEL_NAMES)}")
+    return _check_label_shapes(labels, shape, f"{path}: key '/labels'")
+
+
+def reference_region_from_file(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """The ``reference_region`` root attribute ``(r0, r1, c0, c1)`` of an HDF5 file, or None.
+
+    Raises:
+      DataError: the file is missing, or the attribute is not 4 integers.
+    """
+    path = Path(path)
+    _check_file(path)
+    if not h5py.is_hdf5(str(path)):
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("reference_region")
+    except OSError as err:
+        raise DataError(f"{path}: cannot open as HDF5 ({err})") from None
+    if value is None:
+        return None
+    value = np.asarray(value).ravel()
+    if value.size != 4 or not np.all(np.equal(np.mod(value, 1), 0)):
+        raise DataError(f"{path}: attribute 'reference_region' = {value!r}, expected 4 integers (r0, r1, c0, c1)")
+    return tuple(int(v) for v in value)

@@ -1,0 +1,287 @@
+"""The user's jobs as functions: train a run on a scan, map strain with it, evaluate a map, the end-to-end demo.
+
+Each takes paths and options and returns plain results; `ccstae_jax.cli` is a thin layer over these.
+A run directory holds ``model.json`` (model, loss and data options), ``config.json`` and ``checkpoints/`` (the
+training engine's), and ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODEL_FILE = "model.json"
+
+# Training defaults per preset (learning rates tuned on simulated WS2 scans).
+PRESET_TRAINING = {
+    "fast": dict(learning_rate=1e-3, batch_size=32, epochs=20, schedule="cosine", min_lr_ratio=0.05),
+    "reference": dict(learning_rate=3e-5, batch_size=4, epochs=20, schedule="bold_driver"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    """How to read a scan (saved with the run so `map` reads the data the same way)."""
+
+    key: str | None = None
+    transpose: tuple[int, int, int, int] | None = None
+    crop: tuple[tuple[int, int], tuple[int, int]] | None = None
+    binning: int = 1
+
+    def open(self, path):
+        from ccstae_jax.data.readers import open_scan
+
+        return open_scan(path, key=self.key, transpose=self.transpose, crop=self.crop, binning=self.binning)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataOptions":
+        t = d.get("transpose")
+        c = d.get("crop")
+        return cls(key=d.get("key"), transpose=tuple(t) if t else None,
+                   crop=tuple(tuple(x) for x in c) if c else None, binning=int(d.get("binning", 1)))
+
+
+def sample_patterns(scan, n: int = 256) -> np.ndarray:
+    """``n`` patterns spread evenly over the scan, ``(n, H, W)`` float32 (reads ``n`` single patterns)."""
+    n = max(1, min(n, scan.n_positions))
+    idx = np.unique(np.linspace(0, scan.n_positions - 1, n).round().astype(int))
+    return np.stack([scan.read(int(i), int(i) + 1)[0] for i in idx]).astype(np.float32)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_run(run_dir: str | os.PathLike):
+    """``(task, data_options, saved dict)`` of a run directory written by `train`."""
+    from ccstae_jax.losses import LossConfig
+    from ccstae_jax.models import ModelConfig
+    from ccstae_jax.objective import CCSTAETask
+
+    run_dir = Path(run_dir)
+    path = run_dir / MODEL_FILE
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not a ccstae run directory (train one first)")
+    try:
+        saved = json.loads(path.read_text())
+        task = CCSTAETask(ModelConfig.from_dict(saved["model"]), LossConfig.from_dict(saved["loss"]))
+        data = DataOptions.from_dict(saved.get("data", {}))
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is corrupt or from another version: {e}") from None
+    return task, data, saved
+
+
+def train(
+    data_path: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    *,
+    preset: str = "fast",
+    data: DataOptions = DataOptions(),
+    ring: tuple[float, float] | str = "auto",
+    model_overrides: dict | None = None,
+    loss_overrides: dict | None = None,
+    train_overrides: dict | None = None,
+    progress: bool = True,
+):
+    """Trains (or resumes) a CC-ST-AE run on a scan; returns the training engine's `FitResult`.
+
+    The model is sized from 256 patterns spread over the scan (ring radii, intensity scale). Rerunning the same
+    command with the same ``run_dir`` resumes from its latest checkpoint; a different model configuration is refused.
+    """
+    from ccstae_jax.objective import CCSTAETask, configure
+    from ccstae_jax.train import TrainConfig, fit
+
+    run_dir = Path(run_dir)
+    with data.open(data_path) as scan:
+        if (run_dir / MODEL_FILE).exists():
+            task, saved_data, _ = load_run(run_dir)
+            if saved_data != data:
+                raise ValueError(f"{run_dir} was trained with data options {saved_data.to_dict()}, "
+                                 f"not {data.to_dict()}; use another --out directory")
+            if task.model_cfg.preset != preset:
+                raise ValueError(f"{run_dir} holds a '{task.model_cfg.preset}' run, not '{preset}'; "
+                                 "use another --out directory")
+            sample = sample_patterns(scan)
+        else:
+            sample = sample_patterns(scan)
+            model_cfg, loss_cfg = configure(sample, preset=preset, ring=ring, model_overrides=model_overrides,
+                                            loss_overrides=loss_overrides)
+            task = CCSTAETask(model_cfg, loss_cfg)
+        if tuple(scan.pattern_shape) != tuple(task.model_cfg.pattern_shape):
+            raise ValueError(f"{data_path}: patterns are {scan.pattern_shape}, the run's model expects "
+                             f"{task.model_cfg.pattern_shape}")
+        tdict = dict(PRESET_TRAINING.get(preset, {}))
+        tdict.update(train_overrides or {})
+        tcfg = TrainConfig(**tdict)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {**task.config_dict(), "data": data.to_dict(), "data_path": os.path.abspath(data_path)}
+        if not (run_dir / MODEL_FILE).exists():
+            _write_json_atomic(run_dir / MODEL_FILE, record)
+        steps = math.ceil(scan.n_positions / tcfg.batch_size)
+
+        def batches(epoch: int):
+            return scan.batches(tcfg.batch_size, shuffle=True, seed=tcfg.seed, epoch=epoch, pad=True)
+
+        return fit(task, batches, tcfg, run_dir, steps_per_epoch=steps, sample_images=sample[: tcfg.batch_size],
+                   task_config=task.config_dict(), progress=progress)
+
+
+def map_strain(
+    run_dir: str | os.PathLike,
+    data_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    reference_region: tuple[int, int, int, int] | None = None,
+    batch_size: int = 256,
+    which: str = "latest",
+    data: DataOptions | None = None,
+    figures: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Maps strain over a scan with a trained run and writes ``out_path`` (HDF5, atomic). Returns the maps.
+
+    The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan
+    (median lattice).
+    """
+    from ccstae_jax.data.readers import reference_region_from_file
+    from ccstae_jax.strain import predict_scan, strain_maps, write_strain_h5
+    from ccstae_jax.train import load_checkpoint
+
+    out_path = Path(out_path)
+    if not out_path.parent.exists():
+        raise OSError(f"cannot write {out_path}: directory {out_path.parent} does not exist")
+    task, saved_data, _ = load_run(run_dir)
+    data = saved_data if data is None else data
+    with data.open(data_path) as scan:
+        if tuple(scan.pattern_shape) != tuple(task.model_cfg.pattern_shape):
+            raise ValueError(f"{data_path}: patterns are {scan.pattern_shape} (after crop/binning) but the run in "
+                             f"{run_dir} was trained on {task.model_cfg.pattern_shape}")
+        if reference_region is None:
+            reference_region = reference_region_from_file(data_path)
+        if reference_region is not None:
+            from ccstae_jax.strain import region_mask
+
+            region_mask(scan.scan_shape, reference_region)  # validates before the long inference
+        sample = scan.read(0, 1)
+        state = load_checkpoint(run_dir, task, np.repeat(sample, 2, 0), which=which)
+        bar = _progress(scan.n_positions, "map", progress)
+        try:
+            preds = predict_scan(task, state.params, scan.batches(batch_size, shuffle=False, pad=True),
+                                 scan.n_positions, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        maps = strain_maps(preds, scan.scan_shape, scan.pattern_shape, reference_region=reference_region,
+                           symmetry=task.model_cfg.symmetry)
+        attrs = {
+            "method": f"ccstae-jax {task.model_cfg.preset}",
+            "run_dir": os.path.abspath(run_dir),
+            "data_path": os.path.abspath(data_path),
+            "reference_region": list(reference_region) if reference_region is not None else "whole-scan median",
+            "symmetry": task.model_cfg.symmetry,
+            "checkpoint": which,
+        }
+        write_strain_h5(out_path, maps, attrs=attrs)
+        if figures is not None:
+            from ccstae_jax import plots
+
+            Path(figures).mkdir(parents=True, exist_ok=True)
+            params = state.params
+            bases = np.asarray(params["bases"]) if "bases" in params else None
+            plots.save_all_figures(figures, maps=maps, pattern=sample[0], bases=bases,
+                                   metrics_path=str(Path(run_dir) / "metrics.jsonl"))
+    return maps
+
+
+def evaluate(strain_path, labels_path, *, reference_region=None) -> dict:
+    """Error table of a strain-map file against labels (our simulated file, or the paper's label ``.npy`` files)."""
+    from ccstae_jax.data.readers import load_labels, reference_region_from_file
+    from ccstae_jax.evaluate import error_table
+    from ccstae_jax.strain import read_strain_h5
+
+    maps, attrs = read_strain_h5(strain_path)
+    labels = load_labels(labels_path, shape=np.shape(maps["strain_xx"]))
+    if labels is None:
+        raise ValueError(f"{labels_path} holds no labels (expected /labels/* or Label_*.npy files)")
+    if reference_region is None:
+        reference_region = _region_from_attrs(attrs) or reference_region_from_file(labels_path)
+    interior = labels.get("interior")
+    return error_table(maps, labels, reference_region=reference_region,
+                       symmetry=int(attrs.get("symmetry", 6)), interior=interior)
+
+
+def _region_from_attrs(attrs: dict):
+    region = attrs.get("reference_region")
+    if isinstance(region, str):
+        try:
+            region = json.loads(region)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(region, (list, tuple, np.ndarray)) and len(region) == 4:
+        return tuple(int(v) for v in region)
+    return None
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="pattern", dynamic_ncols=True)
+
+
+def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 32, noise: float = 0.25, epochs: int = 12,
+         seed: int = 0, progress: bool = True) -> dict:
+    """The README's main job: simulate a small noisy scan, train, map, evaluate, write figures and results.
+
+    Writes ``simulated.h5``, ``run/``, ``strain.h5``, ``figures/*.png`` and ``results.json`` under ``out_dir``; returns
+    the error table.
+    """
+    from ccstae_jax import plots
+    from ccstae_jax.data.readers import load_labels
+    from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
+    from ccstae_jax.evaluate import format_table, referenced_labels
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = out / "simulated.h5"
+    sim = SimulationConfig(scan_shape=(scan, scan), n_grains=max(4, scan * scan // 64), noise_level=noise, seed=seed)
+    if not data_path.exists():
+        simulate_to_hdf5(data_path, sim, progress=progress)
+    train(data_path, out / "run", preset="fast", train_overrides=dict(epochs=epochs, seed=seed), progress=progress)
+    maps = map_strain(out / "run", data_path, out / "strain.h5", progress=progress)
+    table = evaluate(out / "strain.h5", data_path)
+    labels = load_labels(data_path, shape=(scan, scan))
+    region = sim.reference_bounds
+    ref_labels = referenced_labels(labels, reference_region=region)
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    from ccstae_jax.data.readers import open_scan
+    from ccstae_jax.train import load_checkpoint
+
+    task, _, _ = load_run(out / "run")
+    with open_scan(data_path) as s:
+        pattern = s.read(0, 1)[0]
+    state = load_checkpoint(out / "run", task, np.stack([pattern, pattern]))
+    from ccstae_jax import masks as masks_lib
+
+    ring = np.asarray(masks_lib.ring_mask(pattern.shape, task.loss_cfg.ring_inner, task.loss_cfg.ring_outer))
+    paths = plots.save_all_figures(figs, maps=maps, labels=ref_labels, pattern=pattern, mask=ring,
+                                   bases=np.asarray(state.params["bases"]) if "bases" in state.params else None,
+                                   metrics_path=str(out / "run" / "metrics.jsonl"))
+    result = {"simulation": json.loads(sim.to_json()), "errors": table, "figures": [str(p) for p in paths]}
+    _write_json_atomic(out / "results.json", result)
+    print(format_table(table))
+    return table

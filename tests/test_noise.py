@@ -1,0 +1,81 @@
+"""Specifications of ccstae_jax.data.noise: the Auto4DSTEM background + Poisson noise model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ccstae_jax.data import noise
+
+
+def _patterns(shape=(16, 16)):
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.0, 1.0, shape) ** 4
+    return (p / p.sum()).astype(np.float32)
+
+
+def test_noise_has_stated_mean_and_variance_per_pixel():
+    # Many independent draws of one 8 x 8 pattern; few counts so that shot noise is large.
+    pattern = _patterns((8, 8))
+    n, counts, scale, w = 10000, 500.0, 125.0, 0.3
+    batch = jnp.broadcast_to(pattern, (n, *pattern.shape))
+    draws = np.asarray(noise.add_background_noise(batch, w, key=jax.random.key(1), counts=counts, scale=scale),
+                       np.float64)
+    mean, var = (np.asarray(m, np.float64) for m in noise.noise_moments(pattern, w, counts=counts, scale=scale))
+    lam = counts * mean / scale  # Poisson rate per pixel
+    # Sample mean: standard error sqrt(var / n). Sample variance of a Poisson count: its variance is
+    # (mu4 - sigma^4) / n with mu4 = lam (1 + 3 lam) -> sd = scale^2/counts^2 * sqrt((lam + 2 lam^2) / n).
+    z_mean = (draws.mean(0) - mean) / np.sqrt(var / n)
+    sd_var = (scale / counts) ** 2 * np.sqrt((lam + 2 * lam**2) / n)
+    z_var = (draws.var(0, ddof=1) - var) / sd_var
+    assert np.abs(z_mean).max() < 5.0  # 64 pixels: some |z| > 5 has probability ~4e-5
+    assert np.abs(z_var).max() < 5.5
+    assert abs(z_mean.mean()) < 0.5 and abs(z_var.mean()) < 0.5  # no systematic bias
+    # Outputs are whole electron counts times scale / counts.
+    np.testing.assert_allclose(draws / (scale / counts), np.round(draws / (scale / counts)), atol=1e-3)
+
+
+def test_zero_weight_is_exactly_scaled_pattern_without_sampling():
+    pattern = _patterns()[None]
+    out = noise.add_background_noise(pattern, 0.0, key=jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(out), pattern * np.float32(1e5 / 4))
+
+
+def test_weight_outside_unit_interval_is_rejected_with_its_value():
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=f"w={bad!r}"):
+            noise.add_background_noise(_patterns()[None], bad, key=jax.random.key(0))
+
+
+def test_same_key_reproduces_and_other_key_differs():
+    p = _patterns()[None]
+    a = noise.add_background_noise(p, 0.25, key=jax.random.key(7))
+    b = noise.add_background_noise(p, 0.25, key=jax.random.key(7))
+    c = noise.add_background_noise(p, 0.25, key=jax.random.key(8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_background_is_normalised_lorentzian_centred_at_half_size():
+    b = noise.lorentzian_background((200, 200))
+    assert b.dtype == np.float32
+    np.testing.assert_allclose(b.sum(), 1.0, rtol=1e-5)
+    assert np.unravel_index(np.argmax(b), b.shape) == (100, 100)
+    # HWHM = 0.01 cycles/px * 200 px = 2 px along each axis.
+    np.testing.assert_allclose(b[102, 100] / b[100, 100], 0.5, rtol=1e-5)
+
+
+def test_noise_levels_are_the_paper_thirteen():
+    assert len(noise.NOISE_LEVELS) == 13
+    assert noise.NOISE_LEVELS["0%"] == 0.0 and noise.NOISE_LEVELS["70%"] == pytest.approx(0.7)
+    assert "55%" not in noise.NOISE_LEVELS and "60%" in noise.NOISE_LEVELS
+
+
+@pytest.mark.parametrize("level", [0.25, "25%", "25", " 25 % ", "0.25"])
+def test_parse_noise_level_accepts_fraction_and_percent_forms(level):
+    assert noise.parse_noise_level(level) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("level", ["abc", 25, "150%", -0.1, None])
+def test_parse_noise_level_rejects_invalid(level):
+    with pytest.raises(ValueError, match="noise level"):
+        noise.parse_noise_level(level)
