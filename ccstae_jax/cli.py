@@ -78,8 +78,10 @@ def cmd_simulate(args):
 
 
 def cmd_train(args):
+    from ccstae_jax.parallel import initialize_distributed
     from ccstae_jax.pipeline import DataOptions, train
 
+    initialize_distributed()  # only when CCSTAE_DISTRIBUTED=1 (multi-host); a no-op otherwise
     file_cfg = _load_config_file(args.config)
     data = _data_options(args)
     if "data" in file_cfg:
@@ -109,7 +111,7 @@ def cmd_map(args):
     data = _data_options(args) if (args.key or args.transpose or args.crop or args.binning != 1) else None
     maps = map_strain(args.run_dir, args.data, args.out, reference_region=_region(args.reference_region),
                       batch_size=args.batch_size, which=args.checkpoint, data=data, figures=args.figures,
-                      progress=not args.quiet)
+                      refine_steps=args.refine_steps, progress=not args.quiet)
     valid = maps["valid"]
     print(f"wrote {args.out}: {valid.size} positions, {int(valid.sum())} valid")
 
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--figures", help="directory for PNG figures")
     m.add_argument("--batch-size", type=int, default=256)
     m.add_argument("--checkpoint", default="latest", choices=["latest", "best"])
+    m.add_argument("--refine-steps", type=int, default=10,
+                   help="Levenberg-Marquardt iterations refining each pattern's affine against its learned base "
+                        "(0 = encoder output only)")
     _add_data_args(m)
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_map)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -129,10 +128,17 @@ def train(
         record = {**task.config_dict(), "data": data.to_dict(), "data_path": os.path.abspath(data_path)}
         if not (run_dir / MODEL_FILE).exists():
             _write_json_atomic(run_dir / MODEL_FILE, record)
-        steps = math.ceil(scan.n_positions / tcfg.batch_size)
+        import jax
+
+        n_proc, proc = jax.process_count(), jax.process_index()
+        if tcfg.batch_size % n_proc:
+            raise ValueError(f"--batch-size {tcfg.batch_size} must be divisible by the process count {n_proc}")
+        per_process = tcfg.batch_size // n_proc
+        steps = scan.num_batches(per_process, process_count=n_proc)
 
         def batches(epoch: int):
-            return scan.batches(tcfg.batch_size, shuffle=True, seed=tcfg.seed, epoch=epoch, pad=True)
+            return scan.batches(per_process, shuffle=True, seed=tcfg.seed, epoch=epoch, pad=True,
+                                process_index=proc, process_count=n_proc)
 
         return fit(task, batches, tcfg, run_dir, steps_per_epoch=steps, sample_images=sample[: tcfg.batch_size],
                    task_config=task.config_dict(), progress=progress)
@@ -148,12 +154,14 @@ def map_strain(
     which: str = "latest",
     data: DataOptions | None = None,
     figures: str | os.PathLike | None = None,
+    refine_steps: int = 10,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Maps strain over a scan with a trained run and writes ``out_path`` (HDF5, atomic). Returns the maps.
 
     The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan
-    (median lattice).
+    (median lattice). ``refine_steps`` Levenberg-Marquardt iterations polish each pattern's affine against its
+    learned base (`ccstae_jax.refine`; 0 = the encoder's output as is).
     """
     from ccstae_jax.data.readers import reference_region_from_file
     from ccstae_jax.strain import predict_scan, strain_maps, write_strain_h5
@@ -179,7 +187,7 @@ def map_strain(
         bar = _progress(scan.n_positions, "map", progress)
         try:
             preds = predict_scan(task, state.params, scan.batches(batch_size, shuffle=False, pad=True),
-                                 scan.n_positions, progress=bar)
+                                 scan.n_positions, progress=bar, refine_steps=refine_steps)
         finally:
             if bar is not None:
                 bar.close()
@@ -192,6 +200,7 @@ def map_strain(
             "reference_region": list(reference_region) if reference_region is not None else "whole-scan median",
             "symmetry": task.model_cfg.symmetry,
             "checkpoint": which,
+            "refine_steps": refine_steps,
         }
         write_strain_h5(out_path, maps, attrs=attrs)
         if figures is not None:
