@@ -89,12 +89,11 @@ def cmd_train(args):
     train_over = dict(file_cfg.get("train", {}))
     for name, value in (("epochs", args.epochs), ("batch_size", args.batch_size), ("seed", args.seed),
                         ("learning_rate", args.lr), ("schedule", args.schedule),
-                        ("on_nonfinite", args.on_nonfinite), ("checkpoint_every_steps", args.checkpoint_every),
-                        ("compute_dtype", args.dtype)):
+                        ("on_nonfinite", args.on_nonfinite), ("checkpoint_every_steps", args.checkpoint_every)):
         if value is not None:
             train_over[name] = value
     model_over = dict(file_cfg.get("model", {}))
-    if args.dtype is not None:
+    if args.dtype is not None:  # the model casts only its conv/dense layers; inputs, warps and params stay float32
         model_over["dtype"] = args.dtype
     ring = "auto" if args.ring is None else tuple(args.ring)
     result = train(args.data, args.out, preset=args.preset, data=data, ring=ring, model_overrides=model_over,
