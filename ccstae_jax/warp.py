@@ -332,6 +332,9 @@ def affine_warp(
     ``F.grid_sample(x, F.affine_grid(theta, size))`` in PyTorch). Under ``jax.jit`` pass ``out_size``, ``mode``,
     ``padding_mode`` and ``align_corners`` as static values (close over them or use ``static_argnames``).
 
+    Cost: the backward pass is dominated by the scatter-add into the image gradient. When only ``theta`` needs a
+    gradient (warping data rather than a learned image), pass ``jax.lax.stop_gradient(images)``: about 2x cheaper.
+
     Args:
       images: ``(B, H, W, C)`` floating images.
       theta: ``(B, 2, 3)`` output -> input affine matrices.

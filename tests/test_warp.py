@@ -122,7 +122,8 @@ def with_variants(argnames: str, cases, *, slow_grad=()):
         case = tuple(case) if len(names) > 1 else (case,)
         for variant in VARIANTS:
             marks = (pytest.mark.slow,) if variant == "grad" and case in slow_grad else ()
-            params.append(pytest.param(variant, *case, marks=marks, id="-".join(str(c).replace(" ", "") for c in (variant, *case))))
+            test_id = "-".join(str(c).replace(" ", "") for c in (variant, *case))
+            params.append(pytest.param(variant, *case, marks=marks, id=test_id))
     return pytest.mark.parametrize(["variant", *names], params)
 
 
