@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ccstae_jax import affine, warp
 
@@ -54,9 +55,13 @@ def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def masked_mse(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
-    """Per-sample mean squared error over the mask: ``(B, H, W)`` x3 (mask broadcastable) → ``(B,)``."""
+    """Per-sample mean squared error over the mask: ``(B, ...)`` x3 (mask broadcastable) → ``(B,)``.
+
+    Works on images ``(B, H, W)`` and on pixel lists ``(B, N)`` alike (sums over all but the batch axis).
+    """
     mask = jnp.broadcast_to(mask, a.shape).astype(a.dtype)
-    return jnp.sum(mask * (a - b) ** 2, axis=(-2, -1)) / jnp.maximum(jnp.sum(mask, axis=(-2, -1)), 1.0)
+    axes = tuple(range(1, a.ndim))
+    return jnp.sum(mask * (a - b) ** 2, axis=axes) / jnp.maximum(jnp.sum(mask, axis=axes), 1.0)
 
 
 def affine_penalty(scale_x, scale_y, shear, cfg: LossConfig) -> jax.Array:
@@ -78,22 +83,33 @@ def data_frame_mask(base_mask: jax.Array, theta: jax.Array) -> jax.Array:
 
 
 def ccstae_loss(
-    out: dict[str, jax.Array], base_mask: jax.Array, weights: jax.Array, cfg: LossConfig
+    out: dict[str, jax.Array], base_mask: jax.Array, weights: jax.Array, cfg: LossConfig, *,
+    points: np.ndarray | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], jax.Array]:
     """Total CC-ST-AE loss.
 
     Args:
-      out: the model's output dict (`ccstae_jax.models.CCSTAE`).
-      base_mask: ``(B, H, W)`` or ``(H, W)`` base-frame mask in {0, 1} (at the size of ``out["base"]``).
+      out: the model's output dict (`ccstae_jax.models.CCSTAE`), full images or, with ``points``, pixel lists.
+      base_mask: ``(B, H, W)`` or ``(H, W)`` base-frame mask in {0, 1} (at the size of ``out["bases"]``).
       weights: ``(B,)`` 1 for real patterns, 0 for padding.
+      points: ``(N, 2)`` pixel ``(row, col)`` positions at which ``out`` was evaluated (None = full images).
 
     Returns:
       ``(loss, metrics, per_sample_error)``: scalar loss, dict of scalar terms, and ``(B,)`` forward masked MSE (the
       per-pattern reconstruction error used as a confidence map).
     """
     base_mask = jax.lax.stop_gradient(base_mask)
-    forward = masked_mse(out["warped_input"], out["base"], base_mask)
-    mask_d = data_frame_mask(base_mask, out["theta"])
+    b = out["theta"].shape[0]
+    if points is None:
+        forward = masked_mse(out["warped_input"], out["base"], base_mask)
+        mask_d = data_frame_mask(base_mask, out["theta"])
+    else:
+        from ccstae_jax.models import sample_at_points
+
+        full = jnp.broadcast_to(base_mask.astype(jnp.float32), (b,) + base_mask.shape[-2:])
+        forward = masked_mse(out["warped_input"], out["base"], full[:, points[:, 0], points[:, 1]])
+        moved = sample_at_points(full, affine.invert(out["theta"]), points)
+        mask_d = jax.lax.stop_gradient((moved > 0.5).astype(jnp.float32))
     cycle = masked_mse(out["reconstruction"], out["inputs"], mask_d)
     penalty = affine_penalty(out["scale_x"], out["scale_y"], out["shear"], cfg)
     l1 = jnp.mean(jnp.abs(out["bases"]))

@@ -334,7 +334,7 @@ class CCSTAE(nn.Module):
             bases = self.bases
         return symmetrize(bases, self.cfg) if self.cfg.symmetrize_bases else bases
 
-    def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+    def __call__(self, images: jax.Array, points: np.ndarray | None = None) -> dict[str, jax.Array]:
         cfg = self.cfg
         x = images.astype(jnp.float32) * cfg.intensity_scale
         b, h, w = x.shape
@@ -375,8 +375,14 @@ class CCSTAE(nn.Module):
             size = (cfg.up_size, cfg.up_size)
             data_img = warp.resize_bicubic(x[..., None], size)[..., 0]
             base_img = warp.resize_bicubic(base[..., None], size)[..., 0]
-        warped = warp.affine_warp(data_img[..., None], theta, mode=cfg.warp_mode)[..., 0]
-        recon = warp.affine_warp(base_img[..., None], affine.invert(theta), mode=cfg.warp_mode)[..., 0]
+        if points is None:
+            warped = warp.affine_warp(data_img[..., None], theta, mode=cfg.warp_mode)[..., 0]
+            recon = warp.affine_warp(base_img[..., None], affine.invert(theta), mode=cfg.warp_mode)[..., 0]
+        else:  # only at the given pixels (training: the spot ring), (B, N)
+            warped = sample_at_points(data_img, theta, points, mode=cfg.warp_mode)
+            recon = sample_at_points(base_img, affine.invert(theta), points, mode=cfg.warp_mode)
+            rows, cols = points[:, 0], points[:, 1]
+            base_img, data_img = base_img[:, rows, cols], data_img[:, rows, cols]
         return {
             "theta": theta,
             "warped_input": warped,
@@ -391,6 +397,27 @@ class CCSTAE(nn.Module):
             "rotation": rot0 + rot,
             "translation": trans,
         }
+
+
+def sample_at_points(images: jax.Array, theta: jax.Array, points: np.ndarray, *, mode: str = "bilinear") -> jax.Array:
+    """Warped images evaluated only at output pixels ``points``: ``images(theta p)`` for each ``p``.
+
+    Args:
+      images: ``(B, H, W)``.
+      theta: ``(B, 2, 3)`` warps (normalised frame, align_corners=False).
+      points: ``(N, 2)`` integer pixel ``(row, col)`` positions of the output grid (static).
+
+    Returns:
+      ``(B, N)``, equal to ``affine_warp(images[..., None], theta)[:, rows, cols, 0]`` at a fraction of the cost.
+    """
+    h, w = images.shape[-2:]
+    u = jnp.asarray((2 * points[:, 1] + 1) / w - 1, jnp.float32)
+    v = jnp.asarray((2 * points[:, 0] + 1) / h - 1, jnp.float32)
+    t = theta.astype(jnp.float32)[:, :, :, None]
+    gx = t[:, 0, 0] * u + t[:, 0, 1] * v + t[:, 0, 2]  # elementwise, as affine_grid
+    gy = t[:, 1, 0] * u + t[:, 1, 1] * v + t[:, 1, 2]
+    grid = jnp.stack([gx, gy], -1)[:, None]  # (B, 1, N, 2)
+    return warp.grid_sample(images[..., None], grid, mode=mode)[:, 0, :, 0]
 
 
 def count_params(params) -> int:

@@ -110,9 +110,27 @@ class CCSTAETask:
         sample_masks = jnp.einsum("bk,khw->bhw", jax.lax.stop_gradient(out["classes"]), mb)
         return out, sample_masks
 
+    def loss_points(self) -> np.ndarray | None:
+        """Pixels ``(N, 2)`` at which the training loss is evaluated: the loss ring widened by a margin that covers
+        the largest scale change, so both the base-frame ring and its image in every data frame are inside. None on
+        the up-sampled (interpolate) path, which compares whole images like the reference."""
+        cfg, lc = self.model_cfg, self.loss_cfg
+        if cfg.interpolate:
+            return None
+        margin = 2.0 + lc.ring_outer * 1.5 * cfg.scale_limit
+        h, w = cfg.pattern_shape
+        cr, cc = cfg.center_px
+        r = np.hypot(np.arange(h)[:, None] - cr, np.arange(w)[None, :] - cc)
+        sel = (r > lc.ring_inner - margin) & (r <= lc.ring_outer + margin)
+        return np.argwhere(sel).astype(np.int32)
+
     def loss(self, params, images, weights, epoch):
-        out, sample_masks = self.forward(params, images, epoch)
-        loss, terms, _ = ccstae_loss(out, sample_masks, weights, self.loss_cfg)
+        points = self.loss_points()
+        out = self.model.apply({"params": params}, images, points)
+        mb = self.base_masks(out["bases"] if not self.model_cfg.interpolate else _up(out["bases"], self.model_cfg),
+                             epoch)
+        sample_masks = jnp.einsum("bk,khw->bhw", jax.lax.stop_gradient(out["classes"]), mb)
+        loss, terms, _ = ccstae_loss(out, sample_masks, weights, self.loss_cfg, points=points)
         return loss, terms
 
 
