@@ -83,7 +83,7 @@ class ModelConfig:
     dtype: str = "float32"
     symmetrize_bases: bool = True
     encoder_downsample: int = 2
-    encoder_channels: tuple[int, ...] = (16, 32, 32, 64, 64)
+    encoder_channels: tuple[int, ...] = (8, 16, 32, 64, 64)
     encoder_dense: int = 128
     conv_size: int = 128
     pool_list: tuple[int, ...] = (5, 4, 2)
@@ -144,6 +144,15 @@ class ModelConfig:
 
 
 # ----------------------------------------------------------------------------------------------- rotation prior
+def prior_ring(cfg: ModelConfig) -> np.ndarray:
+    """``(H, W)`` bool: pixels with ``inner < r <= outer`` (``cfg.prior_radii``) about the pattern centre."""
+    h, w = cfg.pattern_shape
+    cr, cc = cfg.center_px
+    r = np.hypot(np.arange(h)[:, None] - cr, np.arange(w)[None, :] - cc)
+    inner, outer = cfg.prior_radii
+    return (r > inner) & (r <= outer)
+
+
 def harmonic_weights(cfg: ModelConfig) -> np.ndarray:
     """``(2, H, W)`` float32 weights ``ring * cos(n phi)``, ``ring * sin(n phi)``; ``phi`` in the warp frame.
 
@@ -344,8 +353,11 @@ class CCSTAE(nn.Module):
             rot0 = jnp.zeros((b,), jnp.float32)
         pre = about_center(affine.warp_matrix(rotation=rot0), cfg)
         if cfg.preset == "fast":
+            # The encoder sees only the spot ring: the central beam is ~1000x brighter than the spots and would
+            # drown their (sub-pixel) displacements in its activations.
             d = cfg.encoder_downsample
-            enc_in = warp.affine_warp(x[..., None], pre, out_size=(h // d, w // d))
+            ring = jnp.asarray(prior_ring(cfg), jnp.float32)
+            enc_in = warp.affine_warp((x * ring)[..., None], pre, out_size=(h // d, w // d))
         else:
             enc_in = x[..., None]
         feats = self.encoder(enc_in.astype(cfg.compute_dtype)).astype(jnp.float32)

@@ -18,24 +18,30 @@ MODEL_FILE = "model.json"
 
 # Training defaults per preset (learning rates tuned on simulated WS2 scans).
 PRESET_TRAINING = {
-    "fast": dict(learning_rate=1e-3, batch_size=32, epochs=20, schedule="cosine", min_lr_ratio=0.05),
+    "fast": dict(learning_rate=1e-3, batch_size=16, epochs=20, schedule="cosine", min_lr_ratio=0.05),
     "reference": dict(learning_rate=3e-5, batch_size=4, epochs=20, schedule="bold_driver"),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class DataOptions:
-    """How to read a scan (saved with the run so `map` reads the data the same way)."""
+    """How to read a scan (saved with the run so `map` reads the data the same way).
+
+    ``allow_negative``: accept negative values (e.g. dark-subtracted detector frames) and use them as they are;
+    by default a scan holding any negative value is refused (see `check_values`).
+    """
 
     key: str | None = None
     transpose: tuple[int, int, int, int] | None = None
     crop: tuple[tuple[int, int], tuple[int, int]] | None = None
     binning: int = 1
+    allow_negative: bool = False
 
-    def open(self, path):
+    def open(self, path, *, check_finite: bool = True):
         from ccstae_jax.data.readers import open_scan
 
-        return open_scan(path, key=self.key, transpose=self.transpose, crop=self.crop, binning=self.binning)
+        return open_scan(path, key=self.key, transpose=self.transpose, crop=self.crop, binning=self.binning,
+                         check_finite=check_finite)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -45,7 +51,75 @@ class DataOptions:
         t = d.get("transpose")
         c = d.get("crop")
         return cls(key=d.get("key"), transpose=tuple(t) if t else None,
-                   crop=tuple(tuple(x) for x in c) if c else None, binning=int(d.get("binning", 1)))
+                   crop=tuple(tuple(x) for x in c) if c else None, binning=int(d.get("binning", 1)),
+                   allow_negative=bool(d.get("allow_negative", False)))
+
+
+_CHECK_BLOCK_BYTES = 16 * 2**20  # patterns read per block by `check_values`
+
+
+def check_values(scan, *, allow_negative: bool = False) -> dict[str, int]:
+    """Streams the whole scan once (bounded memory) and refuses values no strain map can be made from.
+
+    Raises `ccstae_jax.data.readers.DataError` (one line: file, key, how many, first scan position and pixel,
+    what was expected) when the scan holds NaN/Inf values, negative values (unless ``allow_negative``), or only
+    blank (all-zero) patterns. Some blank patterns are accepted: `map_strain` marks them invalid.
+
+    Args:
+      scan: an open `ccstae_jax.data.readers.Scan` (best opened with ``check_finite=False``: this counts them all).
+      allow_negative: accept negative values.
+
+    Returns:
+      ``{"n_positions", "n_blank", "n_negative"}`` (patterns that are all zero; negative values found).
+    """
+    from ccstae_jax.data.readers import DataError
+
+    where = f"{scan.path}: key {scan.key!r}" if scan.key else f"{scan.path}"
+    rx, ry = scan.scan_shape
+    h, w = scan.pattern_shape
+    rows = max(1, _CHECK_BLOCK_BYTES // max(1, 4 * ry * h * w))
+    counts = {"nonfinite": 0, "negative": 0}
+    first: dict[str, tuple] = {}
+    touched = {"nonfinite": 0, "negative": 0}
+    n_blank, minimum = 0, 0.0
+    check_negative = scan.stored_dtype.kind != "u"
+    for r0 in range(0, rx, rows):
+        start = r0 * ry
+        block = scan.read(start, min(rx, r0 + rows) * ry)
+        for name, bad in (("nonfinite", ~np.isfinite(block)), ("negative", block < 0 if check_negative else None)):
+            if bad is None or not bad.any():
+                continue
+            counts[name] += int(bad.sum())
+            touched[name] += int(bad.any(axis=(1, 2)).sum())
+            if name == "negative":
+                minimum = min(minimum, float(np.nanmin(np.where(bad, block, 0.0))))
+            if name not in first:
+                i, qx, qy = (int(v) for v in np.argwhere(bad)[0])
+                first[name] = (divmod(start + i, ry), (qx, qy))
+        n_blank += int((block == 0).all(axis=(1, 2)).sum())
+
+    def at(name):
+        (r, c), (qx, qy) = first[name]
+        return f"first at scan position ({r}, {c}) pixel ({qx}, {qy}) (after transpose/crop/binning)"
+
+    if counts["nonfinite"]:
+        raise DataError(f"{where}: {counts['nonfinite']} non-finite value(s) (NaN/Inf) in {touched['nonfinite']} of "
+                        f"{scan.n_positions} patterns, {at('nonfinite')}; expected finite intensities")
+    if counts["negative"] and not allow_negative:
+        raise DataError(f"{where}: {counts['negative']} negative value(s) (minimum {minimum:g}) in "
+                        f"{touched['negative']} of {scan.n_positions} patterns, {at('negative')}; expected "
+                        "non-negative counts (pass --allow-negative to use them as they are, e.g. dark-subtracted "
+                        "frames)")
+    if n_blank == scan.n_positions:
+        raise DataError(f"{where}: all {scan.n_positions} patterns are blank (every value is 0); expected "
+                        "diffraction intensities")
+    return {"n_positions": scan.n_positions, "n_blank": n_blank, "n_negative": counts["negative"]}
+
+
+def _check_data(data: "DataOptions", data_path) -> None:
+    """`check_values` on a second, unchecked view of the scan (so that every NaN/Inf is counted)."""
+    with data.open(data_path, check_finite=False) as scan:
+        check_values(scan, allow_negative=data.allow_negative)
 
 
 def sample_patterns(scan, n: int = 256) -> np.ndarray:
@@ -97,12 +171,16 @@ def train(
     """Trains (or resumes) a CC-ST-AE run on a scan; returns the training engine's `FitResult`.
 
     The model is sized from 256 patterns spread over the scan (ring radii, intensity scale). Rerunning the same
-    command with the same ``run_dir`` resumes from its latest checkpoint; a different model configuration is refused.
+    command with the same ``run_dir`` resumes from its latest checkpoint; a different model configuration (preset,
+    ``ring``, model/loss overrides, data options) is refused. Before anything is written, the whole scan is checked
+    once (`check_values`: no NaN/Inf, no negative values unless ``data.allow_negative``, not all blank), an explicit
+    ``ring`` must fit the patterns, and ``run_dir`` must be creatable.
     """
     from ccstae_jax.objective import CCSTAETask, configure
     from ccstae_jax.train import TrainConfig, fit
 
     run_dir = Path(run_dir)
+    _check_run_dir_target(run_dir)
     with data.open(data_path) as scan:
         if (run_dir / MODEL_FILE).exists():
             task, saved_data, _ = load_run(run_dir)
@@ -112,8 +190,14 @@ def train(
             if task.model_cfg.preset != preset:
                 raise ValueError(f"{run_dir} holds a '{task.model_cfg.preset}' run, not '{preset}'; "
                                  "use another --out directory")
+            _check_same_settings(run_dir, task, ring=ring, model_overrides=model_overrides,
+                                 loss_overrides=loss_overrides)
+            _check_data(data, data_path)
             sample = sample_patterns(scan)
         else:
+            if ring != "auto":
+                _check_ring(ring, scan.pattern_shape, data_path)
+            _check_data(data, data_path)
             sample = sample_patterns(scan)
             model_cfg, loss_cfg = configure(sample, preset=preset, ring=ring, model_overrides=model_overrides,
                                             loss_overrides=loss_overrides)
@@ -144,6 +228,91 @@ def train(
                    task_config=task.config_dict(), progress=progress)
 
 
+def _check_run_dir_target(run_dir: Path) -> None:
+    """Refuses a run directory that cannot be created or written, before any work is done."""
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise OSError(f"--out {run_dir} is an existing file, expected a run directory (new or to resume)")
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise OSError(f"--out {run_dir}: directory is not writable")
+        return
+    parent = run_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OSError(f"--out {run_dir}: cannot create the run directory, {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(f"--out {run_dir}: cannot create the run directory, {parent} is not writable")
+
+
+def _check_ring(ring, pattern_shape, data_path) -> None:
+    """``--ring INNER OUTER`` must lie inside the (cropped, binned) pattern: ``0 <= inner < outer <= min(H, W) / 2``."""
+    inner, outer = (float(v) for v in ring)
+    h, w = pattern_shape
+    half = min(h, w) / 2
+    if not (np.isfinite(inner) and np.isfinite(outer) and 0 <= inner < outer <= half):
+        raise ValueError(f"--ring {inner:g} {outer:g}: the loss ring does not fit the {h}x{w} patterns of {data_path} "
+                         f"(after crop/binning); expected 0 <= inner < outer <= {half:g} pixels")
+
+
+def _norm(value):
+    return json.loads(json.dumps(value))
+
+
+def _check_same_settings(run_dir: Path, task, *, ring, model_overrides, loss_overrides) -> None:
+    """Refuses explicit model settings (``--ring``, ``[model]``/``[loss]`` config, ``--dtype``) that differ from the
+    existing run's, instead of silently resuming with the saved ones."""
+    problems = []
+    if ring != "auto":
+        saved = (task.loss_cfg.ring_inner, task.loss_cfg.ring_outer)
+        if tuple(float(v) for v in ring) != tuple(float(v) for v in saved):
+            problems.append(f"--ring {float(ring[0]):g} {float(ring[1]):g} (the run uses {saved[0]:g} {saved[1]:g})")
+    for name, saved_cfg, over in (("model", task.model_cfg.to_dict(), model_overrides),
+                                  ("loss", task.loss_cfg.to_dict(), loss_overrides)):
+        for k, v in (over or {}).items():
+            if k not in saved_cfg:
+                problems.append(f"[{name}] {k} (not a {name} setting)")
+            elif _norm(saved_cfg[k]) != _norm(v):
+                problems.append(f"[{name}] {k} = {_norm(v)!r} (the run uses {_norm(saved_cfg[k])!r})")
+    if problems:
+        raise ValueError(f"{run_dir} holds a run with other model settings: {'; '.join(problems)}; rerun without "
+                         "them to resume it, or use another --out directory")
+
+
+def _check_output_file(out_path: Path, data_path) -> None:
+    """Refuses an output path that cannot be written, or that would replace the input data, before any work."""
+    parent = out_path.absolute().parent
+    if not parent.exists():
+        raise OSError(f"cannot write {out_path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise OSError(f"cannot write {out_path}: {parent} is not a directory")
+    if out_path.is_dir():
+        raise OSError(f"cannot write {out_path}: it is a directory, expected an .h5 file name")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write {out_path}: directory {parent} is not writable")
+    if out_path.exists() and Path(data_path).exists() and os.path.samefile(out_path, data_path):
+        raise OSError(f"--out {out_path} is the input data file {data_path}; choose another output name")
+
+
+def _remove_stale_tmp(out_path: Path) -> None:
+    """Deletes ``<out>.tmp-<pid>`` files left by a killed writer (`write_strain_h5`) whose process is gone."""
+    for tmp in out_path.absolute().parent.glob(out_path.name + ".tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a live process (maybe another map writing the same name): leave it
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+
+
 def map_strain(
     run_dir: str | os.PathLike,
     data_path: str | os.PathLike,
@@ -155,44 +324,72 @@ def map_strain(
     data: DataOptions | None = None,
     figures: str | os.PathLike | None = None,
     refine_steps: int = 10,
+    allow_negative: bool | None = None,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Maps strain over a scan with a trained run and writes ``out_path`` (HDF5, atomic). Returns the maps.
 
     The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan
     (median lattice). ``refine_steps`` Levenberg-Marquardt iterations polish each pattern's affine against its
-    learned base (`ccstae_jax.refine`; 0 = the encoder's output as is).
+    learned base (`ccstae_jax.refine`; 0 = the encoder's output as is). ``allow_negative`` (None = the run's data
+    option) accepts negative values in the scan.
+
+    Bad input is refused before the checkpoint is loaded: an output path that cannot be written (or is the input),
+    a reference region outside the scan, and values `check_values` refuses (NaN/Inf, negative, all blank). The
+    output is written to ``<out>.tmp-<pid>`` and renamed, so ``out_path`` never holds a partial file; temporary
+    files left by killed earlier runs are removed.
     """
     from ccstae_jax.data.readers import reference_region_from_file
     from ccstae_jax.strain import predict_scan, strain_maps, write_strain_h5
     from ccstae_jax.train import load_checkpoint
 
     out_path = Path(out_path)
-    if not out_path.parent.exists():
-        raise OSError(f"cannot write {out_path}: directory {out_path.parent} does not exist")
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
+    if isinstance(refine_steps, bool) or int(refine_steps) != refine_steps or refine_steps < 0:
+        raise ValueError(f"--refine-steps {refine_steps}: expected an integer >= 0")
+    _check_output_file(out_path, data_path)
     task, saved_data, _ = load_run(run_dir)
     data = saved_data if data is None else data
+    if allow_negative is not None:
+        data = dataclasses.replace(data, allow_negative=bool(allow_negative))
     with data.open(data_path) as scan:
         if tuple(scan.pattern_shape) != tuple(task.model_cfg.pattern_shape):
             raise ValueError(f"{data_path}: patterns are {scan.pattern_shape} (after crop/binning) but the run in "
                              f"{run_dir} was trained on {task.model_cfg.pattern_shape}")
+        region_from = "--reference-region"
         if reference_region is None:
             reference_region = reference_region_from_file(data_path)
+            region_from = f"the reference_region attribute of {data_path}"
         if reference_region is not None:
             from ccstae_jax.strain import region_mask
 
-            region_mask(scan.scan_shape, reference_region)  # validates before the long inference
+            try:
+                region_mask(scan.scan_shape, reference_region)  # validates before the long inference
+            except ValueError as e:
+                raise ValueError(f"{region_from} {tuple(reference_region)}: {e}") from None
+        _check_data(data, data_path)
         sample = scan.read(0, 1)
         state = load_checkpoint(run_dir, task, np.repeat(sample, 2, 0), which=which)
         bar = _progress(scan.n_positions, "map", progress)
         try:
-            preds = predict_scan(task, state.params, scan.batches(batch_size, shuffle=False, pad=True),
-                                 scan.n_positions, progress=bar, refine_steps=refine_steps)
+            # In scan order a buffer of one batch suffices: memory does not grow with the scan.
+            batches = scan.batches(batch_size, shuffle=False, pad=True, buffer_size=batch_size)
+            preds = predict_scan(task, state.params, batches, scan.n_positions, progress=bar,
+                                 refine_steps=refine_steps)
         finally:
             if bar is not None:
                 bar.close()
-        maps = strain_maps(preds, scan.scan_shape, scan.pattern_shape, reference_region=reference_region,
-                           symmetry=task.model_cfg.symmetry)
+        try:
+            maps = strain_maps(preds, scan.scan_shape, scan.pattern_shape, reference_region=reference_region,
+                               symmetry=task.model_cfg.symmetry)
+        except ValueError as e:
+            if "no valid positions" not in str(e):
+                raise
+            where = "the whole scan" if reference_region is None else f"reference region {tuple(reference_region)}"
+            raise ValueError(f"{data_path}: cannot reference the strain to {where}: {e} (its patterns are blank, "
+                             "carry no lattice signal or gave non-finite predictions); choose another "
+                             "--reference-region") from None
         attrs = {
             "method": f"ccstae-jax {task.model_cfg.preset}",
             "run_dir": os.path.abspath(run_dir),
@@ -202,6 +399,7 @@ def map_strain(
             "checkpoint": which,
             "refine_steps": refine_steps,
         }
+        _remove_stale_tmp(out_path)
         write_strain_h5(out_path, maps, attrs=attrs)
         if figures is not None:
             from ccstae_jax import plots
