@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tomllib
@@ -36,7 +37,7 @@ def _data_options(args):
         q0, q1, q2, q3 = args.crop
         crop = ((q0, q1), (q2, q3))
     return DataOptions(key=args.key, transpose=tuple(args.transpose) if args.transpose else None, crop=crop,
-                       binning=args.binning)
+                       binning=args.binning, allow_negative=bool(getattr(args, "allow_negative", False)))
 
 
 def _add_data_args(p):
@@ -46,6 +47,14 @@ def _add_data_args(p):
     p.add_argument("--crop", type=int, nargs=4, metavar=("Q0", "Q1", "Q2", "Q3"),
                    help="keep pattern rows Q0:Q1 and columns Q2:Q3 (the paper's .mat: 28 228 28 228)")
     p.add_argument("--binning", type=int, default=1, help="sum-bin each pattern by this integer factor")
+
+
+_ALLOW_NEGATIVE_HELP = (
+    "accept negative values (e.g. dark-subtracted EMPAD frames) and use them as they are; by default a scan with "
+    "any negative count is refused, naming how many and the first position. Before training or mapping the whole "
+    "scan is read once and refused if it holds NaN/Inf or only blank (all-zero) patterns; some blank patterns are "
+    "fine (the map marks them invalid)"
+)
 
 
 def _load_config_file(path):
@@ -110,7 +119,8 @@ def cmd_map(args):
     data = _data_options(args) if (args.key or args.transpose or args.crop or args.binning != 1) else None
     maps = map_strain(args.run_dir, args.data, args.out, reference_region=_region(args.reference_region),
                       batch_size=args.batch_size, which=args.checkpoint, data=data, figures=args.figures,
-                      refine_steps=args.refine_steps, progress=not args.quiet)
+                      refine_steps=args.refine_steps, allow_negative=True if args.allow_negative else None,
+                      progress=not args.quiet)
     valid = maps["valid"]
     print(f"wrote {args.out}: {valid.size} positions, {int(valid.sum())} valid")
 
@@ -164,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="fast", choices=["fast", "reference"])
     t.add_argument("--config", help="TOML file with [model], [loss], [train], [data] tables")
     _add_data_args(t)
+    t.add_argument("--allow-negative", action="store_true", help=_ALLOW_NEGATIVE_HELP)
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--seed", type=int)
@@ -190,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Levenberg-Marquardt iterations refining each pattern's affine against its learned base "
                         "(0 = encoder output only)")
     _add_data_args(m)
+    m.add_argument("--allow-negative", action="store_true",
+                   help="accept negative values (default: as the run was trained); " + _ALLOW_NEGATIVE_HELP)
     m.add_argument("--quiet", action="store_true")
     m.set_defaults(func=cmd_map)
 
@@ -216,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="end to end on a simulated scan: simulate, train, map, evaluate, figures",
                        epilog=_CONVENTIONS)
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--scan", type=int, default=32, help="scan size (square)")
+    d.add_argument("--scan", type=int, default=24, help="scan size (square)")
     d.add_argument("--noise", type=float, default=0.25, help="background weight w")
-    d.add_argument("--epochs", type=int, default=12)
+    d.add_argument("--epochs", type=int, default=15)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
@@ -233,6 +246,10 @@ def _known_errors():
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        # Orbax logs its own ERROR lines (e.g. for a corrupt checkpoint) through absl; the error is reported below
+        # in one line, so they are shown with --verbose only.
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         args.func(args)
     except KeyboardInterrupt:
@@ -242,7 +259,7 @@ def main(argv=None) -> int:
     except _known_errors() as e:
         if args.verbose:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = " ".join(line.strip() for line in str(e).strip().splitlines()) or type(e).__name__
         print(f"ccstae {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

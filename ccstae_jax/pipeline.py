@@ -449,7 +449,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="pattern", dynamic_ncols=True)
 
 
-def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 32, noise: float = 0.25, epochs: int = 12,
+def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: float = 0.25, epochs: int = 15,
          seed: int = 0, progress: bool = True) -> dict:
     """The README's main job: simulate a small noisy scan, train, map, evaluate, write figures and results.
 

@@ -79,3 +79,17 @@ def test_parse_noise_level_accepts_fraction_and_percent_forms(level):
 def test_parse_noise_level_rejects_invalid(level):
     with pytest.raises(ValueError, match="noise level"):
         noise.parse_noise_level(level)
+
+
+def test_numpy_sampler_has_the_same_moments_as_the_jax_one():
+    """The simulator's CPU path (NumPy Poisson) follows the same definition: mean and variance per pixel."""
+    from ccstae_jax.data.noise import add_background_noise_numpy, noise_moments
+
+    rng = np.random.default_rng(0)
+    pattern = rng.uniform(size=(16, 16)).astype(np.float32)
+    pattern /= pattern.sum()
+    draws = np.stack([add_background_noise_numpy(pattern, 0.3, rng=rng) for _ in range(4000)])
+    mean, var = (np.asarray(m) for m in noise_moments(pattern, 0.3))
+    np.testing.assert_allclose(draws.mean(0), mean, rtol=0.05, atol=1e-3 * mean.max())
+    np.testing.assert_allclose(draws.var(0), var, rtol=0.15, atol=1e-3 * var.max())
+    np.testing.assert_array_equal(add_background_noise_numpy(pattern, 0.0, rng=rng), pattern * np.float32(1e5 / 4))

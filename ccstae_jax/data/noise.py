@@ -179,6 +179,35 @@ def add_background_noise(
     return sample.astype(jnp.float32) * jnp.float32(scale / counts)
 
 
+def add_background_noise_numpy(
+    patterns: np.ndarray,
+    w: float,
+    *,
+    rng: np.random.Generator,
+    counts: float = DEFAULT_COUNTS,
+    scale: float = DEFAULT_SCALE,
+    lorentz_width: float = DEFAULT_LORENTZ_WIDTH,
+) -> np.ndarray:
+    """`add_background_noise` with NumPy's Poisson sampler (the simulator's CPU path: ~30x faster than
+    ``jax.random.poisson`` on a CPU). Same definition and moments; a different random stream.
+
+    Args:
+      patterns: ``(..., H, W)`` intensities summing to about 1 each.
+      w: background weight in [0, 1] (``0`` returns ``scale * patterns`` exactly).
+      rng: a seeded ``numpy.random.Generator``.
+
+    Returns:
+      ``(..., H, W)`` float32.
+    """
+    w = _check_w(w)
+    patterns = np.asarray(patterns, np.float32)
+    if w == 0.0:
+        return patterns * np.float32(scale)
+    background = lorentzian_background(patterns.shape[-2:], width=lorentz_width).astype(np.float64)
+    lam = counts * ((1.0 - w) * np.maximum(patterns, 0.0).astype(np.float64) + w * background)
+    return (rng.poisson(lam) * (scale / counts)).astype(np.float32)
+
+
 def noise_moments(
     patterns: ArrayLike,
     w: float,

@@ -40,6 +40,7 @@ from ccstae_jax.data.noise import (
     DEFAULT_LORENTZ_WIDTH,
     DEFAULT_SCALE,
     add_background_noise,
+    add_background_noise_numpy,
     parse_noise_level,
 )
 
@@ -620,6 +621,15 @@ class _Generator:
         rows = np.arange(r0, r0 + n, dtype=np.uint32)
         if self._noise is None:
             return _mix_rows(self.patterns, idx, w)
+        if jax.default_backend() == "cpu":
+            # jax.random.poisson is slow on CPUs; NumPy's sampler, seeded per scan row, keeps the result a
+            # function of (seed, row) only (batching does not change it).
+            mixed = np.asarray(_mix_rows(self.patterns, idx, w))
+            out = np.empty_like(mixed)
+            for i, r in enumerate(rows):
+                rng = np.random.default_rng([self.config.seed, 1, int(r)])
+                out[i] = add_background_noise_numpy(mixed[i], rng=rng, **self._noise)
+            return out
         return _mix_noisy_rows(self.patterns, idx, w, rows, self.noise_key, **self._noise)
 
     def batches(self) -> Iterator[tuple[int, int, np.ndarray]]:
