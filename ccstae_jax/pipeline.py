@@ -63,7 +63,8 @@ def check_values(scan, *, allow_negative: bool = False) -> dict[str, int]:
 
     Raises `ccstae_jax.data.readers.DataError` (one line: file, key, how many, first scan position and pixel,
     what was expected) when the scan holds NaN/Inf values, negative values (unless ``allow_negative``), or only
-    blank (all-zero) patterns. Some blank patterns are accepted: `map_strain` marks them invalid.
+    blank (all-zero) patterns. Negative values within round-off of zero (``|min| <= 1e-6 * max``, as simulations
+    computed with FFTs produce) are accepted. Some blank patterns are accepted: `map_strain` marks them invalid.
 
     Args:
       scan: an open `ccstae_jax.data.readers.Scan` (best opened with ``check_finite=False``: this counts them all).
@@ -79,20 +80,27 @@ def check_values(scan, *, allow_negative: bool = False) -> dict[str, int]:
     h, w = scan.pattern_shape
     rows = max(1, _CHECK_BLOCK_BYTES // max(1, 4 * ry * h * w))
     counts = {"nonfinite": 0, "negative": 0}
-    first: dict[str, tuple] = {}
     touched = {"nonfinite": 0, "negative": 0}
-    n_blank, minimum = 0, 0.0
+    first: dict[str, tuple] = {}
+    n_blank, minimum, maximum = 0, 0.0, 0.0
     check_negative = scan.stored_dtype.kind != "u"
     for r0 in range(0, rx, rows):
         start = r0 * ry
         block = scan.read(start, min(rx, r0 + rows) * ry)
-        for name, bad in (("nonfinite", ~np.isfinite(block)), ("negative", block < 0 if check_negative else None)):
-            if bad is None or not bad.any():
+        nonfinite = ~np.isfinite(block)
+        found = {"nonfinite": nonfinite if nonfinite.any() else None}
+        if found["nonfinite"] is None:
+            maximum = max(maximum, float(block.max()))
+            if check_negative:
+                lo = float(block.min())
+                if lo < 0:
+                    minimum = min(minimum, lo)
+                    found["negative"] = block < 0
+        for name, bad in found.items():
+            if bad is None:
                 continue
             counts[name] += int(bad.sum())
             touched[name] += int(bad.any(axis=(1, 2)).sum())
-            if name == "negative":
-                minimum = min(minimum, float(np.nanmin(np.where(bad, block, 0.0))))
             if name not in first:
                 i, qx, qy = (int(v) for v in np.argwhere(bad)[0])
                 first[name] = (divmod(start + i, ry), (qx, qy))
@@ -105,9 +113,9 @@ def check_values(scan, *, allow_negative: bool = False) -> dict[str, int]:
     if counts["nonfinite"]:
         raise DataError(f"{where}: {counts['nonfinite']} non-finite value(s) (NaN/Inf) in {touched['nonfinite']} of "
                         f"{scan.n_positions} patterns, {at('nonfinite')}; expected finite intensities")
-    if counts["negative"] and not allow_negative:
-        raise DataError(f"{where}: {counts['negative']} negative value(s) (minimum {minimum:g}) in "
-                        f"{touched['negative']} of {scan.n_positions} patterns, {at('negative')}; expected "
+    if counts["negative"] and not allow_negative and -minimum > 1e-6 * maximum:
+        raise DataError(f"{where}: {counts['negative']} negative value(s) (minimum {minimum:g}, maximum {maximum:g}) "
+                        f"in {touched['negative']} of {scan.n_positions} patterns, {at('negative')}; expected "
                         "non-negative counts (pass --allow-negative to use them as they are, e.g. dark-subtracted "
                         "frames)")
     if n_blank == scan.n_positions:

@@ -1,0 +1,166 @@
+"""The `ccstae` command line: help texts, the simulate -> train -> map -> evaluate chain, resuming `train`.
+
+The chain runs as real subprocesses (one CPU device each) sharing a JAX compilation cache in the session's temporary
+folder, so later subprocesses that compile the same model (here and in tests/test_interruption.py,
+tests/test_bad_input.py) skip compilation. `shared_run` builds the chain once per session and is imported by those
+files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ccstae_jax import cli
+
+# The tiny scan every CLI test uses: 8x8 positions, 64-pixel detector -> 50x50 patterns. The loss ring is given
+# explicitly (8..22 px holds the first-order spots of these patterns) so every run compiles the same model.
+# A narrow encoder (--config) keeps compilation short.
+SCAN = ("8", "8")
+SIMULATE_ARGS = ["--scan", *SCAN, "--grains", "4", "--noise", "0.25", "--detector", "64", "--seed", "0", "--quiet"]
+SMALL_MODEL_TOML = "[model]\nencoder_channels = [4, 8]\nencoder_dense = 16\n"
+TRAIN_ARGS = ["--epochs", "5", "--batch-size", "16", "--ring", "8", "22", "--quiet"]
+STEPS = 5 * 4  # epochs x ceil(64 / 16)
+MAP_ARGS = ["--quiet"]
+
+
+def ccstae(args, *, cwd, cache_dir, timeout=300, wrapper: str | None = None, wait=True):
+    """Runs ``python -m ccstae_jax.cli ARGS`` (or ``python -c WRAPPER ARGS``) in a subprocess on the test platform.
+
+    Returns the `subprocess.CompletedProcess` (``wait``) or the running `subprocess.Popen`.
+    """
+    env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    env["JAX_PLATFORMS"] = os.environ.get("CCSTAE_TEST_PLATFORM", "cpu")
+    env["TQDM_DISABLE"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [sys.executable, "-m", "ccstae_jax.cli"] if wrapper is None else [sys.executable, "-c", wrapper]
+    cmd += [str(a) for a in args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def shared_run(tmp_path_factory) -> dict:
+    """Simulates, trains and maps the tiny scan once per session (subprocesses); later calls reuse the files.
+
+    Returns a dict of paths (``root``, ``sim``, ``run``, ``strain``, ``config``, ``cache``), ``train_args`` (the
+    options after ``train DATA --out RUN``) and, per step, the subprocess's ``{"returncode", "stdout", "stderr"}``.
+    """
+    root = tmp_path_factory.getbasetemp() / "ccstae_shared_run"
+    record = root / "record.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir()
+    paths = {"root": str(root), "sim": str(root / "sim.h5"), "run": str(root / "run"),
+             "strain": str(root / "strain.h5"), "config": str(root / "small.toml"),
+             "cache": str(tmp_path_factory.getbasetemp() / "jax_cache")}
+    Path(paths["config"]).write_text(SMALL_MODEL_TOML)
+    paths["train_args"] = [*TRAIN_ARGS, "--config", paths["config"]]
+    steps = {
+        "simulate": ["simulate", paths["sim"], *SIMULATE_ARGS],
+        "train": ["train", paths["sim"], "--out", paths["run"], *paths["train_args"]],
+        "map": ["map", paths["run"], paths["sim"], "--out", paths["strain"], *MAP_ARGS],
+    }
+    out = dict(paths)
+    for name, args in steps.items():
+        p = ccstae(args, cwd=root, cache_dir=paths["cache"])
+        out[name] = {"returncode": p.returncode, "stdout": p.stdout, "stderr": p.stderr}
+        if p.returncode != 0:
+            break
+    record.write_text(json.dumps(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return shared_run(tmp_path_factory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Help
+# ---------------------------------------------------------------------------------------------------------------
+COMMANDS = ["simulate", "train", "map", "evaluate", "baseline", "demo"]
+
+
+@pytest.mark.parametrize("command", [None] + COMMANDS)
+def test_help_exits_0_and_states_the_conventions(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"] if command is None else [command, "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(Rx, Ry, Qx, Qy)" in text
+    assert "x = Qx = pattern rows" in text
+    assert "radians" in text and "counter-clockwise" in text
+    assert "positive = lattice stretched" in text
+
+
+def test_help_of_map_and_train_names_the_units_of_the_radii_and_regions(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    train_help = " ".join(capsys.readouterr().out.split())
+    assert "radii in detector pixels" in train_help
+    assert "--allow-negative" in train_help
+    with pytest.raises(SystemExit):
+        cli.main(["map", "--help"])
+    map_help = " ".join(capsys.readouterr().out.split())
+    assert "reference scan rows R0:R1, columns C0:C1" in map_help
+
+
+def test_unknown_option_exits_2_with_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "x.h5", "--out", "r", "--no-such-option"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chain
+# ---------------------------------------------------------------------------------------------------------------
+def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):
+    for step in ("simulate", "train", "map"):
+        assert chain[step]["returncode"] == 0, f"ccstae {step} failed:\n{chain[step]['stderr'][-3000:]}"
+    assert Path(chain["sim"]).is_file()
+    run = Path(chain["run"])
+    assert (run / "model.json").is_file() and (run / "config.json").is_file()
+    assert (run / "checkpoints" / str(STEPS)).is_dir()
+    assert f"step {STEPS}" in chain["train"]["stdout"]
+    assert "64 positions" in chain["map"]["stdout"]
+    import h5py
+
+    with h5py.File(chain["strain"], "r") as f:
+        for key in ("strain_xx", "strain_yy", "shear_xy", "rotation", "valid", "invalid_reason"):
+            assert f[key].shape == (8, 8), key
+        assert "conventions" in f.attrs
+
+
+def test_evaluate_of_the_chain_prints_an_error_table(chain, capsys):
+    assert chain["map"]["returncode"] == 0
+    assert cli.main(["evaluate", chain["strain"], "--labels", chain["sim"], "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert set(table) == {"strain_xx", "strain_yy", "shear_xy", "rotation_deg"}
+    for quantity, row in table.items():
+        assert np.isfinite(row["mae"]), quantity
+        assert row["valid_fraction"] > 0.5, quantity
+
+
+def test_train_twice_on_the_same_out_resumes_instead_of_starting_over(chain, tmp_path, capsys):
+    assert chain["train"]["returncode"] == 0
+    run = tmp_path / "run"
+    shutil.copytree(chain["run"], run)
+    metrics_before = (run / "metrics.jsonl").read_text()
+    argv = ["train", chain["sim"], "--out", str(run), *chain["train_args"]]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from step {STEPS}" in out
+    assert f"step {STEPS}," in out  # nothing retrained: the run was complete
+    assert max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == STEPS
+    assert (run / "metrics.jsonl").read_text() == metrics_before
