@@ -921,7 +921,7 @@ class _Loop:
                 print(f"\nTraining interrupted after step {self.step} (epoch {self.step // self.spe + 1} of "
                       f"{cfg.epochs}, batch {(self.step - 1) % self.spe + 1} of {self.spe}). Checkpoint saved in "
                       f"{self.ckpt.directory}.\nTo resume, run the same command again with the same run directory "
-                      f"(e.g. `ccstae train ... --run-dir {self.run_dir}`): training continues from step "
+                      f"(e.g. `ccstae train ... --out {self.run_dir}`): training continues from step "
                       f"{self.step}.", file=sys.stderr, flush=True)
             raise KeyboardInterrupt(f"training interrupted; checkpoint at step {self.step} in {self.run_dir}")
 

@@ -246,8 +246,6 @@ def test_pure_background_scan_with_blank_patterns_gives_no_nan_at_valid_position
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="strain_maps judges lattice signal relative to the scan's own median, so a "
-                                       "scan that is background everywhere is reported valid")
 def test_pure_background_positions_are_marked_as_having_no_lattice_signal(pure_background_map):
     m, blank = pure_background_map
     assert not m["valid"].any()
