@@ -191,14 +191,14 @@ def strain_maps(
     reference_region: tuple[int, int, int, int] | None = None,
     symmetry: int = 6,
     min_lattice_signal: float = 0.05,
-    min_significance: float = 4.0,
+    min_significance: float = 3.0,
 ) -> dict[str, np.ndarray]:
     """Maps ``(Rx, Ry)`` of strain, shear, rotation, reconstruction error and validity from `predict_scan` output.
 
     A position is invalid (NaN in the strain maps, ``valid == False``, code in ``invalid_reason``) when its pattern
     has no intensity in the ring (blank), when its ``n``-fold harmonic is weaker than ``min_lattice_signal`` times
     the scan's median or not ``min_significance`` times above the noise level read from the odd angular harmonics
-    (no lattice to measure, e.g. pure background: a false detection rate of about 4e-4 per pattern at 4), or when
+    (no lattice to measure, e.g. pure background: about 4e-3 of pure-noise patterns pass at 3), or when
     the prediction is not finite.
     """
     rx, ry = scan_shape
