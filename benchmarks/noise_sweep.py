@@ -94,8 +94,8 @@ class SweepConfig:
     detector_size: int = 256
     disk_radius: float | None = None
     seed: int = 0
-    epochs: int = 6
-    batch_size: int = 32
+    epochs: int = 8
+    batch_size: int = 16
     refine_steps: int = 10
     map_batch: int = 256
     baseline: str = "auto"
