@@ -677,9 +677,12 @@ def _noise_sweep_figure(results, *, dpi=DEFAULT_DPI):
         ax.set_title(_TITLES.get(key, _TITLES["rotation"]), fontsize=11)
         ax.set_xlabel("background noise (%)")
         ax.set_ylabel(ylabel)
-        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.25)
         ax.tick_params(labelsize=8)
+    for ax in axes:  # after all panels are drawn, so the shared strain axis covers every curve
+        top = max((np.nanmax(line.get_ydata()) for ax2 in ([*strain_axes] if ax in strain_axes else [ax])
+                   for line in ax2.get_lines() if np.isfinite(line.get_ydata()).any()), default=1.0)
+        ax.set_ylim(0, 1.08 * top if top > 0 else 1.0)
     handles: dict[str, Any] = {}
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
