@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tomllib
 
@@ -238,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _known_errors():
-    errs = [ValueError, OSError, KeyError, RuntimeError, FloatingPointError]
-    return tuple(errs)
+# What bad input, unreadable files, refused resumes and numerical faults raise; anything else is a bug and keeps
+# its traceback.
+_USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError, FloatingPointError)
 
 
 def main(argv=None) -> int:
@@ -256,7 +255,7 @@ def main(argv=None) -> int:
         print("ccstae: interrupted; rerun the same command to resume (training resumes from its last checkpoint)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    except _known_errors() as e:
+    except _USER_ERRORS as e:
         if args.verbose:
             raise
         msg = " ".join(line.strip() for line in str(e).strip().splitlines()) or type(e).__name__

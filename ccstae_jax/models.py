@@ -321,13 +321,10 @@ class CCSTAE(nn.Module):
         if cfg.preset == "reference":
             self.encoder = ReferenceEncoder(cfg)
             self.decoder = ReferenceDecoder(cfg)
-            feat = cfg.reduced_size
         else:
             self.encoder = FastEncoder(cfg)
             h, w = cfg.pattern_shape
             self.bases = self.param("bases", nn.initializers.zeros, (cfg.num_bases, h, w), jnp.float32)
-            feat = cfg.encoder_dense
-        del feat
         self.class_dense = nn.Dense(cfg.num_bases)
         self.class_norm = nn.LayerNorm(epsilon=1e-5)
         n_out = 4 + (2 if cfg.translation else 0) + 1  # scale x/y, rotation, shear, [translation], mask intensity

@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccstae_jax import masks, warp
+from ccstae_jax import affine, masks, warp
 from ccstae_jax.losses import LossConfig, ccstae_loss
 from ccstae_jax.models import CCSTAE, ModelConfig, about_center, harmonic_rotation, harmonic_weights
-from ccstae_jax import affine
 
 
 def configure(

@@ -1,7 +1,6 @@
 """Specifications of strain referencing, validity, the strain-map file and the error table."""
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
