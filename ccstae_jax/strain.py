@@ -232,39 +232,63 @@ def strain_maps(
     return out
 
 
-def write_strain_h5(path: str | os.PathLike, maps: dict[str, np.ndarray], *, attrs: dict) -> str:
-    """Writes strain maps to HDF5 atomically (temporary file, then rename); returns the path.
+AFFINE_KEYS = ("theta", "lattice", "class_index")
 
-    Layout: ``/strain_xx``, ``/strain_yy``, ``/shear_xy``, ``/rotation`` (Rx, Ry) float32 (NaN where invalid),
-    ``/valid`` bool, ``/invalid_reason`` uint8, ``/reconstruction_error`` float32, and (when given) the raw affine
-    data under ``/affine/`` (``theta`` (Rx, Ry, 2, 3) warp matrices, ``lattice`` (Rx, Ry, 2, 2)). Root attributes:
-    ``conventions``, ``invalid_reasons`` and everything in ``attrs`` (dicts/lists stored as JSON text).
+
+def write_strain_h5(path: str | os.PathLike, maps: dict, *, attrs: dict) -> str:
+    """Writes strain maps to HDF5 atomically (temporary file ``<path>.tmp-<pid>``, then rename); returns the path.
+
+    Layout: ``/strain_xx``, ``/strain_yy``, ``/shear_xy``, ``/rotation`` (Rx, Ry) float32 (NaN where invalid), and
+    every other array of ``maps`` at the root (``/valid`` bool, ``/invalid_reason`` uint8, ``/reconstruction_error``,
+    a baseline's ``/n_peaks`` ...; floating arrays as float32), except the raw affine data, which goes under
+    ``/affine/`` (``theta`` (Rx, Ry, 2, 3) warp matrices, ``lattice`` (Rx, Ry, 2, 2), ``class_index``). String entries
+    of ``maps`` and everything in ``attrs`` become root attributes (numeric sequences as arrays, other non-scalars as
+    JSON text); ``conventions`` (and ``invalid_reasons`` with ``invalid_reason``) are added unless given.
+    Used by `ccstae map` and by the py4DSTEM baseline.
     """
     import h5py
 
     path = os.fspath(path)
+    missing = [k for k in QUANTITIES if k not in maps]
+    if missing:
+        raise ValueError(f"maps lacks {missing}; has {sorted(maps)}")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise OSError(f"cannot write {path}: directory {directory} does not exist")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with h5py.File(tmp, "w") as f:
-            for key in QUANTITIES + ("reconstruction_error", "valid", "invalid_reason"):
-                if key in maps:
-                    f.create_dataset(key, data=maps[key])
-            for key in ("theta", "lattice", "class_index"):
-                if key in maps:
-                    f.create_dataset(f"affine/{key}", data=maps[key])
-            f.attrs["conventions"] = CONVENTIONS
-            f.attrs["invalid_reasons"] = json.dumps(INVALID_REASONS)
+            for key, value in maps.items():
+                if isinstance(value, str):
+                    f.attrs[key] = value
+                    continue
+                arr = np.asarray(value)
+                if arr.dtype.kind == "f":
+                    arr = arr.astype(np.float32)
+                f.create_dataset(f"affine/{key}" if key in AFFINE_KEYS else key, data=arr)
             for k, v in attrs.items():
-                f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list, tuple)) or v is None else v
+                f.attrs[k] = _attr_value(v)
+            if "conventions" not in f.attrs:
+                f.attrs["conventions"] = CONVENTIONS
+            if "invalid_reason" in maps and "invalid_reasons" not in f.attrs:
+                f.attrs["invalid_reasons"] = json.dumps(INVALID_REASONS)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def _attr_value(v):
+    """An HDF5-storable attribute: scalars and strings as they are, numeric sequences as arrays, the rest as JSON."""
+    if isinstance(v, (str, bytes, bool, int, float, np.integer, np.floating, np.bool_)):
+        return v
+    if not isinstance(v, dict) and v is not None:
+        arr = np.asarray(v)
+        if arr.dtype.kind in "iufb":
+            return arr
+    return json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
 def read_strain_h5(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:

@@ -61,7 +61,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -1192,63 +1191,18 @@ def _strainmap_method(
 
 
 def write_strain_h5(path, maps: Mapping[str, Any], *, attrs: Mapping[str, Any]) -> str:
-    """Write strain maps to HDF5 atomically (temporary file in the same folder, then rename).
+    """Write baseline strain maps in the project's strain-map layout (`ccstae_jax.strain.write_strain_h5`).
 
-    Layout (the project's strain-map layout): one root dataset per array in ``maps`` — ``/strain_xx``,
-    ``/strain_yy``, ``/shear_xy``, ``/rotation`` (Rx, Ry) float32 and any other arrays (``valid`` bool, ``n_peaks``
-    int32, ``origin`` (Rx, Ry, 2) ...), floating arrays stored as float32; string entries of ``maps`` (e.g.
-    ``parameters``, JSON) and ``attrs`` become root attributes (non-scalar/non-string attribute values are stored
-    as JSON strings). ``conventions`` is added when absent.
-
-    Args:
-        path: Output file (``.h5``); its folder must exist. An existing file is replaced only on success.
-        maps: Output of :func:`py4dstem_strain_map` (or any dict of arrays with the four strain keys).
-        attrs: Extra root attributes (e.g. ``source`` data file, ``noise_level``).
+    Every array of ``maps`` (``strain_xx`` ... ``rotation`` float32, ``valid``, ``n_peaks``, ``origin`` ...) becomes a
+    root dataset, string entries (``parameters``, JSON) and ``attrs`` root attributes; ``method`` defaults to
+    ``"py4dstem"``. Atomic: temporary file, then rename.
 
     Returns:
         The path written, as a string.
     """
-    import h5py
+    from ccstae_jax.strain import write_strain_h5 as write
 
-    path = os.fspath(path)
-    missing = [k for k in MAP_KEYS if k not in maps]
-    if missing:
-        raise ValueError(f"maps lacks {missing}; has {sorted(maps)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"cannot write {path}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5", dir=folder)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            for k, v in maps.items():
-                if isinstance(v, str):
-                    f.attrs[k] = v
-                    continue
-                arr = np.asarray(v)
-                if arr.dtype.kind == "f":
-                    arr = arr.astype(np.float32)
-                f.create_dataset(k, data=arr)
-            for k, v in attrs.items():
-                f.attrs[k] = _attr_value(v)
-            if "conventions" not in f.attrs:
-                f.attrs["conventions"] = CONVENTIONS
-            f.attrs.setdefault("method", "py4dstem")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _attr_value(v):
-    if isinstance(v, (str, bytes, bool, int, float, np.integer, np.floating, np.bool_)):
-        return v
-    arr = np.asarray(v) if not isinstance(v, Mapping) else None
-    if arr is not None and arr.dtype.kind in "iufb":
-        return arr
-    return json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    return write(path, dict(maps), attrs={"method": "py4dstem", **attrs})
 
 
 # ----------------------------------------------------------------------------------------------- subprocess entry
