@@ -1,24 +1,13 @@
 """examples/tutorial.py runs as is (tiny sizes) and leaves its figures, maps and a finite error table."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
-
-def _load(name, rel):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-tutorial = _load("ccstae_tutorial", "examples/tutorial.py")
+tutorial = load_script("ccstae_tutorial", "examples/tutorial.py")
 
 
 @pytest.fixture(scope="module")

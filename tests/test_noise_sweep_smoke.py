@@ -3,28 +3,17 @@
 One tiny sweep (8x8 scan, 64 px detector, one level, one epoch, no baseline) is run once per module (~30 s on 2
 CPUs); the other tests are pure functions.
 """
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from _scripts import load_script
 
-
-def _load(name, rel):
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ns = _load("noise_sweep", "benchmarks/noise_sweep.py")
+ns = load_script("noise_sweep", "benchmarks/noise_sweep.py")
 
 TINY = ns.SweepConfig(levels=(0.25,), scan=8, n_grains=3, detector_size=64, epochs=1, refine_steps=2,
                       baseline="off", crb_grains=2)

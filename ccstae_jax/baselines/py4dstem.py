@@ -688,20 +688,8 @@ def _detect(p4d, patterns: np.ndarray, kernel: np.ndarray, config: Py4DSTEMConfi
     """py4DSTEM disk detection on (n, H, W) patterns -> per pattern (m, 3) array of (qx, qy, intensity) px."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        found = p4d["find_Bragg_disks"](
-            np.asarray(patterns, dtype=np.float64),
-            kernel,
-            corrPower=config.corr_power,
-            sigma_cc=config.sigma_cc,
-            subpixel=config.subpixel,
-            upsample_factor=config.upsample_factor,
-            minAbsoluteIntensity=config.min_absolute_intensity,
-            minRelativeIntensity=config.min_relative_intensity,
-            relativeToPeak=res["relative_to_peak"],
-            minPeakSpacing=res["min_peak_spacing_px"],
-            edgeBoundary=res["edge_boundary_px"],
-            maxNumPeaks=config.max_num_peaks,
-        )
+        found = p4d["find_Bragg_disks"](np.asarray(patterns, dtype=np.float64), kernel,
+                                        sigma_cc=config.sigma_cc, **_detection_kwargs(config, res))
     if not isinstance(found, list):
         found = [found]
     return [np.column_stack([q.qx, q.qy, q.intensity]).astype(np.float64) for q in found]
@@ -1065,19 +1053,7 @@ def _strainmap_method(
             dc = py4DSTEM.DataCube(data=np.asarray(data, dtype=np.float32))
             kernel, kinfo = _make_kernel(p4d, config, src.pattern_shape, src)
             t1 = time.perf_counter()
-            bv = dc.find_Bragg_disks(
-                template=kernel,
-                corrPower=config.corr_power,
-                sigma=config.sigma_cc,
-                subpixel=config.subpixel,
-                upsample_factor=config.upsample_factor,
-                minAbsoluteIntensity=config.min_absolute_intensity,
-                minRelativeIntensity=config.min_relative_intensity,
-                relativeToPeak=res["relative_to_peak"],
-                minPeakSpacing=res["min_peak_spacing_px"],
-                edgeBoundary=res["edge_boundary_px"],
-                maxNumPeaks=config.max_num_peaks,
-            )
+            bv = dc.find_Bragg_disks(template=kernel, sigma=config.sigma_cc, **_detection_kwargs(config, res))
             t2 = time.perf_counter()
             if config.origin is not None:
                 bv.calibration.set_origin((float(config.origin[0]), float(config.origin[1])))
@@ -1188,6 +1164,21 @@ def _strainmap_method(
         parameters=json.dumps(params),
     )
     return out
+
+
+def _detection_kwargs(config: "Py4DSTEMConfig", res: Mapping[str, Any]) -> dict[str, Any]:
+    """The disk-detection parameters shared by py4DSTEM's functional and DataCube ``find_Bragg_disks``."""
+    return dict(
+        corrPower=config.corr_power,
+        subpixel=config.subpixel,
+        upsample_factor=config.upsample_factor,
+        minAbsoluteIntensity=config.min_absolute_intensity,
+        minRelativeIntensity=config.min_relative_intensity,
+        relativeToPeak=res["relative_to_peak"],
+        minPeakSpacing=res["min_peak_spacing_px"],
+        edgeBoundary=res["edge_boundary_px"],
+        maxNumPeaks=config.max_num_peaks,
+    )
 
 
 def write_strain_h5(path, maps: Mapping[str, Any], *, attrs: Mapping[str, Any]) -> str:
