@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -137,12 +136,6 @@ def sample_patterns(scan, n: int = 256) -> np.ndarray:
     return np.stack([scan.read(int(i), int(i) + 1)[0] for i in idx]).astype(np.float32)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def load_run(run_dir: str | os.PathLike):
     """``(task, data_options, saved dict)`` of a run directory written by `train`."""
     from ccstae_jax.losses import LossConfig
@@ -185,7 +178,7 @@ def train(
     ``ring`` must fit the patterns, and ``run_dir`` must be creatable.
     """
     from ccstae_jax.objective import CCSTAETask, configure
-    from ccstae_jax.train import TrainConfig, fit
+    from ccstae_jax.train import TrainConfig, fit, write_json_atomic
 
     run_dir = Path(run_dir)
     _check_run_dir_target(run_dir)
@@ -219,7 +212,7 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {**task.config_dict(), "data": data.to_dict(), "data_path": os.path.abspath(data_path)}
         if not (run_dir / MODEL_FILE).exists():
-            _write_json_atomic(run_dir / MODEL_FILE, record)
+            write_json_atomic(run_dir / MODEL_FILE, record)
         import jax
 
         n_proc, proc = jax.process_count(), jax.process_index()
@@ -484,7 +477,7 @@ def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: floa
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     from ccstae_jax.data.readers import open_scan
-    from ccstae_jax.train import load_checkpoint
+    from ccstae_jax.train import load_checkpoint, write_json_atomic
 
     task, _, _ = load_run(out / "run")
     with open_scan(data_path) as s:
@@ -497,6 +490,6 @@ def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: floa
                                    bases=np.asarray(state.params["bases"]) if "bases" in state.params else None,
                                    metrics_path=str(out / "run" / "metrics.jsonl"))
     result = {"simulation": json.loads(sim.to_json()), "errors": table, "figures": [str(p) for p in paths]}
-    _write_json_atomic(out / "results.json", result)
+    write_json_atomic(out / "results.json", result)
     print(format_table(table))
     return table

@@ -533,7 +533,8 @@ def _diff(saved: Any, current: Any, prefix: str) -> list[str]:
     return [] if saved == current else [f"{prefix}: saved {saved!r}, now {current!r}"]
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Writes ``obj`` as JSON to a temporary name beside ``path``, then renames it (never a half-written file)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -573,7 +574,7 @@ def _check_run_config(run_dir: Path, config: TrainConfig, task_config: Mapping[s
                 + "\nUse the original settings to resume, or a new run directory to start afresh.")
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(path, current)
+        write_json_atomic(path, current)
 
 
 class _MetricsLog:

@@ -2,7 +2,7 @@
 found and what was expected, no output written, input files untouched.
 
 Each case runs `ccstae_jax.cli.main` in-process; every refusal here happens before any model is compiled. `map` cases
-use the session's tiny trained run (`test_cli.shared_run`).
+use the session's tiny trained run (`test_cli.checked_shared_run`).
 """
 from __future__ import annotations
 
@@ -18,15 +18,12 @@ import pytest
 from ccstae_jax import cli
 from ccstae_jax.data.readers import open_scan
 from ccstae_jax.pipeline import check_values
-from test_cli import TRAIN_ARGS, ccstae, shared_run
+from test_cli import TRAIN_ARGS, ccstae, checked_shared_run
 
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    c = shared_run(tmp_path_factory)
-    for step in ("simulate", "train", "map"):
-        assert c[step]["returncode"] == 0, f"shared `ccstae {step}` failed:\n{c[step]['stderr'][-3000:]}"
-    return c
+    return checked_shared_run(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,14 @@ def shared_run(tmp_path_factory) -> dict:
     return out
 
 
+def checked_shared_run(tmp_path_factory) -> dict:
+    """`shared_run`, failing fast (with the step's stderr) when one of its commands did not succeed."""
+    c = shared_run(tmp_path_factory)
+    for step in ("simulate", "train", "map"):
+        assert c[step]["returncode"] == 0, f"shared `ccstae {step}` failed:\n{c[step]['stderr'][-3000:]}"
+    return c
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     return shared_run(tmp_path_factory)

@@ -1,8 +1,8 @@
 """Interrupting `ccstae map` and `ccstae train` loses no work and leaves no half-written output; blank patterns and
 pure background give invalid positions, never NaN strains at valid ones.
 
-Every command runs in a subprocess (one CPU device) built on the session's shared tiny run (`test_cli.shared_run`),
-whose JAX compilation cache makes these subprocesses skip compilation.
+Every command runs in a subprocess (one CPU device) built on the session's shared tiny run
+(`test_cli.checked_shared_run`), whose JAX compilation cache makes these subprocesses skip compilation.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from test_cli import STEPS, ccstae, shared_run
+from test_cli import STEPS, ccstae, checked_shared_run
 
 # Runs `ccstae ARGS` and SIGKILLs itself right after the 3rd dataset of a temporary output file is created: a
 # deterministic "killed while writing the strain map".
@@ -45,10 +45,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    c = shared_run(tmp_path_factory)
-    for step in ("simulate", "train", "map"):
-        assert c[step]["returncode"] == 0, f"shared `ccstae {step}` failed:\n{c[step]['stderr'][-3000:]}"
-    return c
+    return checked_shared_run(tmp_path_factory)
 
 
 def _maps(path) -> dict[str, np.ndarray]:
