@@ -420,7 +420,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, progress: bool = 
             "mae_over": "all scan positions",
             "units": "strain dimensionless; rotation degrees (modulo 60 deg)",
             "ccstae": f"fast preset, {cfg.epochs} epochs, map with {cfg.refine_steps} Levenberg-Marquardt "
-                      "refinement steps per pattern",
+                      "steps per pattern of the forward-model fit (ccstae_jax.refine.refine_theta_forward)",
             "ccstae_encoder_only": "the same trained run, map with refine_steps=0",
             "crb": "sqrt(2/pi) * Cramer-Rao bound on the per-pattern std, averaged over positions by dominant grain "
                    "(0 at w=0: the Auto4DSTEM 0 % data are noise-free)",

@@ -3,7 +3,7 @@
 The public API is flat and loaded lazily, so ``import ccstae_jax.warp`` (the differentiable affine warp) pulls in
 only JAX and NumPy — never Flax, Optax or Orbax.
 
-Pipeline, one module per step: ``data`` (simulator, readers) → ``models``/``losses``/``objective`` → ``train`` →
+Pipeline, one module per step: ``data`` (simulator, readers) → ``models`` (with ``conv``)/``losses``/``objective`` → ``train`` →
 ``strain``/``refine`` → ``evaluate`` → ``plots``; ``cli`` and ``pipeline`` drive it.
 """
 from __future__ import annotations
@@ -31,13 +31,15 @@ _EXPORTS = {
     # training
     "TrainConfig": "train", "TrainState": "train", "fit": "train", "load_checkpoint": "train",
     "NonFiniteLossError": "train", "RunConfigMismatchError": "train",
+    "conv_general_dilated": "conv",
     "make_mesh": "parallel", "shard_batch": "parallel", "initialize_distributed": "parallel",
     # data
     "SimulationConfig": "data.simulate", "simulate_scan": "data.simulate", "simulate_to_hdf5": "data.simulate",
     "add_background_noise": "data.noise", "NOISE_LEVELS": "data.noise",
     "open_scan": "data.readers", "load_labels": "data.readers", "DataError": "data.readers", "Batch": "data.readers",
     # strain maps and evaluation
-    "refine_theta": "refine", "referenced_strain": "strain", "strain_maps": "strain", "predict_scan": "strain",
+    "refine_theta": "refine", "refine_theta_forward": "refine", "radial_background": "refine",
+    "reestimate_bases": "strain", "referenced_strain": "strain", "strain_maps": "strain", "predict_scan": "strain",
     "write_strain_h5": "strain", "read_strain_h5": "strain", "error_table": "evaluate", "strain_crb": "crb",
 }
 

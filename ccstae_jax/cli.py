@@ -118,7 +118,8 @@ def cmd_map(args):
     data = _data_options(args) if (args.key or args.transpose or args.crop or args.binning != 1) else None
     maps = map_strain(args.run_dir, args.data, args.out, reference_region=_region(args.reference_region),
                       batch_size=args.batch_size, which=args.checkpoint, data=data, figures=args.figures,
-                      refine_steps=args.refine_steps, allow_negative=True if args.allow_negative else None,
+                      refine_steps=args.refine_steps, base_update=not args.no_base_update,
+                      allow_negative=True if args.allow_negative else None,
                       progress=not args.quiet)
     valid = maps["valid"]
     print(f"wrote {args.out}: {valid.size} positions, {int(valid.sum())} valid")
@@ -197,8 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=256)
     m.add_argument("--checkpoint", default="latest", choices=["latest", "best"])
     m.add_argument("--refine-steps", type=int, default=10,
-                   help="Levenberg-Marquardt iterations refining each pattern's affine against its learned base "
-                        "(0 = encoder output only)")
+                   help="Levenberg-Marquardt iterations fitting each pattern's affine: the learned base (spots warped, "
+                        "radial background fixed) against the observed pixels, Poisson-weighted (0 = encoder output only)")
+    m.add_argument("--no-base-update", action="store_true",
+                   help="one refinement pass against the learned base (default: a second pass against the base "
+                        "re-estimated from the aligned patterns; reads the scan twice)")
     _add_data_args(m)
     m.add_argument("--allow-negative", action="store_true",
                    help="accept negative values (default: as the run was trained); " + _ALLOW_NEGATIVE_HELP)

@@ -24,6 +24,7 @@ default ``(H // 2, W // 2)``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccstae_jax import affine, warp
+from ccstae_jax.conv import conv_general_dilated
 from ccstae_jax.sparsity import k_sparse
 
 
@@ -204,6 +206,10 @@ def symmetrize(bases: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------- reference blocks
+#: ``nn.Conv`` with the matmul kernel gradient on the CPU backend (`ccstae_jax.conv`); same parameters and outputs.
+_Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+
+
 class _LayerNormHW(nn.Module):
     """LayerNorm per channel over (H, W) with (H, W)-shaped scale and bias, eps 1e-5 (the reference's)."""
 
@@ -224,8 +230,8 @@ class _ConvBlock(nn.Module):
     def __call__(self, x):
         y = x
         for _ in range(2):
-            y = nn.relu(nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(y))
-        y = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(y)
+            y = nn.relu(_Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(y))
+        y = _Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(y)
         y = nn.relu(_LayerNormHW(self.dtype)(y))
         return y + x
 
@@ -238,7 +244,7 @@ class _IdentityBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.relu(_LayerNormHW(self.dtype)(nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(x)))
+        return nn.relu(_LayerNormHW(self.dtype)(_Conv(self.features, (3, 3), padding=1, dtype=self.dtype)(x)))
 
 
 class ReferenceEncoder(nn.Module):
@@ -249,12 +255,12 @@ class ReferenceEncoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        x = nn.Conv(cfg.conv_size, (3, 3), padding=1, dtype=dt)(x)
+        x = _Conv(cfg.conv_size, (3, 3), padding=1, dtype=dt)(x)
         for pool in cfg.pool_list:
             x = _ConvBlock(cfg.conv_size, dt)(x)
             x = _IdentityBlock(cfg.conv_size, dt)(x)
             x = nn.max_pool(x, (pool, pool), (pool, pool))
-        x = nn.Conv(1, (3, 3), padding=1, dtype=dt)(x)
+        x = _Conv(1, (3, 3), padding=1, dtype=dt)(x)
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(cfg.reduced_size, dtype=dt)(x)
 
@@ -269,14 +275,14 @@ class ReferenceDecoder(nn.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         start = cfg.pattern_shape[0] // math.prod(cfg.pool_list)
         x = nn.Dense(start * start, dtype=dt)(code).reshape(code.shape[0], start, start, 1)
-        x = nn.Conv(cfg.conv_size, (3, 3), padding=1, dtype=dt)(x)
+        x = _Conv(cfg.conv_size, (3, 3), padding=1, dtype=dt)(x)
         x = _ConvBlock(cfg.conv_size, dt)(x)
         x = _IdentityBlock(cfg.conv_size, dt)(x)
         for up in reversed(cfg.pool_list):
             x = warp.upsample_bilinear_align_corners(x, up)
             x = _ConvBlock(cfg.conv_size, dt)(x)
             x = _IdentityBlock(cfg.conv_size, dt)(x)
-        x = nn.Conv(1, (3, 3), padding=1, dtype=dt)(x)
+        x = _Conv(1, (3, 3), padding=1, dtype=dt)(x)
         return nn.leaky_relu(x, 0.001)[..., 0].astype(jnp.float32)
 
 
@@ -289,9 +295,9 @@ class FastEncoder(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        x = nn.relu(nn.Conv(cfg.encoder_channels[0], (3, 3), padding=1, dtype=dt)(x))
+        x = nn.relu(_Conv(cfg.encoder_channels[0], (3, 3), padding=1, dtype=dt)(x))
         for ch in cfg.encoder_channels[1:]:
-            x = nn.relu(nn.Conv(ch, (3, 3), strides=2, padding=1, dtype=dt)(x))
+            x = nn.relu(_Conv(ch, (3, 3), strides=2, padding=1, dtype=dt)(x))
         x = x.reshape(x.shape[0], -1)
         return nn.relu(nn.Dense(cfg.encoder_dense, dtype=dt)(x))
 

@@ -84,50 +84,61 @@ class CCSTAETask:
         return params
 
     def base_masks(self, bases: jax.Array, epoch: jax.Array) -> jax.Array:
-        """Base-frame loss masks ``(num_bases, h, w)`` for this epoch (ring, then ring ∩ spot disks)."""
+        """Base-frame loss masks for this epoch (ring, then ring ∩ spot disks).
+
+        Args:
+          bases: ``(num_bases, H, W)`` the dictionary at the pattern resolution.
+          epoch: the epoch (may be traced).
+
+        Returns:
+          ``(num_bases, H, W)``, or ``(num_bases, up_size, up_size)`` on the up-sampled (interpolate) path, where,
+          as in the reference, the masks are built at the pattern resolution, bicubic up-sampled and thresholded at
+          0.5 (16x less work than building them on the up-sampled bases).
+        """
         cfg, lc = self.model_cfg, self.loss_cfg
         h, w = bases.shape[-2:]
-        f = h / cfg.pattern_shape[0]  # >1 on the up-sampled (interpolate) path
-        cr, cc = cfg.center_px
-        center = (cr * f + (f - 1) / 2, cc * f + (f - 1) / 2)
-        ring = masks.ring_mask((h, w), lc.ring_inner * f, lc.ring_outer * f, center=center)
+        ring = masks.ring_mask((h, w), lc.ring_inner, lc.ring_outer, center=cfg.center_px)
         ringf = jnp.broadcast_to(ring.astype(jnp.float32), bases.shape)
-        if not lc.use_spot_mask:
-            return ringf
-        sched = masks.MaskSchedule(lc.ring_inner, lc.ring_outer, lc.shrink_start, lc.shrink_epochs,
-                                   lc.spot_radius_start, lc.spot_radius_end, lc.spot_threshold)
-        radius = sched.spot_radius(epoch) * f
-        spots = jax.vmap(lambda b: masks.spot_mask(b, ring, radius, threshold=lc.spot_threshold,
-                                                   max_radius=int(np.ceil(lc.spot_radius_start * f))))(bases)
-        return jnp.where(jnp.asarray(epoch) >= lc.shrink_start, spots, ringf)
+        if lc.use_spot_mask:
+            sched = masks.MaskSchedule(lc.ring_inner, lc.ring_outer, lc.shrink_start, lc.shrink_epochs,
+                                       lc.spot_radius_start, lc.spot_radius_end, lc.spot_threshold)
+            radius = sched.spot_radius(epoch)
+            spots = jax.vmap(lambda b: masks.spot_mask(b, ring, radius, threshold=lc.spot_threshold,
+                                                       max_radius=int(np.ceil(lc.spot_radius_start))))(bases)
+            out = jnp.where(jnp.asarray(epoch) >= lc.shrink_start, spots, ringf)
+        else:
+            out = ringf
+        if cfg.interpolate:
+            out = (_up(out, cfg) > 0.5).astype(jnp.float32)
+        return out
 
     def forward(self, params, images: jax.Array, epoch: jax.Array):
         """Model output, per-sample base-frame masks ``(B, h, w)``."""
         out = self.model.apply({"params": params}, images)
-        mb = self.base_masks(out["bases"] if not self.model_cfg.interpolate else _up(out["bases"], self.model_cfg),
-                             epoch)
+        mb = self.base_masks(out["bases"], epoch)
         sample_masks = jnp.einsum("bk,khw->bhw", jax.lax.stop_gradient(out["classes"]), mb)
         return out, sample_masks
 
-    def loss_points(self) -> np.ndarray | None:
+    def loss_points(self) -> np.ndarray:
         """Pixels ``(N, 2)`` at which the training loss is evaluated: the loss ring widened by a margin that covers
-        the largest scale change, so both the base-frame ring and its image in every data frame are inside. None on
-        the up-sampled (interpolate) path, which compares whole images like the reference."""
+        the largest scale change, so both the base-frame ring and its image in every data frame are inside. On the
+        up-sampled (interpolate) path the pixels are those of the ``up_size`` grid (the ring scaled with it): the
+        loss equals the whole-image loss of the reference, which is zero outside the ring, at about half the cost."""
         cfg, lc = self.model_cfg, self.loss_cfg
-        if cfg.interpolate:
-            return None
-        margin = 2.0 + lc.ring_outer * 1.5 * cfg.scale_limit
         h, w = cfg.pattern_shape
+        f = cfg.up_size / h if cfg.interpolate else 1.0
+        margin = 2.0 + lc.ring_outer * 1.5 * cfg.scale_limit
         cr, cc = cfg.center_px
-        r = np.hypot(np.arange(h)[:, None] - cr, np.arange(w)[None, :] - cc)
-        sel = (r > lc.ring_inner - margin) & (r <= lc.ring_outer + margin)
+        cr, cc = cr * f + (f - 1) / 2, cc * f + (f - 1) / 2
+        n_r, n_c = round(h * f), round(w * f)
+        r = np.hypot(np.arange(n_r)[:, None] - cr, np.arange(n_c)[None, :] - cc)
+        sel = (r > (lc.ring_inner - margin) * f) & (r <= (lc.ring_outer + margin) * f)
         return np.argwhere(sel).astype(np.int32)
 
     def loss(self, params, images, weights, epoch):
         points = self.loss_points()
         out = self.model.apply({"params": params}, images, points)
-        mb = self.base_masks(out["bases"] if not self.model_cfg.interpolate else _up(out["bases"], self.model_cfg),
-                             epoch)
+        mb = self.base_masks(out["bases"], epoch)
         sample_masks = jnp.einsum("bk,khw->bhw", jax.lax.stop_gradient(out["classes"]), mb)
         loss, terms, _ = ccstae_loss(out, sample_masks, weights, self.loss_cfg, points=points)
         return loss, terms

@@ -325,14 +325,19 @@ def map_strain(
     data: DataOptions | None = None,
     figures: str | os.PathLike | None = None,
     refine_steps: int = 10,
+    base_update: bool = True,
     allow_negative: bool | None = None,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Maps strain over a scan with a trained run and writes ``out_path`` (HDF5, atomic). Returns the maps.
 
     The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan
-    (median lattice). ``refine_steps`` Levenberg-Marquardt iterations polish each pattern's affine against its
-    learned base (`ccstae_jax.refine`; 0 = the encoder's output as is). ``allow_negative`` (None = the run's data
+    (median lattice). ``refine_steps`` Levenberg-Marquardt iterations fit each pattern's affine: the learned
+    base (spots warped, radial background fixed) against the observed pixels, Poisson-weighted
+    (`ccstae_jax.refine.refine_theta_forward`; 0 = the encoder's output as is). With ``base_update`` (and
+    refinement, on models without the up-sampled path) the scan is read twice: the first pass's refined warps
+    re-estimate each base as the symmetrised mean of its aligned patterns (`ccstae_jax.strain.reestimate_bases`), and
+    the second pass refines again against it over a wider annulus. ``allow_negative`` (None = the run's data
     option) accepts negative values in the scan.
 
     Bad input is refused before the checkpoint is loaded: an output path that cannot be written (or is the input),
@@ -376,8 +381,19 @@ def map_strain(
         try:
             # In scan order a buffer of one batch suffices: memory does not grow with the scan.
             batches = scan.batches(batch_size, shuffle=False, pad=True, buffer_size=batch_size)
+            update = bool(base_update and refine_steps and not task.model_cfg.interpolate)
             preds = predict_scan(task, state.params, batches, scan.n_positions, progress=bar,
-                                 refine_steps=refine_steps)
+                                 refine_steps=refine_steps, accumulate=update)
+            if update:
+                from ccstae_jax.strain import reestimate_bases
+
+                bases = reestimate_bases(task, state.params, preds.pop("base_sums"), preds.pop("base_counts"))
+                if bar is not None:
+                    bar.close()
+                    bar = _progress(scan.n_positions, "map (updated base)", progress)
+                batches = scan.batches(batch_size, shuffle=False, pad=True, buffer_size=batch_size)
+                preds = predict_scan(task, state.params, batches, scan.n_positions, progress=bar,
+                                     refine_steps=refine_steps, bases=bases, theta0=preds["theta"])
         finally:
             if bar is not None:
                 bar.close()
@@ -399,6 +415,7 @@ def map_strain(
             "symmetry": task.model_cfg.symmetry,
             "checkpoint": which,
             "refine_steps": refine_steps,
+            "base_update": bool(base_update and refine_steps and not task.model_cfg.interpolate),
         }
         _remove_stale_tmp(out_path)
         write_strain_h5(out_path, maps, attrs=attrs)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.typing import ArrayLike
 
 __all__ = [
@@ -300,21 +301,69 @@ def _grid_sample(images: Array, grid: Array, mode: str, padding_mode: str, align
     g = grid.astype(dtype)
     ix = _unnormalize(g[..., 0].reshape(b, h_out * w_out), w, align_corners)  # (B, N) column coordinate
     iy = _unnormalize(g[..., 1].reshape(b, h_out * w_out), h, align_corners)  # (B, N) row coordinate
+    flat = images.astype(dtype).reshape(b, h * w, c)  # cast once: image gradients accumulate in `dtype`
+    out = _tap_sum(flat, ix, iy, (h, w, mode, padding_mode))
+    return out.reshape(b, h_out, w_out, c).astype(images.dtype)
+
+
+def _taps(ix: Array, iy: Array, static: tuple, *, derivatives: bool = False):
+    """Tap indices into the flattened image and per-axis weights (and their coordinate derivatives)."""
+    h, w, mode, padding_mode = static
     x_idx, x_wts = _axis_taps(ix, w, mode=mode, padding_mode=padding_mode)
     y_idx, y_wts = _axis_taps(iy, h, mode=mode, padding_mode=padding_mode)
+    if not derivatives:
+        return x_idx, x_wts, y_idx, y_wts
+    # d weight / d coordinate, exactly what autodiff of `_axis_taps` gives (floor and clamps included)
+    _, x_dw = jax.jvp(lambda t: _axis_taps(t, w, mode=mode, padding_mode=padding_mode)[1], (ix,), (jnp.ones_like(ix),))
+    _, y_dw = jax.jvp(lambda t: _axis_taps(t, h, mode=mode, padding_mode=padding_mode)[1], (iy,), (jnp.ones_like(iy),))
+    return x_idx, x_wts, y_idx, y_wts, x_dw, y_dw
 
-    flat = images.astype(dtype).reshape(b, h * w, c)  # cast once: image gradients accumulate in `dtype`
-    out = None
-    for yi, wy in zip(y_idx, y_wts):
-        row_start = yi * w
-        row = None
-        for xi, wx in zip(x_idx, x_wts):
-            vals = jnp.take_along_axis(flat, (row_start + xi)[..., None], axis=1, mode="promise_in_bounds")
-            term = vals * wx[..., None]
-            row = term if row is None else row + term
-        term = row * wy[..., None]
-        out = term if out is None else out + term
-    return out.reshape(b, h_out, w_out, c).astype(images.dtype)
+
+def _gather(flat: Array, index: Array) -> Array:
+    return jnp.take_along_axis(flat, index[..., None], axis=1, mode="promise_in_bounds")
+
+
+def _weighted_taps(flat: Array, x_idx, y_idx, w: int, pairs) -> list[Array]:
+    """``[sum_taps wy * wx * flat[b, tap] for (wx, wy) in pairs]``: one gather per tap shared by all the sums."""
+    sums = [None] * len(pairs)
+    for j, yi in enumerate(y_idx):
+        for i, xi in enumerate(x_idx):
+            vals = _gather(flat, yi * w + xi)
+            for k, (wx, wy) in enumerate(pairs):
+                term = vals * (wx[i] * wy[j])[..., None]
+                sums[k] = term if sums[k] is None else sums[k] + term
+    return sums
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _tap_sum(flat: Array, ix: Array, iy: Array, static: tuple) -> Array:
+    """``out[b, n] = sum_taps wy * wx * flat[b, tap]``: ``flat`` ``(B, H*W, C)``, pixel coordinates ``(B, N)``.
+
+    One ``take_along_axis`` over all channels per tap, out-of-range taps masked through their weights. The
+    derivative is written out (`_tap_sum_jvp`): the same gathers give the value and its two coordinate
+    derivatives, so reverse mode needs no per-tap chains of weight derivatives (4x faster for bicubic on XLA:CPU).
+    """
+    x_idx, x_wts, y_idx, y_wts = _taps(ix, iy, static)
+    return _weighted_taps(flat, x_idx, y_idx, static[1], [(x_wts, y_wts)])[0]
+
+
+def _tap_sum_jvp(static, primals, tangents):
+    flat, ix, iy = primals
+    d_flat, d_ix, d_iy = tangents
+    x_idx, x_wts, y_idx, y_wts, x_dw, y_dw = _taps(ix, iy, static, derivatives=True)
+    out, slope_x, slope_y = _weighted_taps(flat, x_idx, y_idx, static[1],
+                                           [(x_wts, y_wts), (x_dw, y_wts), (x_wts, y_dw)])
+    tangent = jnp.zeros_like(out)
+    if not isinstance(d_flat, SymbolicZero):
+        tangent = tangent + _tap_sum(d_flat, ix, iy, static)
+    if not isinstance(d_ix, SymbolicZero):
+        tangent = tangent + slope_x * d_ix[..., None]
+    if not isinstance(d_iy, SymbolicZero):
+        tangent = tangent + slope_y * d_iy[..., None]
+    return out, tangent
+
+
+_tap_sum.defjvp(_tap_sum_jvp, symbolic_zeros=True)
 
 
 def affine_warp(
@@ -359,15 +408,17 @@ def affine_warp(
 
 
 def _resample_axis(x: Array, idx: np.ndarray, wts: np.ndarray, axis: int) -> Array:
-    """``out[..., o, ...] = sum_k wts[o, k] * x[..., idx[o, k], ...]`` along ``axis``; static taps (numpy)."""
-    shape = [1] * x.ndim
-    shape[axis] = idx.shape[0]
-    out = None
-    for k in range(idx.shape[1]):
-        vals = jnp.take(x, jnp.asarray(idx[:, k], jnp.int32), axis=axis, mode="clip")
-        term = vals * jnp.asarray(wts[:, k], x.dtype).reshape(shape)
-        out = term if out is None else out + term
-    return out
+    """``out[..., o, ...] = sum_k wts[o, k] * x[..., idx[o, k], ...]`` along ``axis`` (1 or 2 of ``(B, H, W, C)``).
+
+    The static taps are folded into a dense ``(n_out, n_in)`` matrix and applied as one matrix product (full float32
+    precision on every backend): on CPUs a product is several times faster than per-tap gathers, and its gradient
+    is a product too rather than a scatter.
+    """
+    n_out, n_in = idx.shape[0], x.shape[axis]
+    matrix = np.zeros((n_out, n_in), np.float64)
+    np.add.at(matrix, (np.repeat(np.arange(n_out), idx.shape[1]), idx.reshape(-1)), wts.reshape(-1))
+    spec = "oh,bhwc->bowc" if axis == 1 else "ow,bhwc->bhoc"
+    return jnp.einsum(spec, jnp.asarray(matrix, x.dtype), x, precision=jax.lax.Precision.HIGHEST)
 
 
 def _bicubic_resize_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:

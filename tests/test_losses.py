@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ccstae_jax import affine
 from ccstae_jax.losses import LossConfig, affine_penalty, ccstae_loss, data_frame_mask, masked_mse, weighted_mean
@@ -46,7 +47,11 @@ def test_perfect_reconstruction_has_zero_data_terms():
     np.testing.assert_array_equal(per_sample, 0.0)
 
 
-def test_loss_on_ring_pixels_equals_loss_on_full_images():
+@pytest.mark.parametrize("preset, overrides", [
+    ("fast", {}),
+    ("reference", {"interpolate": True, "warp_mode": "bicubic", "up_size": 128}),  # the up-sampled path
+])
+def test_loss_on_ring_pixels_equals_loss_on_full_images(preset, overrides):
     """Training evaluates the warps only on the (widened) ring; the loss value is the same as on whole images."""
     import sys
 
@@ -55,10 +60,13 @@ def test_loss_on_ring_pixels_equals_loss_on_full_images():
     from ccstae_jax.objective import CCSTAETask, configure
 
     x, _ = hex_patterns(4, size=64, g=18.0, seed=7)
-    mcfg, lcfg = configure(x, preset="fast")
+    if preset == "reference":
+        overrides = dict(overrides, conv_size=8, pool_list=(4, 2, 2), reduced_size=16)
+    mcfg, lcfg = configure(x, preset=preset, model_overrides=overrides)
     task = CCSTAETask(mcfg, lcfg)
     params = task.init_params(jax.random.key(0), x)
-    params["affine_dense"]["bias"] = jnp.array([0.3, -0.2, 0.1, 0.2, 0.05, -0.05, 0.0])  # a non-trivial affine
+    bias = [0.3, -0.2, 0.1, 0.2, 0.05, -0.05, 0.0] if mcfg.translation else [0.3, -0.2, 0.1, 0.2, 0.0]
+    params["affine_dense"]["bias"] = jnp.array(bias)  # a non-trivial affine
     w = jnp.ones(4)
     for epoch in (0, 10):  # ring mask, then spot mask
         out, masks_b = task.forward(params, x, jnp.int32(epoch))
