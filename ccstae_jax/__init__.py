@@ -3,8 +3,8 @@
 The public API is flat and loaded lazily, so ``import ccstae_jax.warp`` (the differentiable affine warp) pulls in
 only JAX and NumPy — never Flax, Optax or Orbax.
 
-Pipeline, one module per step: ``data`` (simulator, readers) → ``models`` (with ``conv``)/``losses``/``objective`` → ``train`` →
-``strain``/``refine`` → ``evaluate`` → ``plots``; ``cli`` and ``pipeline`` drive it.
+Pipeline, one module per step: ``data`` (simulator, readers) → ``models`` (convolutions: ``conv``)/``losses``/
+``objective`` → ``train`` → ``strain``/``refine`` → ``evaluate`` → ``plots``; ``cli`` and ``pipeline`` drive it.
 """
 from __future__ import annotations
 

@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--batch-size", type=int, default=256)
     m.add_argument("--checkpoint", default="latest", choices=["latest", "best"])
     m.add_argument("--refine-steps", type=int, default=10,
-                   help="Levenberg-Marquardt iterations fitting each pattern's affine: the learned base (spots warped, "
-                        "radial background fixed) against the observed pixels, Poisson-weighted (0 = encoder output only)")
+                   help="Levenberg-Marquardt iterations fitting each pattern's affine: the learned base (spots "
+                        "warped, radial background fixed) against the observed pixels, Poisson-weighted "
+                        "(0 = encoder output only)")
     m.add_argument("--no-base-update", action="store_true",
                    help="one refinement pass against the learned base (default: a second pass against the base "
                         "re-estimated from the aligned patterns; reads the scan twice)")

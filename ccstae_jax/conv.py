@@ -8,10 +8,11 @@ column-shifted input with the output cotangent,
 ``dW[i, j, c, d] = sum_{b, h, w} x_pad[b, h + i, w + j, c] * g[b, h, w, d]``
 
 (one ``(kw * C, N) @ (N, kh * D)`` product over the ``N`` padded positions, the input shifted along columns and
-the cotangent along rows), it runs at matmul speed (0.47 s). The value and the input gradient are XLA's own convolutions, so outputs are unchanged; the kernel gradient
-agrees to float32 rounding. `conv_general_dilated` takes this path for stride-1, undilated, ungrouped NHWC/HWIO
-convolutions when the default backend is the CPU, and calls `jax.lax.conv_general_dilated` otherwise (GPU/TPU
-libraries already have fast kernel gradients). Pass it to ``flax.linen.Conv(conv_general_dilated=...)``.
+the cotangent along rows), it runs at matmul speed (0.47 s). The value and the input gradient are XLA's own
+convolutions, so outputs are unchanged; the kernel gradient agrees to float32 rounding. `conv_general_dilated` takes
+this path for stride-1, undilated, ungrouped NHWC/HWIO convolutions when the default backend is the CPU, and calls
+`jax.lax.conv_general_dilated` otherwise (GPU/TPU libraries already have fast kernel gradients). Pass it to
+``flax.linen.Conv(conv_general_dilated=...)``.
 """
 from __future__ import annotations
 

@@ -104,7 +104,8 @@ def make_predict_fn(task, *, mesh=None, refine_steps: int = 0, refine_model: str
 
     With ``base_update=True`` (a second pass, after `reestimate_bases`) the step is
     ``(params, images, bases (K, H, W), theta0 (B, 2, 3)) -> dict``: the forward fit starts from ``theta0`` (the first
-    pass's warps) against the re-estimated ``bases``, over the wide `update_annulus` instead of the training mask.
+    pass's warps) against the re-estimated ``bases``, over the wide `update_annulus` instead of the training mask
+    (``error`` is then measured against the updated base over that annulus).
 
     Returns ``theta`` ``(B, 2, 3)``, ``error`` ``(B,)`` (forward masked MSE against the base with the final-epoch
     mask: the reconstruction-error confidence map), ``ring_signal`` ``(B,)`` (in-ring intensity, scaled) and
@@ -189,9 +190,10 @@ def update_annulus(task) -> np.ndarray:
 
 
 def make_base_accumulator(task, *, mesh=None):
-    """A jitted ``(images (B, H, W), theta (B, 2, 3), class_index (B,), weights (B,)) -> (sums (K, H, W), counts (K,))``:
-    each class's patterns (scaled as the model scales them) pulled onto the base frame by their warps and summed,
-    and how many there were (``weights`` 0 for padding). Summed over a scan it gives `reestimate_bases`."""
+    """A jitted ``(images (B, H, W), theta (B, 2, 3), class_index (B,), weights (B,))`` ->
+    ``(sums (K, H, W), counts (K,))``: each class's patterns (scaled as the model scales them) pulled onto the base
+    frame by their warps and summed, and how many there were (``weights`` 0 for padding). Summed over a scan it gives
+    `reestimate_bases`."""
     from ccstae_jax import warp
 
     cfg = task.model_cfg

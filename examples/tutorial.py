@@ -109,7 +109,9 @@ def main(out_dir: str | os.PathLike = "tutorial_out", *, scan: int = 24, epochs:
     # Step 3 - map strain over the whole scan.
     #
     # Every pattern goes through the trained encoder; its affine is then polished by a few Levenberg-Marquardt
-    # steps against the learned base (refine_steps; still no labels). The affine is split by polar decomposition
+    # steps fitting the learned base to the pattern's pixels (refine_steps; still no labels). The scan is read
+    # twice: the second pass fits again against a sharper base, the mean of all patterns aligned by the first
+    # pass (map_strain(..., base_update=False) skips it). The affine is split by polar decomposition
     # into a symmetric strain tensor and a rotation, and everything is referenced to the reference region stored
     # in the data file (rows r0:r1, columns c0:c1 of the scan): strain is relative to that region's lattice,
     # rotation relative to its orientation. With your own data, pass reference_region=(r0, r1, c0, c1) covering
