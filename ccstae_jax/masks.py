@@ -30,6 +30,17 @@ def ring_mask(
     return (r > inner) & (r <= outer)
 
 
+def static_ring_mask(
+    shape: tuple[int, int], inner: float, outer: float, *, center: tuple[float, float] | None = None
+) -> np.ndarray:
+    """`ring_mask` computed on the host (NumPy, float64 radii), for masks fixed when a function is traced: static
+    pixel lists and constants, which must not become tracers under ``jit``. ``(H, W)`` bool."""
+    h, w = shape
+    cr, cc = (h // 2, w // 2) if center is None else center
+    r = np.hypot(np.arange(h)[:, None] - cr, np.arange(w)[None, :] - cc)
+    return (r > inner) & (r <= outer)
+
+
 def disk_mask(shape: tuple[int, int], radius: ArrayLike, *, center: tuple[float, float] | None = None) -> jax.Array:
     """Boolean disk ``r <= radius``, ``(H, W)``."""
     return radius_map(shape, center) <= radius

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccstae_jax import affine, warp
+from ccstae_jax import affine, masks, warp
 from ccstae_jax.conv import conv_general_dilated
 from ccstae_jax.sparsity import k_sparse
 
@@ -148,11 +148,8 @@ class ModelConfig:
 # ----------------------------------------------------------------------------------------------- rotation prior
 def prior_ring(cfg: ModelConfig) -> np.ndarray:
     """``(H, W)`` bool: pixels with ``inner < r <= outer`` (``cfg.prior_radii``) about the pattern centre."""
-    h, w = cfg.pattern_shape
-    cr, cc = cfg.center_px
-    r = np.hypot(np.arange(h)[:, None] - cr, np.arange(w)[None, :] - cc)
     inner, outer = cfg.prior_radii
-    return (r > inner) & (r <= outer)
+    return masks.static_ring_mask(cfg.pattern_shape, inner, outer, center=cfg.center_px)
 
 
 def harmonic_weights(cfg: ModelConfig) -> np.ndarray:

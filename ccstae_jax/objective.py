@@ -131,8 +131,8 @@ class CCSTAETask:
         cr, cc = cfg.center_px
         cr, cc = cr * f + (f - 1) / 2, cc * f + (f - 1) / 2
         n_r, n_c = round(h * f), round(w * f)
-        r = np.hypot(np.arange(n_r)[:, None] - cr, np.arange(n_c)[None, :] - cc)
-        sel = (r > (lc.ring_inner - margin) * f) & (r <= (lc.ring_outer + margin) * f)
+        sel = masks.static_ring_mask((n_r, n_c), (lc.ring_inner - margin) * f, (lc.ring_outer + margin) * f,
+                                     center=(cr, cc))
         return np.argwhere(sel).astype(np.int32)
 
     def loss(self, params, images, weights, epoch):

@@ -415,7 +415,7 @@ def map_strain(
             "symmetry": task.model_cfg.symmetry,
             "checkpoint": which,
             "refine_steps": refine_steps,
-            "base_update": bool(base_update and refine_steps and not task.model_cfg.interpolate),
+            "base_update": update,
         }
         _remove_stale_tmp(out_path)
         write_strain_h5(out_path, maps, attrs=attrs)

@@ -56,11 +56,7 @@ def refine_theta(
       ``(B, 2, 3)`` refined warps. A step that does not lower the error is rejected (the warp never gets worse).
     """
     h, w = images.shape[-2:]
-    # normalised output coordinates (align_corners=False); d(pixel)/d(normalised) = (W/2, H/2)
-    u = (2 * jnp.arange(w, dtype=jnp.float32) + 1) / w - 1
-    v = (2 * jnp.arange(h, dtype=jnp.float32) + 1) / h - 1
-    uu, vv = jnp.broadcast_to(u[None, :], (h, w)), jnp.broadcast_to(v[:, None], (h, w))
-    ones = jnp.ones((h, w), jnp.float32)
+    uu, vv, ones = _frame(h, w)  # d(pixel)/d(normalised) = (W/2, H/2)
 
     def one(theta0, image, base, mask):
         stack = _gradients(image)
@@ -76,8 +72,7 @@ def refine_theta(
             t, lam, c = carry
             s = sample(t, stack)
             r = mask * (s[..., 0] - base)
-            gu, gv = s[..., 1] * (w / 2) * mask, s[..., 2] * (h / 2) * mask  # per normalised unit
-            jac = jnp.stack([gu * uu, gu * vv, gu * ones, gv * uu, gv * vv, gv * ones], -1).reshape(-1, 6)
+            jac = _affine_jacobian(s, uu, vv, ones) * mask.reshape(-1, 1)
             jtj = jnp.einsum("pi,pj->ij", jac, jac, precision=jax.lax.Precision.HIGHEST)
             jtr = jnp.einsum("pi,p->i", jac, r.reshape(-1), precision=jax.lax.Precision.HIGHEST)
             scale = jnp.mean(jnp.diag(jtj)) + 1e-30
@@ -100,6 +95,14 @@ def _frame(h: int, w: int):
     u = (2 * jnp.arange(w, dtype=jnp.float32) + 1) / w - 1
     v = (2 * jnp.arange(h, dtype=jnp.float32) + 1) / h - 1
     return jnp.broadcast_to(u[None, :], (h, w)), jnp.broadcast_to(v[:, None], (h, w)), jnp.ones((h, w), jnp.float32)
+
+
+def _affine_jacobian(s: jax.Array, uu: jax.Array, vv: jax.Array, ones: jax.Array) -> jax.Array:
+    """``(H*W, 6)`` derivative of a warped image with respect to the six warp entries, from the warped stack
+    ``s`` ``(H, W, 3)`` = (image, d/d column, d/d row) and the output frame `_frame`: ``grad_i image(theta p) * p_j``."""
+    h, w = s.shape[:2]
+    gu, gv = s[..., 1] * (w / 2), s[..., 2] * (h / 2)  # per normalised unit
+    return jnp.stack([gu * uu, gu * vv, gu * ones, gv * uu, gv * vv, gv * ones], -1).reshape(-1, 6)
 
 
 def radial_background(images: jax.Array, center: tuple[float, float]) -> jax.Array:
@@ -208,8 +211,7 @@ def refine_theta_forward(
             s, mu = model(par)
             wts = weights(mu).reshape(-1)
             r = (mu - x).reshape(-1)
-            gu, gv = s[..., 1] * (w / 2), s[..., 2] * (h / 2)  # per normalised unit
-            jac = jnp.stack([gu * uu, gu * vv, gu * ones, gv * uu, gv * vv, gv * ones], -1).reshape(-1, 6)
+            jac = _affine_jacobian(s, uu, vv, ones)
             jw = jac * wts[:, None]
             jtj = jnp.einsum("pi,pj->ij", jw, jac, precision=hp)
             jtr = jnp.einsum("pi,p->i", jw, r, precision=hp)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccstae_jax import affine
+from ccstae_jax.masks import static_ring_mask
 
 CONVENTIONS = (
     "maps (Rx, Ry); x = detector Qx = data axis 2 (pattern rows), y = Qy = axis 3 (columns); strain_xx/strain_yy = "
@@ -184,9 +185,7 @@ def update_annulus(task) -> np.ndarray:
     accurate on spots the network's masks never covered, and more spots constrain the affine better."""
     cfg, lc = task.model_cfg, task.loss_cfg
     h, w = cfg.pattern_shape
-    cr, cc = cfg.center_px
-    r = np.hypot(np.arange(h)[:, None] - cr, np.arange(w)[None, :] - cc)
-    return (r > 0.75 * lc.ring_inner) & (r <= min(h, w) / 2 - 2)
+    return static_ring_mask((h, w), 0.75 * lc.ring_inner, min(h, w) / 2 - 2, center=cfg.center_px)
 
 
 def make_base_accumulator(task, *, mesh=None):

@@ -59,3 +59,12 @@ def test_spot_mask_keeps_every_spot_not_one_disk():
 def test_spot_radius_schedule_shrinks_linearly():
     s = masks.MaskSchedule(inner=10, outer=40, shrink_start=2, shrink_epochs=4, spot_radius_start=8, spot_radius_end=4)
     np.testing.assert_allclose([float(s.spot_radius(e)) for e in (0, 2, 4, 6, 9)], [8, 8, 6, 4, 4])
+
+
+def test_static_ring_mask_is_the_ring_mask_on_the_host():
+    from ccstae_jax.masks import ring_mask, static_ring_mask
+
+    for center in (None, (30.5, 27.0)):
+        host = static_ring_mask((64, 60), 7.5, 25.0, center=center)
+        assert isinstance(host, np.ndarray) and host.dtype == bool
+        np.testing.assert_array_equal(host, np.asarray(ring_mask((64, 60), 7.5, 25.0, center=center)))
