@@ -11,7 +11,9 @@ Poisson counts; `ccstae_jax.data.noise`) the sweep
 3. runs the py4DSTEM correlation baseline on the same file (`ccstae_jax.baselines.py4dstem`, in a separate Python
    given by ``$CCSTAE_BASELINE_PYTHON``) when it is installed,
 4. evaluates every map against the labels (`ccstae_jax.pipeline.evaluate`; MAE over all scan positions, strain
-   dimensionless, rotation in degrees, rotations modulo 60 deg, both sides referenced to the same region),
+   dimensionless, rotation in degrees, rotations modulo 60 deg, both sides referenced to the same region; the
+   py4DSTEM maps, absolute because the baseline is given the unstrained lattice, are referenced to that region too,
+   and also scored as they are: ``py4dstem_absolute``),
 5. computes the Cramér-Rao bound (`ccstae_jax.crb`) for the grains of that very scan: the MAE that an unbiased
    per-pattern estimator at the bound would reach, ``sqrt(2/pi) * sigma_CRB`` averaged over all scan positions
    (each position counted with the bound of its dominant grain). At 0 % the Auto4DSTEM data are noise-free, so the
@@ -34,7 +36,8 @@ JSON layout::
     {"levels": [w, ...],                                  # noise weights in [0, 1]
      "ccstae":              {"strain_xx": [...], "strain_yy": [...], "shear_xy": [...], "rotation_deg": [...]},
      "ccstae_encoder_only": {same keys},
-     "py4dstem":            {same keys} or null (baseline not installed / switched off),
+     "py4dstem":            {same keys} or null (baseline not installed / switched off),  # referenced like ours
+     "py4dstem_absolute":   {same keys} or null,          # py4DSTEM against the known lattice, not referenced
      "crb":                 {same keys},                  # expected MAE at the Cramér-Rao bound
      "settings": {...}, "timings_s": [{part: seconds}, ...], "environment": {...}, "tables": {...}}
 
@@ -59,7 +62,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 QUANTITIES = ("strain_xx", "strain_yy", "shear_xy", "rotation_deg")
-METHODS = ("ccstae", "ccstae_encoder_only", "py4dstem")
+METHODS = ("ccstae", "ccstae_encoder_only", "py4dstem", "py4dstem_absolute")
 #: The paper's 13 background-noise levels (0-70 %).
 PAPER_LEVELS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.45, 0.50, 0.60, 0.70)
 RESULT_FILE = "result.json"
@@ -79,6 +82,7 @@ class SweepConfig:
       epochs, batch_size: CC-ST-AE training (``fast`` preset; other training settings are the preset's).
       refine_steps: Levenberg-Marquardt steps per pattern of the headline CC-ST-AE map (the encoder-only map
         uses 0).
+      interpolation: the headline map's ``interpolation`` (`ccstae_jax.pipeline.map_strain`).
       map_batch: largest inference batch (the batch is then evened out so the last one carries little padding).
       baseline: ``"auto"`` (run py4DSTEM when it can be imported by the baseline interpreter, else ``null``),
         ``"off"`` or ``"require"`` (fail if it cannot run).
@@ -97,6 +101,7 @@ class SweepConfig:
     epochs: int = 8
     batch_size: int = 16
     refine_steps: int = 10
+    interpolation: str = "cubic"
     map_batch: int = 256
     baseline: str = "auto"
     baseline_subpixel: str = "multicorr"
@@ -117,6 +122,8 @@ class SweepConfig:
                 raise ValueError(f"SweepConfig.{name}={getattr(self, name)!r} must be >= 1")
         if self.refine_steps < 0:
             raise ValueError(f"SweepConfig.refine_steps={self.refine_steps!r} must be >= 0")
+        if self.interpolation not in ("cubic", "bilinear"):
+            raise ValueError(f"SweepConfig.interpolation={self.interpolation!r}: expected 'cubic' or 'bilinear'")
         if self.baseline not in ("auto", "off", "require"):
             raise ValueError(f"SweepConfig.baseline={self.baseline!r}: expected 'auto', 'off' or 'require'")
         if self.baseline_subpixel not in ("multicorr", "poly", "pixel"):
@@ -272,7 +279,7 @@ def run_level(cfg: SweepConfig, w: float, level_dir: Path, *, baseline_ok: bool 
     batch = _even_batch(n, cfg.map_batch)
     with clock.part(f"map_refine{cfg.refine_steps}"):
         pipeline.map_strain(level_dir / "run", data, level_dir / "strain.h5", refine_steps=cfg.refine_steps,
-                            batch_size=batch, progress=progress)
+                            interpolation=cfg.interpolation, batch_size=batch, progress=progress)
     with clock.part("map_encoder_only"):
         pipeline.map_strain(level_dir / "run", data, level_dir / "strain_encoder_only.h5", refine_steps=0,
                             batch_size=batch, progress=progress)
@@ -306,7 +313,9 @@ def run_level(cfg: SweepConfig, w: float, level_dir: Path, *, baseline_ok: bool 
         errors["ccstae"] = pipeline.evaluate(level_dir / "strain.h5", data)
         errors["ccstae_encoder_only"] = pipeline.evaluate(level_dir / "strain_encoder_only.h5", data)
         b = level_dir / "strain_py4dstem.h5"
-        errors["py4dstem"] = pipeline.evaluate(b, data) if baseline_note is None and b.exists() else None
+        ran = baseline_note is None and b.exists()
+        errors["py4dstem"] = pipeline.evaluate(b, data) if ran else None  # referenced to the region, like ours
+        errors["py4dstem_absolute"] = pipeline.evaluate(b, data, reference_predictions=False) if ran else None
     with clock.part("crb"):
         crb = crb_for_scan(data, sim, w, max_grains=cfg.crb_grains)
     baseline_params = None
@@ -411,6 +420,7 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, progress: bool = 
         "ccstae": series("ccstae"),
         "ccstae_encoder_only": series("ccstae_encoder_only"),
         "py4dstem": series("py4dstem"),
+        "py4dstem_absolute": series("py4dstem_absolute"),
         "crb": {k: [r["crb"][k] for r in per_level] for k in QUANTITIES},
         "settings": {
             **cfg.to_dict(),
@@ -420,7 +430,10 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, progress: bool = 
             "mae_over": "all scan positions",
             "units": "strain dimensionless; rotation degrees (modulo 60 deg)",
             "ccstae": f"fast preset, {cfg.epochs} epochs, map with {cfg.refine_steps} Levenberg-Marquardt "
-                      "steps per pattern of the forward-model fit (ccstae_jax.refine.refine_theta_forward)",
+                      "steps per pattern of the forward-model fit (ccstae_jax.refine.refine_theta_forward, "
+                      f"{cfg.interpolation} interpolation), two passes (the second against the updated base)",
+            "py4dstem": "absolute py4DSTEM maps referenced to the same region as CC-ST-AE and the labels",
+            "py4dstem_absolute": "py4DSTEM's absolute strain (it is given the unstrained lattice), not referenced",
             "ccstae_encoder_only": "the same trained run, map with refine_steps=0",
             "crb": "sqrt(2/pi) * Cramer-Rao bound on the per-pattern std, averaged over positions by dominant grain "
                    "(0 at w=0: the Auto4DSTEM 0 % data are noise-free)",
@@ -475,14 +488,15 @@ def _cell(v, scale: float, digits: int, bold: bool = False) -> str:
 
 
 def format_markdown(results: dict) -> str:
-    """The paper's Figure 3 layout: one row per noise level, per quantity py4DSTEM | CC-ST-AE | encoder only | CRB.
+    """The paper's Figure 3 layout: one row per noise level, per quantity py4DSTEM | CC-ST-AE | encoder only | CRB |
+    py4DSTEM absolute.
 
     Strain MAE in units of 1e-3 (dimensionless strain), rotation MAE in degrees. The lower of py4DSTEM and CC-ST-AE
-    is bold.
+    (both referenced to the same region) is bold.
     """
     titles = {"strain_xx": "Strain X", "strain_yy": "Strain Y", "shear_xy": "Shear", "rotation_deg": "Rotation"}
     cols = [("py4dstem", "py4DSTEM"), ("ccstae", "CC-ST-AE"), ("ccstae_encoder_only", "encoder only"),
-            ("crb", "CRB")]
+            ("crb", "CRB"), ("py4dstem_absolute", "py4DSTEM absolute")]
     head = ["BKG noise"]
     for q in QUANTITIES:
         unit = "deg" if q == "rotation_deg" else "x1e-3"
@@ -510,7 +524,10 @@ def format_markdown(results: dict) -> str:
         f"CC-ST-AE: {s.get('ccstae', '')}; encoder only: the same run mapped without refinement.",
         "py4DSTEM: correlation disk detection + per-pattern lattice fit "
         f"({s.get('baseline_subpixel', '?')} sub-pixel); "
-        + ("n/a = not run (" + "; ".join(sorted(notes_b)) + ")." if notes_b else "ran at every level."),
+        + ("n/a = not run (" + "; ".join(sorted(notes_b)) + ")." if notes_b else "ran at every level.")
+        + " Its maps are absolute (it is given the unstrained lattice): \"py4DSTEM\" references them to the same "
+          "region as CC-ST-AE and the labels (the comparison of the issue), \"py4DSTEM absolute\" scores them as "
+          "they are (no reference noise).",
         "CRB: expected MAE of an unbiased per-pattern estimator at the Cramer-Rao bound (Poisson noise model); "
         "0 at 0 % because those data are noise-free.",
     ]
@@ -551,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--refine-steps", type=int, default=None, help="LM refinement steps of the headline map")
+    ap.add_argument("--interpolation", choices=("cubic", "bilinear"), default=None,
+                    help="interpolation of the headline map's fit (default cubic)")
     ap.add_argument("--baseline", choices=("auto", "off", "require"), default=None,
                     help="py4DSTEM baseline (interpreter: $CCSTAE_BASELINE_PYTHON, else this one)")
     ap.add_argument("--baseline-subpixel", choices=("multicorr", "poly", "pixel"), default=None)
@@ -569,6 +588,7 @@ def config_from_args(a: argparse.Namespace) -> SweepConfig:
     for field, value in (("levels", _parse_levels(a.levels) if a.levels else None), ("scan", a.scan),
                          ("n_grains", a.grains), ("detector_size", a.detector), ("epochs", a.epochs),
                          ("batch_size", a.batch_size), ("seed", a.seed), ("refine_steps", a.refine_steps),
+                         ("interpolation", a.interpolation),
                          ("baseline", a.baseline), ("baseline_subpixel", a.baseline_subpixel),
                          ("crb_grains", a.crb_grains)):
         if value is not None:

@@ -39,7 +39,7 @@ _EXPORTS = {
     "open_scan": "data.readers", "load_labels": "data.readers", "DataError": "data.readers", "Batch": "data.readers",
     # strain maps and evaluation
     "refine_theta": "refine", "refine_theta_forward": "refine", "radial_background": "refine",
-    "reestimate_bases": "strain", "referenced_strain": "strain", "strain_maps": "strain", "predict_scan": "strain",
+    "reestimate_bases": "strain", "UpdatedBases": "strain", "referenced_strain": "strain", "strain_maps": "strain", "predict_scan": "strain",
     "write_strain_h5": "strain", "read_strain_h5": "strain", "error_table": "evaluate", "strain_crb": "crb",
 }
 

@@ -119,7 +119,7 @@ def cmd_map(args):
     maps = map_strain(args.run_dir, args.data, args.out, reference_region=_region(args.reference_region),
                       batch_size=args.batch_size, which=args.checkpoint, data=data, figures=args.figures,
                       refine_steps=args.refine_steps, base_update=not args.no_base_update,
-                      allow_negative=True if args.allow_negative else None,
+                      interpolation=args.interpolation, allow_negative=True if args.allow_negative else None,
                       progress=not args.quiet)
     valid = maps["valid"]
     print(f"wrote {args.out}: {valid.size} positions, {int(valid.sum())} valid")
@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-base-update", action="store_true",
                    help="one refinement pass against the learned base (default: a second pass against the base "
                         "re-estimated from the aligned patterns; reads the scan twice)")
+    m.add_argument("--interpolation", default="cubic", choices=["cubic", "bilinear"],
+                   help="how the refinement warps the base, and the base update pulls the patterns: Keys cubic "
+                        "(default; a few %% lower strain error) or bilinear (about 2.4x faster on CPUs)")
     _add_data_args(m)
     m.add_argument("--allow-negative", action="store_true",
                    help="accept negative values (default: as the run was trained); " + _ALLOW_NEGATIVE_HELP)

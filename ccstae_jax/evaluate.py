@@ -42,15 +42,19 @@ def error_table(
     symmetry: int = 6,
     interior: np.ndarray | None = None,
     reference_labels: bool = True,
+    reference_predictions: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Errors of predicted maps against labels, per quantity.
 
     Args:
       pred: ``strain_xx``, ``strain_yy``, ``shear_xy``, ``rotation`` (radians) maps ``(Rx, Ry)``, already referenced
-        (as written by `ccstae map`); NaN marks invalid positions. Optional ``valid``.
+        (as written by `ccstae map`) unless ``reference_predictions``; NaN marks invalid positions. Optional
+        ``valid``.
       labels: the same keys (radians for rotation), raw; referenced here to ``reference_region`` unless
         ``reference_labels`` is False.
       interior: optional boolean ``(Rx, Ry)`` grain-interior mask.
+      reference_predictions: reference the predictions to ``reference_region`` too, exactly like the labels (for
+        absolute maps, e.g. the py4DSTEM baseline's), so both are scored relative to the same region.
 
     Returns:
       ``{quantity: {"mae", "median_abs", "mae_interior", "std_interior", "valid_fraction"}}`` with strain errors
@@ -65,6 +69,8 @@ def error_table(
         else {k: np.asarray(labels[k], np.float64) for k in QUANTITIES}
     period = 2 * np.pi / symmetry
     valid = np.ones(scan_shape, bool) if "valid" not in pred else np.asarray(pred["valid"], bool)
+    if reference_predictions:
+        pred = _referenced_predictions(pred, valid, reference_region, symmetry)
     if interior is not None and np.shape(interior) != scan_shape:
         raise ValueError(f"interior mask has shape {np.shape(interior)} but the strain map is {scan_shape}")
     table = {}
@@ -85,6 +91,16 @@ def error_table(
             row["std_interior"] = float(np.std(diff[sel])) if sel.any() else float("nan")
         table["rotation_deg" if k == "rotation" else k] = row
     return table
+
+
+def _referenced_predictions(pred, valid, reference_region, symmetry):
+    """Absolute prediction maps referenced to a region like `referenced_labels` (invalid positions stay NaN and are
+    kept out of the reference)."""
+    ok = valid & np.all([np.isfinite(np.asarray(pred[k], np.float64)) for k in QUANTITIES], axis=0)
+    filled = {k: np.where(ok, np.asarray(pred[k], np.float64), 0.0) for k in QUANTITIES}
+    lat = np.asarray(affine.lattice_from_strain(*(filled[k].astype(np.float32) for k in QUANTITIES)), np.float64)
+    out = referenced_strain(lat, region_mask(ok.shape, reference_region), symmetry=symmetry, valid=ok)
+    return {k: np.where(ok, v, np.nan) for k, v in out.items()}
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:

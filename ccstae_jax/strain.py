@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +94,7 @@ def _rot(a: np.ndarray) -> np.ndarray:
 
 
 def make_predict_fn(task, *, mesh=None, refine_steps: int = 0, refine_model: str = "forward",
-                    base_update: bool = False):
+                    base_update: bool = False, interpolation: str = "bilinear"):
     """A jitted inference step ``(params, images (B, H, W)) -> dict`` of per-pattern outputs.
 
     With ``refine_steps > 0`` each pattern's warp is polished against its learned base by that many
@@ -104,9 +104,10 @@ def make_predict_fn(task, *, mesh=None, refine_steps: int = 0, refine_model: str
     base (`refine.refine_theta`, the training objective).
 
     With ``base_update=True`` (a second pass, after `reestimate_bases`) the step is
-    ``(params, images, bases (K, H, W), theta0 (B, 2, 3)) -> dict``: the forward fit starts from ``theta0`` (the first
-    pass's warps) against the re-estimated ``bases``, over the wide `update_annulus` instead of the training mask
-    (``error`` is then measured against the updated base over that annulus).
+    ``(params, images, bases (K, H, W), support (K, H, W), theta0 (B, 2, 3)) -> dict``: the forward fit starts from
+    ``theta0`` (the first pass's warps) against the re-estimated ``bases``, over the wide `update_annulus` where the
+    base is supported, instead of the training mask (``error`` is then measured against the updated base there).
+    ``interpolation`` (``"bilinear"`` or ``"cubic"``) is the forward fit's model warp (`refine.refine_theta_forward`).
 
     Returns ``theta`` ``(B, 2, 3)``, ``error`` ``(B,)`` (forward masked MSE against the base with the final-epoch
     mask: the reconstruction-error confidence map), ``ring_signal`` ``(B,)`` (in-ring intensity, scaled) and
@@ -120,6 +121,8 @@ def make_predict_fn(task, *, mesh=None, refine_steps: int = 0, refine_model: str
 
     if refine_model not in ("forward", "pull"):
         raise ValueError(f"refine_model={refine_model!r}: expected 'forward' or 'pull'")
+    if interpolation not in ("bilinear", "cubic"):
+        raise ValueError(f"interpolation={interpolation!r}: expected 'bilinear' or 'cubic'")
     cfg = task.model_cfg
     hw = jnp.asarray(harmonic_weights(cfg))
     ring = jnp.asarray(prior_ring(cfg))
@@ -127,14 +130,15 @@ def make_predict_fn(task, *, mesh=None, refine_steps: int = 0, refine_model: str
 
     annulus = jnp.asarray(update_annulus(task))
 
-    def predict(params, images, bases=None, theta0=None):
+    def predict(params, images, bases=None, support=None, theta0=None):
         out, masks_b = task.forward(params, images, jnp.int32(10**6))
         theta = out["theta"]
         if bases is not None:  # second pass: the re-estimated dictionary, the first pass's warps, a wide annulus
             theta = theta0
             out["bases"] = bases
             out["base"] = jnp.einsum("bk,khw->bhw", out["classes"], bases, precision="highest")
-            masks_b = jnp.broadcast_to(annulus, out["base"].shape)
+            seen = jnp.einsum("bk,khw->bhw", out["classes"], support.astype(jnp.float32), precision="highest")
+            masks_b = annulus * (seen > 0.5)
         if refine_steps and not cfg.interpolate:
             from ccstae_jax import warp
             from ccstae_jax import refine
@@ -143,7 +147,7 @@ def make_predict_fn(task, *, mesh=None, refine_steps: int = 0, refine_model: str
                 bg = jnp.einsum("bk,khw->bhw", out["classes"], refine.radial_background(out["bases"], cfg.center_px),
                                 precision="highest")
                 theta = refine.refine_theta_forward(theta, out["inputs"], out["base"] - bg, masks_b, background=bg,
-                                                    steps=refine_steps)
+                                                    steps=refine_steps, interpolation=interpolation)
             else:
                 theta = refine.refine_theta(theta, out["inputs"], out["base"], masks_b, steps=refine_steps)
             out["warped_input"] = warp.affine_warp(out["inputs"][..., None], theta)[..., 0]
@@ -176,32 +180,50 @@ def make_predict_fn(task, *, mesh=None, refine_steps: int = 0, refine_model: str
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(step, in_shardings=(repl, data) + ((repl, data) if base_update else ()), out_shardings=data)
+    return jax.jit(step, in_shardings=(repl, data) + ((repl, repl, data) if base_update else ()), out_shardings=data)
 
 
 def update_annulus(task) -> np.ndarray:
-    """The base-frame pixels ``(H, W)`` (bool) compared in the second, updated-base pass: ``0.75 * ring_inner < r <=
-    min(H, W) / 2 - 2``. Wider than the training ring: the re-estimated base is an average of every pattern, so it is
-    accurate on spots the network's masks never covered, and more spots constrain the affine better."""
+    """The base-frame pixels ``(H, W)`` (bool) compared in the second, updated-base pass: every pixel farther than
+    ``0.75 * ring_inner`` from the centre and at least 2 px inside the frame, corners included. Wider than the
+    training ring: the re-estimated base is an average of every pattern, accurate on spots the network's masks never
+    covered, and the outermost spots move most under strain (on the simulator, fitting out to the corners instead of
+    the inscribed circle brings a fit against the true base from ~1.5x to ~1.2x the Cramér-Rao bound)."""
     cfg, lc = task.model_cfg, task.loss_cfg
     h, w = cfg.pattern_shape
-    return static_ring_mask((h, w), 0.75 * lc.ring_inner, min(h, w) / 2 - 2, center=cfg.center_px)
+    keep = static_ring_mask((h, w), 0.75 * lc.ring_inner, np.inf, center=cfg.center_px)
+    edge = 2
+    keep[:edge], keep[h - edge:], keep[:, :edge], keep[:, w - edge:] = False, False, False, False
+    return keep
 
 
-def make_base_accumulator(task, *, mesh=None):
+class UpdatedBases(NamedTuple):
+    """`reestimate_bases` output: ``bases`` ``(K, H, W)`` and ``support`` ``(K, H, W)`` bool, the pixels the aligned
+    patterns covered often enough to trust their mean (a rotated pattern leaves the base frame's corners unseen)."""
+
+    bases: jax.Array
+    support: jax.Array
+
+
+def make_base_accumulator(task, *, mesh=None, interpolation: str = "bilinear"):
     """A jitted ``(images (B, H, W), theta (B, 2, 3), class_index (B,), weights (B,))`` ->
-    ``(sums (K, H, W), counts (K,))``: each class's patterns (scaled as the model scales them) pulled onto the base
-    frame by their warps and summed, and how many there were (``weights`` 0 for padding). Summed over a scan it gives
-    `reestimate_bases`."""
+    ``(sums (K, H, W), coverage (K, H, W), counts (K,))``: each class's patterns (scaled as the model scales them)
+    pulled onto the base frame by their warps and summed, the same sum of an all-ones image (how much of each base
+    pixel the patterns saw: a pull from outside the detector adds nothing), and how many patterns there were
+    (``weights`` 0 for padding). Summed over a scan it gives `reestimate_bases`."""
     from ccstae_jax import warp
 
+    if interpolation not in ("bilinear", "cubic"):
+        raise ValueError(f"interpolation={interpolation!r}: expected 'bilinear' or 'cubic'")
     cfg = task.model_cfg
 
     def accumulate(images, theta, class_index, weights):
         x = images.astype(jnp.float32) * cfg.intensity_scale
-        pulled = warp.affine_warp(x[..., None], theta)[..., 0]
+        ones = jnp.ones_like(x)
+        pulled = warp.affine_warp(jnp.stack([x, ones], -1), theta, mode=interpolation)
         onehot = jax.nn.one_hot(class_index, cfg.num_bases, dtype=jnp.float32) * weights[:, None]
-        return jnp.einsum("bk,bhw->khw", onehot, pulled, precision="highest"), jnp.sum(onehot, 0)
+        sums = jnp.einsum("bk,bhwc->ckhw", onehot, pulled, precision="highest")
+        return sums[0], sums[1], jnp.sum(onehot, 0)
 
     if mesh is None:
         return jax.jit(accumulate)
@@ -211,10 +233,15 @@ def make_base_accumulator(task, *, mesh=None):
     return jax.jit(accumulate, in_shardings=(data, data, data, data), out_shardings=repl)
 
 
-def reestimate_bases(task, params, sums: np.ndarray, counts: np.ndarray) -> jax.Array:
+def reestimate_bases(task, params, sums: np.ndarray, coverage: np.ndarray, counts: np.ndarray, *,
+                     min_support: float = 0.25) -> UpdatedBases:
     """One expectation-maximisation step of the dictionary: each base becomes the mean of its patterns pulled onto
     the base frame by their refined warps (`make_base_accumulator` sums), symmetrised like the learned bases; a
-    class with no pattern keeps its learned base. Returns ``(K, H, W)``.
+    class with no pattern keeps its learned base.
+
+    The mean is taken per pixel over the patterns that covered it (``sums / coverage``, both averaged over the
+    symmetry rotations first when the model symmetrises its bases); a pixel is ``support`` when that coverage is at
+    least ``min_support`` times the class's pattern count. Returns `UpdatedBases`.
 
     The learned base is trained through the network's masks and blurred by the spread of its early warps; the mean of
     the aligned patterns is the maximum-likelihood base for the current alignment (issue 5 notes: on the quick sweep
@@ -224,29 +251,34 @@ def reestimate_bases(task, params, sums: np.ndarray, counts: np.ndarray) -> jax.
     cfg = task.model_cfg
     learned = task.model.apply({"params": params}, method=lambda m: m.dictionary())
     counts = jnp.asarray(counts, jnp.float32)
-    mean = jnp.asarray(sums, jnp.float32) / jnp.maximum(counts, 1.0)[:, None, None]
+    sums, coverage = jnp.asarray(sums, jnp.float32), jnp.asarray(coverage, jnp.float32)
     if cfg.symmetrize_bases:
-        mean = symmetrize(mean, cfg)
-    return jnp.where((counts > 0)[:, None, None], mean, learned)
+        sums, coverage = symmetrize(sums, cfg), symmetrize(coverage, cfg)
+    seen = coverage >= min_support * jnp.maximum(counts, 1.0)[:, None, None]
+    mean = jnp.where(seen, sums / jnp.where(seen, coverage, 1.0), 0.0)
+    used = (counts > 0)[:, None, None]
+    return UpdatedBases(jnp.where(used, mean, learned), jnp.where(used, seen, True))
 
 
 def predict_scan(task, params, batches: Iterable, n_positions: int, *, mesh=None, progress=None,
-                 refine_steps: int = 0, bases=None, theta0: np.ndarray | None = None,
-                 accumulate: bool = False) -> dict[str, np.ndarray]:
+                 refine_steps: int = 0, bases: UpdatedBases | None = None, theta0: np.ndarray | None = None,
+                 accumulate: bool = False, interpolation: str = "bilinear") -> dict[str, np.ndarray]:
     """Runs inference over every batch and scatters results to flat positions ``(N, ...)``.
 
     Args:
       batches: iterable of ``Batch(images, weights, index)`` (fixed size, padded; padding has ``index == -1``).
       progress: optional tqdm-like object with ``update(n)``.
-      bases, theta0: a second pass against re-estimated bases ``(K, H, W)``, starting from the first pass's warps
-        ``(N, 2, 3)`` (`make_predict_fn` with ``base_update``).
-      accumulate: also return ``"base_sums"`` ``(K, H, W)`` and ``"base_counts"`` ``(K,)`` (`make_base_accumulator`)
-        for `reestimate_bases`.
+      bases, theta0: a second pass against re-estimated bases (`reestimate_bases`), starting from the first pass's
+        warps ``(N, 2, 3)`` (`make_predict_fn` with ``base_update``).
+      accumulate: also return ``"base_sums"``, ``"base_coverage"`` ``(K, H, W)`` and ``"base_counts"`` ``(K,)``
+        (`make_base_accumulator`) for `reestimate_bases`.
+      interpolation: the forward fit's model warp and the accumulator's pull, ``"bilinear"`` or ``"cubic"``.
     """
     second = bases is not None
-    predict = make_predict_fn(task, mesh=mesh, refine_steps=refine_steps, base_update=second)
-    acc_fn = make_base_accumulator(task, mesh=mesh) if accumulate else None
-    sums = counts = None
+    predict = make_predict_fn(task, mesh=mesh, refine_steps=refine_steps, base_update=second,
+                              interpolation=interpolation)
+    acc_fn = make_base_accumulator(task, mesh=mesh, interpolation=interpolation) if accumulate else None
+    acc = None
     results: dict[str, np.ndarray] = {}
     pending = None
 
@@ -270,19 +302,20 @@ def predict_scan(task, params, batches: Iterable, n_positions: int, *, mesh=None
             batch = shard(batch, mesh)
         if second:
             start = np.asarray(theta0, np.float32)[np.where(index >= 0, index, 0)]
-            out = predict(params, batch.images, bases, start)
+            out = predict(params, batch.images, bases.bases, bases.support, start)
         else:
             out = predict(params, batch.images)  # dispatched asynchronously; collect the previous one meanwhile
         if acc_fn is not None:
-            s, c = acc_fn(batch.images, out["theta"], out["class_index"], batch.weights)
-            sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+            part = acc_fn(batch.images, out["theta"], out["class_index"], batch.weights)
+            acc = part if acc is None else tuple(a + b for a, b in zip(acc, part))
         if pending is not None:
             collect(pending)
         pending = (out, index)
     if pending is not None:
         collect(pending)
-    if acc_fn is not None and sums is not None:
-        results["base_sums"], results["base_counts"] = np.asarray(sums), np.asarray(counts)
+    if acc is not None:
+        for name, value in zip(("base_sums", "base_coverage", "base_counts"), acc):
+            results[name] = np.asarray(value)
     return results
 
 

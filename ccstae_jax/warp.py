@@ -4,7 +4,8 @@ A leaf module (imports only ``jax`` and ``numpy``) that reproduces, value for va
 reference CC-ST-AE implementation uses:
 
 * `affine_grid`  = ``torch.nn.functional.affine_grid``  (2-D, ``(B, 2, 3)`` matrices),
-* `grid_sample`  = ``torch.nn.functional.grid_sample``  (``'bilinear'``/``'bicubic'``, ``'zeros'``/``'border'``),
+* `grid_sample`  = ``torch.nn.functional.grid_sample``  (``'bilinear'``/``'bicubic'``, ``'zeros'``/``'border'``;
+  also ``'cubic'``, the same cubic convolution with Keys' third-order ``A = -0.5``, for fitting models),
 * `affine_warp`  = the two composed,
 * `resize_bicubic` = ``F.interpolate(mode='bicubic', align_corners=False)``,
 * `upsample_bilinear_align_corners` = ``nn.Upsample(scale_factor, mode='bilinear', align_corners=True)``.
@@ -43,6 +44,7 @@ from jax.typing import ArrayLike
 
 __all__ = [
     "BICUBIC_A",
+    "KEYS_A",
     "affine_grid",
     "affine_warp",
     "grid_sample",
@@ -54,8 +56,11 @@ Array = jax.Array
 
 #: Free parameter of the cubic convolution kernel used by PyTorch (and OpenCV) for bicubic interpolation.
 BICUBIC_A = -0.75
+#: The same kernel's parameter in ``mode='cubic'``: Keys' choice, the only one whose interpolation error falls as the
+#: cube of the pixel size (``-0.75`` is first-order accurate: it misplaces narrow spots by a phase-dependent amount).
+KEYS_A = -0.5
 
-_MODES = ("bilinear", "bicubic")
+_MODES = ("bilinear", "bicubic", "cubic")
 _PADDING_MODES = ("zeros", "border")
 
 
@@ -131,13 +136,12 @@ def _floor_index(coord_floor: Array, n: int) -> Array:
     return jnp.clip(coord_floor, -4, n + 4).astype(jnp.int32)
 
 
-def _cubic_weights(t: Array) -> tuple[Array, Array, Array, Array]:
-    """PyTorch's cubic-convolution weights for taps at offsets ``-1, 0, 1, 2`` from ``floor(x)``; ``t = x - floor(x)``.
+def _cubic_weights(t: Array, a: float = BICUBIC_A) -> tuple[Array, Array, Array, Array]:
+    """Cubic-convolution weights for taps at offsets ``-1, 0, 1, 2`` from ``floor(x)``; ``t = x - floor(x)``.
 
-    Kernel (Keys, ``A = BICUBIC_A = -0.75``): ``k(s) = (A+2)|s|^3 - (A+3)|s|^2 + 1`` for ``|s| <= 1``,
+    Kernel (Keys; PyTorch uses ``A = BICUBIC_A = -0.75``): ``k(s) = (A+2)|s|^3 - (A+3)|s|^2 + 1`` for ``|s| <= 1``,
     ``A|s|^3 - 5A|s|^2 + 8A|s| - 4A`` for ``1 < |s| < 2``, 0 beyond. The four weights sum to 1.
     """
-    a = BICUBIC_A
 
     def near(s):  # |s| <= 1
         return ((a + 2) * s - (a + 3)) * s * s + 1
@@ -221,7 +225,7 @@ def _axis_taps(
       n: image size along that axis.
 
     Returns:
-      ``(indices, weights)``: lists of 2 (bilinear) or 4 (bicubic) arrays of ``coord``'s shape.
+      ``(indices, weights)``: lists of 2 (bilinear) or 4 (bicubic, cubic) arrays of ``coord``'s shape.
     """
     if mode == "bilinear":
         if padding_mode == "border":
@@ -229,9 +233,10 @@ def _axis_taps(
         lo = jnp.floor(coord)
         frac = coord - lo
         offsets, weights = (0, 1), [1 - frac, frac]
-    else:  # bicubic: torch un-normalises without clamping and clamps each tap instead ('border').
+    else:  # (bi)cubic: torch un-normalises without clamping and clamps each tap instead ('border').
         lo = jnp.floor(coord)
-        offsets, weights = (-1, 0, 1, 2), list(_cubic_weights(coord - lo))
+        a = KEYS_A if mode == "cubic" else BICUBIC_A
+        offsets, weights = (-1, 0, 1, 2), list(_cubic_weights(coord - lo, a))
     base = _floor_index(lo, n)
     indices = []
     for k, off in enumerate(offsets):
@@ -262,9 +267,11 @@ def grid_sample(
 
     * ``'bilinear'``: 4 taps with weights ``(1 - t, t)`` per axis.
     * ``'bicubic'``: 16 taps at offsets ``-1..2`` from ``floor``, cubic-convolution weights with ``A = -0.75``.
+    * ``'cubic'`` (not in PyTorch): the same taps with Keys' ``A = -0.5`` (`KEYS_A`), third-order accurate; use it
+      to model a pattern by a warped image (sub-pixel spot positions), where ``-0.75`` biases the fit.
     * ``padding_mode='zeros'``: every tap outside the image contributes 0 individually (a sample half a pixel
       outside the edge gets half the edge value). ``'border'``: bilinear clamps the *coordinate* into
-      ``[0, n - 1]`` (zero coordinate gradient there, as in torch); bicubic clamps each *tap index* to the edge.
+      ``[0, n - 1]`` (zero coordinate gradient there, as in torch); (bi)cubic clamps each *tap index* to the edge.
 
     Implementation: the image is flattened to ``(B, H*W, C)`` and each tap is one ``take_along_axis`` over all
     channels, with out-of-range taps masked through their weights ("gather4").
@@ -272,7 +279,7 @@ def grid_sample(
     Args:
       images: ``(B, H, W, C)`` floating images (float32, bfloat16, float64, ...).
       grid: ``(B, H_out, W_out, 2)`` normalised sample coordinates, last axis ``(x = column, y = row)``.
-      mode: ``'bilinear'`` or ``'bicubic'``.
+      mode: ``'bilinear'``, ``'bicubic'`` or ``'cubic'``.
       padding_mode: ``'zeros'`` or ``'border'``.
       align_corners: PyTorch's ``align_corners``.
 

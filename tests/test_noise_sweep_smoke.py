@@ -65,7 +65,7 @@ def test_markdown_table_and_plot_are_written(sweep):
     md = Path(paths["markdown"]).read_text()
     rows = [line for line in md.splitlines() if line.startswith("| 25%")]
     assert len(rows) == 1
-    assert rows[0].count("|") == 18  # level + 4 quantities x (py4DSTEM, CC-ST-AE, encoder only, CRB)
+    assert rows[0].count("|") == 22  # level + 4 quantities x (py4DSTEM, CC-ST-AE, encoder only, CRB, absolute)
     assert Path(paths["plot"]).stat().st_size > 10_000
 
 
@@ -87,13 +87,14 @@ def test_a_finished_level_is_reused_with_identical_settings(sweep):
 def test_markdown_bolds_the_lower_of_py4dstem_and_ccstae():
     q = {"strain_xx": [1e-3], "strain_yy": [3e-3], "shear_xy": [1e-3], "rotation_deg": [0.5]}
     p = {"strain_xx": [2e-3], "strain_yy": [2e-3], "shear_xy": [None], "rotation_deg": [0.1]}
-    md = ns.format_markdown({"levels": [0.5], "ccstae": q, "ccstae_encoder_only": q, "py4dstem": p, "crb": q})
+    md = ns.format_markdown({"levels": [0.5], "ccstae": q, "ccstae_encoder_only": q, "py4dstem": p, "crb": q,
+                             "py4dstem_absolute": q})
     row = next(line for line in md.splitlines() if line.startswith("| 50%")).split(" | ")
-    # columns: level, then per quantity py4DSTEM, CC-ST-AE, encoder only, CRB
-    assert row[1:3] == ["2.00", "**1.00**"]
-    assert row[5:7] == ["**2.00**", "3.00"]
-    assert row[9:11] == ["n/a", "1.00"]
-    assert row[13:15] == ["**0.100**", "0.500"]
+    # columns: level, then per quantity py4DSTEM, CC-ST-AE, encoder only, CRB, py4DSTEM absolute (never bold)
+    assert row[1:3] == ["2.00", "**1.00**"] and row[5] == "1.00"
+    assert row[6:8] == ["**2.00**", "3.00"] and row[10] == "3.00"
+    assert row[11:13] == ["n/a", "1.00"]
+    assert row[16:18] == ["**0.100**", "0.500"]
 
 
 def test_levels_parse_percentages_and_fractions():

@@ -93,12 +93,14 @@ def test_forward_refinement_lowers_the_strain_error_of_a_noisy_start():
     assert err < 0.5 * err0, (err, err0)
 
 
-def test_forward_refinement_with_a_fixed_background_is_unbiased():
+@pytest.mark.parametrize("interpolation", ["bilinear", "cubic"])
+def test_forward_refinement_with_a_fixed_background_is_unbiased(interpolation):
     """Errors do not scale with the true strain (no shrinkage toward the base) and average out."""
     from ccstae_jax.refine import refine_theta_forward
 
     c = _noisy_case(24, seed=3, counts=300.0)
-    theta = refine_theta_forward(c["start"], c["data"], c["spots"], c["mask"], background=c["glow"], steps=10)
+    theta = refine_theta_forward(c["start"], c["data"], c["spots"], c["mask"], background=c["glow"], steps=10,
+                                 interpolation=interpolation)
     err = _strain_of(theta, c["size"]) - c["labels"]
     slope = (err * c["labels"]).sum() / (c["labels"] ** 2).sum()  # -0.65 when the glow is warped (next test)
     assert abs(slope) < 0.05, slope
@@ -146,9 +148,30 @@ def test_radial_background_ignores_the_spots():
     np.testing.assert_allclose(got[sel], glow[sel], atol=0.02 * glow.max())
 
 
+def test_cubic_forward_fit_of_noise_free_patterns_is_more_accurate_than_bilinear():
+    """The model warp's interpolation error is the accuracy floor of the fit on noise-free data."""
+    from ccstae_jax.refine import refine_theta_forward
+
+    c = _noisy_case(24, seed=3, counts=1e6)
+    err = {}
+    for interpolation in ("bilinear", "cubic"):
+        theta = refine_theta_forward(c["start"], c["data"], c["spots"], c["mask"], background=c["glow"], steps=10,
+                                     interpolation=interpolation)
+        err[interpolation] = np.abs(_strain_of(theta, c["size"]) - c["labels"]).mean()
+    assert err["cubic"] < 0.8 * err["bilinear"], err
+
+
 def test_unknown_weighting_is_rejected():
     from ccstae_jax.refine import refine_theta_forward
 
     x = jnp.zeros((1, 8, 8))
     with pytest.raises(ValueError, match="weighting must be"):
         refine_theta_forward(affine.identity_warp((1,)), x, x, x, weighting="gauss")
+
+
+def test_unknown_interpolation_is_rejected():
+    from ccstae_jax.refine import refine_theta_forward
+
+    x = jnp.zeros((1, 8, 8))
+    with pytest.raises(ValueError, match="interpolation must be"):
+        refine_theta_forward(affine.identity_warp((1,)), x, x, x, interpolation="bicubic")

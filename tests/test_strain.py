@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ccstae_jax import affine
+from ccstae_jax.masks import static_ring_mask
 from ccstae_jax.evaluate import error_table, referenced_labels
 from ccstae_jax.strain import read_strain_h5, referenced_strain, region_mask, strain_maps, write_strain_h5
 
@@ -142,12 +143,37 @@ def test_reestimated_base_is_the_symmetrised_mean_of_the_aligned_patterns_withou
 
     x, _ = hex_patterns(3, size=64, g=18.0, seed=5)
     task, params = _fast_task(x)
-    sums, counts = make_base_accumulator(task)(jnp.asarray(x), affine.identity_warp((3,)), jnp.zeros(3, jnp.int32),
-                                               jnp.array([1.0, 1.0, 0.0]))  # the third is padding
-    np.testing.assert_array_equal(np.asarray(counts), [2.0])
-    got = np.asarray(reestimate_bases(task, params, sums, counts))
-    want = np.asarray(symmetrize(jnp.asarray(x[:2].mean(0) * task.model_cfg.intensity_scale)[None], task.model_cfg))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    sums, coverage, counts = make_base_accumulator(task)(jnp.asarray(x), affine.identity_warp((3,)),
+                                                         jnp.zeros(3, jnp.int32), jnp.array([1.0, 1.0, 0.0]))
+    np.testing.assert_array_equal(np.asarray(counts), [2.0])  # the third pattern is padding
+    got = reestimate_bases(task, params, sums, coverage, counts)
+    scale = task.model_cfg.intensity_scale
+    want = np.asarray(symmetrize(jnp.asarray(x[:2].mean(0) * scale)[None], task.model_cfg))
+    seen = np.asarray(symmetrize(jnp.ones((1, 64, 64)), task.model_cfg)) >= 0.25
+    np.testing.assert_array_equal(np.asarray(got.support), seen)
+    inner = static_ring_mask((64, 64), -1, 20)[None]  # well inside the frame every rotation covers it fully
+    np.testing.assert_allclose(np.asarray(got.bases)[inner], want[inner], rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_reestimated_base_averages_each_pixel_over_the_patterns_that_saw_it():
+    """A pattern pulled from outside the detector adds nothing to a base pixel: the mean is not diluted by padding,
+    and pixels no pattern saw often enough are marked unsupported."""
+    import jax.numpy as jnp
+
+    from ccstae_jax.strain import make_base_accumulator, reestimate_bases
+
+    from _patterns import hex_patterns
+
+    task, params = _fast_task(hex_patterns(2, size=64, g=18.0, seed=5)[0], symmetrize_bases=False)
+    x = np.full((2, 64, 64), 2.0, np.float32)
+    shift = np.asarray(affine.identity_warp((2,))).copy()
+    shift[1, 0, 2] = 1.0  # the second pattern is pulled half a frame to the side: the right half sees nothing
+    sums, coverage, counts = make_base_accumulator(task)(jnp.asarray(x), jnp.asarray(shift), jnp.zeros(2, jnp.int32),
+                                                         jnp.ones(2))
+    got = reestimate_bases(task, params, sums, coverage, counts, min_support=0.75)
+    want = 2.0 * task.model_cfg.intensity_scale
+    np.testing.assert_allclose(np.asarray(got.bases)[0][np.asarray(got.support)[0]], want, rtol=1e-5)
+    assert np.asarray(got.support)[0, :, :31].all() and not np.asarray(got.support)[0, :, 33:].any()
 
 
 def test_a_class_without_patterns_keeps_its_learned_base():
@@ -160,9 +186,11 @@ def test_a_class_without_patterns_keeps_its_learned_base():
     task, params = _fast_task(x, num_bases=2)
     learned = np.asarray(task.model.apply({"params": params}, method=lambda m: m.dictionary()))
     sums = np.stack([np.full((64, 64), 3.0, np.float32), np.zeros((64, 64), np.float32)])
-    got = np.asarray(reestimate_bases(task, params, jnp.asarray(sums), jnp.array([1.0, 0.0])))
-    np.testing.assert_allclose(got[1], learned[1])
-    assert not np.allclose(got[0], learned[0])
+    coverage = np.stack([np.ones((64, 64), np.float32), np.zeros((64, 64), np.float32)])
+    got = reestimate_bases(task, params, jnp.asarray(sums), jnp.asarray(coverage), jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(np.asarray(got.bases)[1], learned[1])
+    assert np.asarray(got.support)[1].all()
+    assert not np.allclose(np.asarray(got.bases)[0], learned[0])
 
 
 def test_second_pass_against_the_true_base_recovers_the_strain_from_a_perturbed_start():
@@ -178,7 +206,43 @@ def test_second_pass_against_the_true_base_recovers_the_strain_from_a_perturbed_
     scale = task.model_cfg.intensity_scale
     predict = make_predict_fn(task, refine_steps=15, base_update=True)
     start = jnp.asarray(np.broadcast_to(np.asarray(affine.identity_warp((1,)))[0], (4, 2, 3)))
-    theta = np.asarray(predict(params, x, jnp.asarray(truth * scale), start)["theta"])
+    support = jnp.ones((1, 64, 64), bool)
+    theta = np.asarray(predict(params, x, jnp.asarray(truth * scale), support, start)["theta"])
     got = affine.strain_from_affine(affine.lattice_from_warp(jnp.asarray(theta), (64, 64)))
     for i, k in enumerate(("strain_xx", "strain_yy", "shear_xy")):
         np.testing.assert_allclose(np.asarray(got[k]), labels[:, i], atol=5e-4)
+
+
+def test_update_annulus_reaches_the_corners_but_not_the_centre_or_the_edge():
+    from ccstae_jax.strain import update_annulus
+
+    from _patterns import hex_patterns
+
+    task, _ = _fast_task(hex_patterns(2, size=64, g=18.0, seed=5)[0])
+    keep = update_annulus(task)
+    assert keep[3, 3] and keep[-4, -4] and keep[3, -4]  # corners, 2 px inside the frame
+    assert not keep[:2].any() and not keep[:, -2:].any()
+    cr, cc = task.model_cfg.center_px
+    assert not keep[int(cr), int(cc)]
+
+
+def test_error_table_references_absolute_predictions_like_the_labels():
+    """An absolute map (e.g. py4DSTEM's) measured against an unstrained lattice constant 1e-3 off (every lattice
+    scaled alike): scored as it is that is an error; referenced to the region like the labels it cancels."""
+    lab = _labels()
+    names = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+    lattice = 1.001 * np.asarray(affine.lattice_from_strain(*(lab[k] for k in names)))
+    pred = {k: np.asarray(v, np.float64) for k, v in affine.strain_from_affine(lattice).items()}
+    as_is = error_table(pred, lab, reference_region=(0, 2, 0, 2))
+    relative = error_table(pred, lab, reference_region=(0, 2, 0, 2), reference_predictions=True)
+    assert as_is["strain_yy"]["mae"] > 3e-4
+    assert max(relative[k]["mae"] for k in ("strain_xx", "strain_yy", "shear_xy")) < 2e-6
+
+
+def test_strain_files_say_whether_they_are_absolute():
+    from ccstae_jax.pipeline import _is_absolute
+
+    assert _is_absolute({"strain_reference": "absolute"})
+    assert not _is_absolute({"strain_reference": "relative", "method": "py4dstem"})
+    assert _is_absolute({"method": "py4dstem"})  # baseline files written before the attribute
+    assert not _is_absolute({"method": "ccstae-jax fast"})

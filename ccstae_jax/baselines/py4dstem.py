@@ -1186,14 +1186,15 @@ def write_strain_h5(path, maps: Mapping[str, Any], *, attrs: Mapping[str, Any]) 
 
     Every array of ``maps`` (``strain_xx`` ... ``rotation`` float32, ``valid``, ``n_peaks``, ``origin`` ...) becomes a
     root dataset, string entries (``parameters``, JSON) and ``attrs`` root attributes; ``method`` defaults to
-    ``"py4dstem"``. Atomic: temporary file, then rename.
+    ``"py4dstem"`` and ``strain_reference`` to ``"absolute"`` (`ccstae_jax.pipeline.evaluate` then references the
+    maps to the labels' region before scoring). Atomic: temporary file, then rename.
 
     Returns:
         The path written, as a string.
     """
     from ccstae_jax.strain import write_strain_h5 as write
 
-    return write(path, dict(maps), attrs={"method": "py4dstem", **attrs})
+    return write(path, dict(maps), attrs={"method": "py4dstem", "strain_reference": "absolute", **attrs})
 
 
 # ----------------------------------------------------------------------------------------------- subprocess entry
