@@ -148,6 +148,7 @@ def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):
         for key in ("strain_xx", "strain_yy", "shear_xy", "rotation", "valid", "invalid_reason"):
             assert f[key].shape == (8, 8), key
         assert "conventions" in f.attrs
+        assert f.attrs["interpolation"] == "cubic" and f.attrs["strain_reference"] == "relative"
 
 
 def test_evaluate_of_the_chain_prints_an_error_table(chain, capsys):
