@@ -122,8 +122,9 @@ class SweepConfig:
                 raise ValueError(f"SweepConfig.{name}={getattr(self, name)!r} must be >= 1")
         if self.refine_steps < 0:
             raise ValueError(f"SweepConfig.refine_steps={self.refine_steps!r} must be >= 0")
-        if self.interpolation not in ("cubic", "bilinear"):
-            raise ValueError(f"SweepConfig.interpolation={self.interpolation!r}: expected 'cubic' or 'bilinear'")
+        from ccstae_jax.refine import check_interpolation
+
+        check_interpolation(self.interpolation, "SweepConfig.interpolation")
         if self.baseline not in ("auto", "off", "require"):
             raise ValueError(f"SweepConfig.baseline={self.baseline!r}: expected 'auto', 'off' or 'require'")
         if self.baseline_subpixel not in ("multicorr", "poly", "pixel"):

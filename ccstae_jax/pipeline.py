@@ -349,6 +349,7 @@ def map_strain(
     files left by killed earlier runs are removed.
     """
     from ccstae_jax.data.readers import reference_region_from_file
+    from ccstae_jax.refine import check_interpolation
     from ccstae_jax.strain import predict_scan, strain_maps, write_strain_h5
     from ccstae_jax.train import load_checkpoint
 
@@ -357,8 +358,7 @@ def map_strain(
         raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
     if isinstance(refine_steps, bool) or int(refine_steps) != refine_steps or refine_steps < 0:
         raise ValueError(f"--refine-steps {refine_steps}: expected an integer >= 0")
-    if interpolation not in ("cubic", "bilinear"):
-        raise ValueError(f"--interpolation {interpolation!r}: expected 'cubic' or 'bilinear'")
+    check_interpolation(interpolation, "--interpolation")
     _check_output_file(out_path, data_path)
     task, saved_data, _ = load_run(run_dir)
     data = saved_data if data is None else data

@@ -27,6 +27,15 @@ import numpy as np
 
 from ccstae_jax import affine, warp
 
+#: How the forward fit may warp the base (`ccstae_jax.warp` modes): bilinear, or Keys' cubic (``A = -0.5``).
+INTERPOLATIONS = ("bilinear", "cubic")
+
+
+def check_interpolation(value: str, name: str = "interpolation") -> None:
+    """Raises a one-line ``ValueError`` naming ``name`` unless ``value`` is one of `INTERPOLATIONS`."""
+    if value not in INTERPOLATIONS:
+        raise ValueError(f"{name} must be 'bilinear' or 'cubic', got {value!r}")
+
 
 def _gradients(image: jax.Array) -> jax.Array:
     """``(H, W)`` → ``(H, W, 3)``: the image and its central-difference derivatives along columns (u) and rows (v)."""
@@ -186,8 +195,7 @@ def refine_theta_forward(
     """
     if weighting not in ("poisson", "none"):
         raise ValueError(f"refine_theta_forward: weighting must be 'poisson' or 'none', got {weighting!r}")
-    if interpolation not in ("bilinear", "cubic"):
-        raise ValueError(f"refine_theta_forward: interpolation must be 'bilinear' or 'cubic', got {interpolation!r}")
+    check_interpolation(interpolation, "refine_theta_forward: interpolation")
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 3 or jnp.shape(bases) != images.shape or jnp.shape(masks) != images.shape:
         raise ValueError(f"refine_theta_forward: images, bases and masks must all be (B, H, W); got "

@@ -118,11 +118,11 @@ def make_predict_fn(task, *, mesh=None, refine_steps: int = 0, refine_model: str
     """
     from ccstae_jax.losses import masked_mse
     from ccstae_jax.models import harmonic_weights, prior_ring
+    from ccstae_jax.refine import check_interpolation
 
     if refine_model not in ("forward", "pull"):
         raise ValueError(f"refine_model={refine_model!r}: expected 'forward' or 'pull'")
-    if interpolation not in ("bilinear", "cubic"):
-        raise ValueError(f"interpolation={interpolation!r}: expected 'bilinear' or 'cubic'")
+    check_interpolation(interpolation)
     cfg = task.model_cfg
     hw = jnp.asarray(harmonic_weights(cfg))
     ring = jnp.asarray(prior_ring(cfg))
@@ -212,9 +212,9 @@ def make_base_accumulator(task, *, mesh=None, interpolation: str = "bilinear"):
     pixel the patterns saw: a pull from outside the detector adds nothing), and how many patterns there were
     (``weights`` 0 for padding). Summed over a scan it gives `reestimate_bases`."""
     from ccstae_jax import warp
+    from ccstae_jax.refine import check_interpolation
 
-    if interpolation not in ("bilinear", "cubic"):
-        raise ValueError(f"interpolation={interpolation!r}: expected 'bilinear' or 'cubic'")
+    check_interpolation(interpolation)
     cfg = task.model_cfg
 
     def accumulate(images, theta, class_index, weights):
