@@ -72,17 +72,38 @@ def _load_config_file(path):
     return cfg
 
 
+def _comma_floats(text, option):
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected comma-separated numbers") from None
+
+
 def cmd_simulate(args):
+    import dataclasses
+
     from ccstae_jax.data.noise import parse_noise_level
     from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 
     noise = args.noise if args.noise is not None else args.noise_level
     w = parse_noise_level(noise) if noise is not None else 0.0
-    cfg = SimulationConfig(scan_shape=tuple(args.scan), n_grains=args.grains, noise_level=w, seed=args.seed,
-                           detector_size=args.detector, crop=tuple(args.detector_crop) if args.detector_crop else None,
-                           reference_region=_region(args.reference_region))
+    if args.descan is not None and len(args.descan) not in (1, 4):
+        raise ValueError(f"--descan takes 1 number (J = PX I) or 4 (J row-major), got {len(args.descan)}")
+    cfg = SimulationConfig(
+        scan_shape=tuple(args.scan), n_grains=args.grains, noise_level=w, seed=args.seed,
+        detector_size=args.detector, crop=tuple(args.detector_crop) if args.detector_crop else None,
+        reference_region=_region(args.reference_region), disk_radius=args.disk_radius, lattice=args.lattice,
+        lattice_aspect=args.lattice_aspect, ellipticity=args.ellipticity, ellipticity_angle=args.ellipticity_angle,
+        descan=tuple(args.descan) if args.descan is not None else (0.0, 0.0, 0.0, 0.0),
+        phases=args.phases, vacuum=args.vacuum,
+        phase_fractions=_comma_floats(args.phase_fractions, "--phase-fractions") if args.phase_fractions else None)
+    if args.spot_spacing is not None:
+        if not args.spot_spacing > 0:
+            raise ValueError(f"--spot-spacing {args.spot_spacing!r} must be > 0 (detector px)")
+        cfg = dataclasses.replace(cfg, q_pixel=cfg.first_order_length / args.spot_spacing)
     path = simulate_to_hdf5(args.out, cfg, progress=not args.quiet)
-    print(f"wrote {path}: scan {cfg.scan_shape}, patterns {cfg.pattern_shape}, noise w={w}, seed {cfg.seed}")
+    print(f"wrote {path}: scan {cfg.scan_shape}, patterns {cfg.pattern_shape}, {cfg.lattice} lattice, first-order "
+          f"spots at {cfg.spot_spacing:.1f} px, noise w={w}, seed {cfg.seed}")
 
 
 def cmd_train(args):
@@ -151,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("simulate", help="write a simulated polycrystal WS2 scan with labels (HDF5)",
+    s = sub.add_parser("simulate", help="write a simulated polycrystal scan (WS2 by default) with labels (HDF5)",
                        epilog=_CONVENTIONS)
     s.add_argument("out", help="output .h5 file")
     s.add_argument("--scan", type=int, nargs=2, default=(32, 32), metavar=("RX", "RY"), help="scan positions")
@@ -160,10 +181,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise", type=float, help="background weight w in [0, 1] (Auto4DSTEM noise model)")
     g.add_argument("--noise-level", help="a named level: 0%%, 5%%, ..., 50%%, 60%%, 70%%")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--detector", type=int, default=256, help="full detector size N (patterns cropped to 200/256 N)")
-    s.add_argument("--detector-crop", type=int, nargs=2, metavar=("START", "STOP"), help="detector crop on both axes")
+    s.add_argument("--detector", type=int, default=256,
+                   help="full detector size N in px (default 256); the zero beam sits at pixel N//2")
+    s.add_argument("--crop", "--detector-crop", dest="detector_crop", type=int, nargs=2, metavar=("START", "STOP"),
+                   help="detector pixels START:STOP kept on both axes (default: the centred 200/256 N, 28 228 on "
+                        "256 px; 0 N keeps the whole detector)")
     s.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
                    help="scan rows R0:R1, columns C0:C1 of the unstrained reference grain")
+    s.add_argument("--spot-spacing", type=float, metavar="PX",
+                   help="distance of the first-order spots from the zero beam in detector px, i.e. the camera "
+                        "length (sets the reciprocal pixel size; default 0.0096 * 256 / N 1/A per px: 38.1 px for "
+                        "WS2 on a 256 px detector)")
+    s.add_argument("--disk-radius", type=float, default=3.7, metavar="PX",
+                   help="convergent-beam disk radius in detector px (default 3.7)")
+    s.add_argument("--lattice", default="hexagonal", choices=["hexagonal", "square", "rectangular"],
+                   help="hexagonal (1H-MX2, 6-fold), square (4-fold) or rectangular (2-fold); a1 along +Qx "
+                        "(default hexagonal)")
+    s.add_argument("--lattice-aspect", type=float, default=1.25, metavar="B/A",
+                   help="b/a of the rectangular lattice, at least 5 %% away from 1 (default 1.25)")
+    s.add_argument("--phases", metavar="LIST",
+                   help="comma-separated phases of the grains, the first one the reference: built-in WS2 (3.153 A), "
+                        "WSe2 (3.282 A), MoS2 (3.160 A), MoSe2 (3.288 A), or NAME:A for a lattice constant A in "
+                        "Angstrom (default: WS2 only); labels are relative to the first phase")
+    s.add_argument("--phase-fractions", metavar="LIST",
+                   help="comma-separated relative odds of each phase for the non-reference grains (default equal)")
+    s.add_argument("--vacuum", type=float, default=0.0, metavar="F",
+                   help="fraction of scan positions in vacuum around a flake-shaped specimen, in [0, 0.9] "
+                        "(default 0); vacuum patterns hold only the central beam, their strain labels are NaN")
+    s.add_argument("--ellipticity", type=float, default=0.0, metavar="E",
+                   help="elliptical projector distortion of the whole pattern as a fraction, in [0, 0.5) (0.02 = "
+                        "2 %%; default 0); labels stay the specimen's")
+    s.add_argument("--ellipticity-angle", type=float, default=0.0, metavar="RAD",
+                   help="direction of the major stretch, radians counter-clockwise from +Qx toward +Qy (default 0)")
+    s.add_argument("--descan", type=float, nargs="+", metavar="PX",
+                   help="zero-beam drift across the scan in detector px: one number PX (J = PX I) or four (J "
+                        "row-major); the zero beam moves by J @ (row/(Rx-1) - 1/2, col/(Ry-1) - 1/2) (default 0; "
+                        "non-zero renders every position, slower)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
 

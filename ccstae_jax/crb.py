@@ -185,7 +185,9 @@ def strain_crb(
 
     Grains are drawn like the simulator's (strains ``U[-max_strain, max_strain]``, rotation
     ``U[0, 2 pi)``) unless ``params`` are given. Each grain's pattern is the simulator's noise-free
-    cropped pattern for ``config``; the noise is the Auto4DSTEM model at weight ``w``.
+    cropped pattern for ``config`` (its lattice, reference phase, disk radius and projector ellipticity;
+    a descan is a pattern shift, estimated with ``include_translation``); the noise is the Auto4DSTEM
+    model at weight ``w``.
 
     Args:
       config: simulator geometry (``SimulationConfig()`` is the 256 -> 200 px benchmark geometry);

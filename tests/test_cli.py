@@ -131,6 +131,47 @@ def test_unknown_option_exits_2_with_usage(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# simulate: scene options (in process)
+# ---------------------------------------------------------------------------------------------------------------
+def test_simulate_scene_options_reach_the_file(tmp_path, capsys):
+    import h5py
+
+    out = tmp_path / "scene.h5"
+    argv = ["simulate", str(out), "--scan", "8", "8", "--grains", "3", "--detector", "128", "--crop", "0", "128",
+            "--spot-spacing", "20", "--disk-radius", "4", "--lattice", "square", "--phases", "WS2,WSe2",
+            "--phase-fractions", "1,3", "--vacuum", "0.2", "--ellipticity", "0.02", "--ellipticity-angle", "0.3",
+            "--descan", "2", "--noise", "0.25", "--quiet"]
+    assert cli.main(argv) == 0
+    assert "square lattice, first-order spots at 20.0 px" in capsys.readouterr().out
+    with h5py.File(out, "r") as f:
+        a = f.attrs
+        assert f["data"].shape == (8, 8, 128, 128)
+        assert a["lattice_symmetry"] == 4 and a["disk_radius"] == 4.0 and tuple(a["crop"]) == (0, 128)
+        assert a["spot_spacing"] == pytest.approx(20.0) and a["q_pixel"] == pytest.approx(1 / 3.153 / 20)
+        assert tuple(a["descan"]) == (2.0, 0.0, 0.0, 2.0)
+        assert a["ellipticity"] == 0.02 and a["ellipticity_angle"] == 0.3 and a["vacuum"] == 0.2
+        assert json.loads(a["phases"]) == [["WS2", 3.153], ["WSe2", 3.282]]
+        assert json.loads(a["config"])["phase_fractions"] == [1.0, 3.0]
+        assert f["labels/vacuum"][()].mean() == pytest.approx(0.2, abs=0.05)
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--descan", "1", "2"], "--descan takes 1 number (J = PX I) or 4 (J row-major), got 2"),
+    (["--phases", "WS2,WTe2"], "unknown phase 'WTe2'"),
+    (["--vacuum", "0.95"], "vacuum=0.95 must be in [0, 0.9]"),
+    (["--ellipticity", "-0.1"], "ellipticity=-0.1 must be in [0, 0.5)"),
+    (["--spot-spacing", "0"], "--spot-spacing 0.0 must be > 0"),
+    (["--phases", "WS2,WSe2", "--phase-fractions", "1,x"], "--phase-fractions '1,x': expected comma-separated"),
+])
+def test_bad_simulate_scene_option_is_one_line_error(option, message, tmp_path, capsys):
+    out = tmp_path / "bad.h5"
+    assert cli.main(["simulate", str(out), "--scan", "4", "4", "--detector", "64", "--quiet", *option]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The chain
 # ---------------------------------------------------------------------------------------------------------------
 def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):

@@ -1,4 +1,6 @@
 """Specifications of ccstae_jax.crb: the Cramér-Rao bound under the Auto4DSTEM noise model."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -61,3 +63,16 @@ def test_expected_mae_is_gaussian_mean_absolute_deviation():
     draws = np.random.default_rng(0).normal(0.0, 2.0, 200_000)
     assert crb.gaussian_mae(2.0) == pytest.approx(np.abs(draws).mean(), rel=0.01)
     assert set(res.as_dict()) >= {"strain_xx", "strain_xx_mae", "rotation_deg"}
+
+
+def test_bound_is_finite_and_positive_for_a_square_lattice_with_16_px_disks():
+    # 128 px detector kept whole, first-order spots 40 px from the zero beam, 16 px disks.
+    base = SimulationConfig(detector_size=128, crop=(0, 128), lattice="square", disk_radius=16.0, k_max=0.5)
+    cfg = dataclasses.replace(base, q_pixel=base.first_order_length / 40.0)
+    res = crb.strain_crb(cfg, w=0.25, params=PARAMS, include_translation=True)
+    assert res.sigma.shape == (2, 6)
+    assert np.all(np.isfinite(res.sigma)) and np.all(res.sigma > 0)
+    # The renderer's geometry is picked up: an elliptical projector changes the bound.
+    plain = crb.strain_crb(cfg, w=0.25, params=PARAMS).sigma
+    stretched = crb.strain_crb(dataclasses.replace(cfg, ellipticity=0.05), w=0.25, params=PARAMS).sigma
+    assert np.all(np.isfinite(stretched)) and not np.allclose(stretched, plain, rtol=1e-3)

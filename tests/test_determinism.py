@@ -1,7 +1,10 @@
 """Same seed, same device, same result: simulation bytes and trained parameters."""
+import hashlib
+
 import h5py
 import jax
 import numpy as np
+import pytest
 
 from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.pipeline import load_run, train
@@ -15,6 +18,62 @@ def test_simulating_twice_gives_identical_bytes(tmp_path):
     b = simulate_to_hdf5(tmp_path / "b.h5", SIM, progress=False)
     with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
         assert fa["data"][()].tobytes() == fb["data"][()].tobytes()
+
+
+def test_simulating_a_scene_twice_gives_identical_bytes_and_another_seed_differs(tmp_path):
+    scene = dict(scan_shape=(6, 6), n_grains=3, noise_level=0.25, detector_size=64, lattice="rectangular",
+                 ellipticity=0.02, descan=1.5, phases="WS2,WSe2", vacuum=0.3, reference_region=(0, 2, 0, 2))
+    blobs = []
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        path = simulate_to_hdf5(tmp_path / f"{name}.h5", SimulationConfig(**scene, seed=seed), progress=False)
+        with h5py.File(path, "r") as f:
+            blobs.append(f["data"][()].tobytes() + f["labels/vacuum"][()].tobytes() + f["labels/phase"][()].tobytes())
+    assert blobs[0] == blobs[1] and blobs[0] != blobs[2]
+
+
+# SHA-256 of the simulator's output for three small configurations, computed on an x86-64 CPU (jax 0.10.2,
+# numpy 2.4.6, h5py 3.16.0) by the simulator as it was before the scene options (lattices, ellipticity, descan,
+# phases, vacuum) were added: with every scene option at its default the data, labels, grains and attributes must
+# stay bit-identical, since the benchmarks' numbers were measured on them. Digest of /data, the labels and
+# /grains datasets that existed then (dtype, shape, bytes) and the values of the root attributes that existed then.
+PINNED = {
+    "noisy": (dict(scan_shape=(8, 8), detector_size=64, n_grains=3, disk_radius=2.0, seed=3, batch_rows=3,
+                   noise_level=0.2),
+              "fd95af1b317dea0e897bb65a7db0944b4febf4938d0ea3a6cb37aac5246c4aa2"),
+    "raw": (dict(scan_shape=(12, 10), detector_size=96, n_grains=5, seed=1, boundary_sigma=1.2, noise_level=None),
+            "7c1df4632ad8131f926e68dd358a7339f49b5e87c9dc0ac415a1aff98f3ceb2e"),
+    "clean": (dict(scan_shape=(6, 6), detector_size=128, n_grains=4, seed=7, noise_level=0.0),
+              "d93d1996e319b9e79660e41e083f2e244e6c74a56743cf9fef0c296f526b8f92"),
+}
+_PINNED_ATTRS = ("format", "conventions", "reference_region", "noise_level", "noise_applied", "seed", "q_pixel",
+                 "disk_radius", "disk_edge", "detector_size", "crop", "pattern_centre", "lattice_constant",
+                 "central_frac", "lattice_symmetry", "counts", "intensity_scale", "lorentz_width", "config")
+_PINNED_LABELS = ("strain_xx", "strain_yy", "shear_xy", "rotation", "grain_index", "interior")
+
+
+def _digest(path) -> str:
+    h = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        for key in ("data", *(f"labels/{n}" for n in _PINNED_LABELS), "grains/params", "grains/seeds"):
+            arr = f[key][()]
+            h.update(f"{key}:{arr.dtype.str}:{arr.shape}".encode())
+            h.update(np.ascontiguousarray(arr).tobytes())
+        for name in _PINNED_ATTRS:
+            v = f.attrs[name]
+            v = v.decode() if isinstance(v, bytes) else v
+            if isinstance(v, str):
+                h.update(f"{name}={v!r}".encode())
+            else:
+                h.update(f"{name}:{np.asarray(v).dtype.str}".encode() + np.asarray(v).tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the pinned digests were computed on a CPU")
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_default_scene_output_is_bit_identical_to_the_pinned_digest(name, tmp_path):
+    kw, digest = PINNED[name]
+    path = simulate_to_hdf5(tmp_path / f"{name}.h5", SimulationConfig(**kw), progress=False)
+    assert _digest(path) == digest
 
 
 def test_training_twice_with_the_same_seed_gives_identical_parameters(tmp_path):

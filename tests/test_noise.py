@@ -93,3 +93,41 @@ def test_numpy_sampler_has_the_same_moments_as_the_jax_one():
     np.testing.assert_allclose(draws.mean(0), mean, rtol=0.05, atol=1e-3 * mean.max())
     np.testing.assert_allclose(draws.var(0), var, rtol=0.15, atol=1e-3 * var.max())
     np.testing.assert_array_equal(add_background_noise_numpy(pattern, 0.0, rng=rng), pattern * np.float32(1e5 / 4))
+
+
+def test_zero_glow_shift_gives_the_centred_background_exactly():
+    h, w = 50, 64
+    # The centred glow as defined before glow shifts existed (written out here as the reference).
+    qx = np.fft.fftshift(np.fft.fftfreq(h, d=1.0))[:, None]
+    qy = np.fft.fftshift(np.fft.fftfreq(w, d=1.0))[None, :]
+    b = 1.0 / (1.0 + (qx**2 + qy**2) / 0.01**2)
+    centred = (b / b.sum()).astype(np.float32)
+    np.testing.assert_array_equal(noise.lorentzian_background((h, w)), centred)
+    np.testing.assert_array_equal(noise.lorentzian_background((h, w), shift=(0.0, 0.0)), centred)
+    batch = noise.lorentzian_background((h, w), shift=np.zeros((3, 2)))
+    assert batch.shape == (3, h, w)
+    np.testing.assert_array_equal(batch, np.broadcast_to(centred, (3, h, w)))
+
+
+def test_shifted_glow_is_the_lorentzian_at_the_shifted_centre():
+    h = w = 40
+    b = noise.lorentzian_background((h, w), width=0.05, shift=(1.5, -3.0))
+    np.testing.assert_allclose(b.sum(), 1.0, rtol=1e-6)
+    row = h // 2 + 1  # the glow is symmetric about row 20 + 1.5 and peaks on column 20 - 3
+    np.testing.assert_allclose(b[row, :], b[row + 1, :], rtol=1e-6)
+    assert np.argmax(b[row]) == w // 2 - 3
+    # The traced (jitted) version used on accelerators agrees with the NumPy one.
+    shifts = np.array([[1.5, -3.0], [0.25, 0.75]], np.float32)
+    got = jax.jit(lambda s: noise._lorentzian_background_jax((h, w), 0.05, s))(shifts)
+    np.testing.assert_allclose(np.asarray(got), noise.lorentzian_background((h, w), width=0.05, shift=shifts),
+                               rtol=2e-5, atol=1e-9)
+
+
+def test_glow_shift_moves_the_noise_background_per_pattern():
+    flat = np.zeros((2, 32, 32), np.float32)  # w = 1: the data are the glow alone
+    shift = np.array([[0.0, 0.0], [4.0, -6.0]])
+    for out in (noise.add_background_noise(flat, 1.0, key=jax.random.key(0), counts=1e9, glow_shift=shift),
+                noise.add_background_noise_numpy(flat, 1.0, rng=np.random.default_rng(0), counts=1e9,
+                                                 glow_shift=shift)):
+        peaks = [np.unravel_index(np.argmax(p), p.shape) for p in np.asarray(out)]
+        assert peaks == [(16, 16), (20, 10)]

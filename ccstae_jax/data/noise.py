@@ -111,26 +111,54 @@ def _check_w(w) -> float:
     return value
 
 
-def lorentzian_background(shape: tuple[int, int], *, width: float = DEFAULT_LORENTZ_WIDTH) -> np.ndarray:
+def lorentzian_background(
+    shape: tuple[int, int], *, width: float = DEFAULT_LORENTZ_WIDTH, shift: ArrayLike | None = None
+) -> np.ndarray:
     """The normalised central Lorentzian glow ``B`` of the noise model.
 
     Args:
       shape: pattern shape ``(H, W)`` in pixels.
       width: half width at half maximum in cycles per pixel (frequency units of
         ``fftfreq(n, d=1)``); the HWHM in pixels is ``width * n`` along an axis of ``n`` pixels.
+      shift: optional ``(..., 2)`` offset ``(rows, cols)`` in pixels (sub-pixel) of the glow's centre from
+        ``(H // 2, W // 2)``, e.g. a descanned zero beam; the Lorentzian is evaluated at the shifted centre.
+        ``None`` or zeros give the centred glow exactly.
 
     Returns:
-      ``(H, W)`` float32 array summing to 1, maximal at pixel ``(H // 2, W // 2)``.
+      ``(H, W)`` (``(..., H, W)`` with a batch of shifts) float32 array(s) summing to 1, maximal at pixel
+      ``(H // 2, W // 2)`` plus the shift.
     """
     h, w = (int(s) for s in shape)
     if h < 1 or w < 1:
         raise ValueError(f"background shape {shape!r} must be two positive sizes")
     if not width > 0:
         raise ValueError(f"Lorentzian width {width!r} must be > 0")
-    qx = np.fft.fftshift(np.fft.fftfreq(h, d=1.0))[:, None]
-    qy = np.fft.fftshift(np.fft.fftfreq(w, d=1.0))[None, :]
+    if shift is None:
+        qx = np.fft.fftshift(np.fft.fftfreq(h, d=1.0))[:, None]
+        qy = np.fft.fftshift(np.fft.fftfreq(w, d=1.0))[None, :]
+        b = 1.0 / (1.0 + (qx**2 + qy**2) / width**2)
+        return (b / b.sum()).astype(np.float32)
+    shift = np.asarray(shift, np.float64)
+    if shift.shape[-1:] != (2,):
+        raise ValueError(f"glow shift of shape {shift.shape}: expected (..., 2) = (rows, cols) in pixels")
+    # fx - 0.0 / h == fx exactly, so a zero shift reproduces the centred glow bit for bit.
+    qx = (np.fft.fftshift(np.fft.fftfreq(h, d=1.0)) - shift[..., 0, None] / h)[..., :, None]
+    qy = (np.fft.fftshift(np.fft.fftfreq(w, d=1.0)) - shift[..., 1, None] / w)[..., None, :]
     b = 1.0 / (1.0 + (qx**2 + qy**2) / width**2)
-    return (b / b.sum()).astype(np.float32)
+    if b.ndim == 2:
+        return (b / b.sum()).astype(np.float32)
+    return (b / b.sum(axis=(-2, -1), keepdims=True)).astype(np.float32)
+
+
+def _lorentzian_background_jax(shape: tuple[int, int], width: float, shift: jax.Array) -> jax.Array:
+    """`lorentzian_background` with a traced ``(..., 2)`` shift (float32, inside ``jax.jit``)."""
+    h, w = shape
+    fx = jnp.asarray(np.fft.fftshift(np.fft.fftfreq(h, d=1.0)), jnp.float32)
+    fy = jnp.asarray(np.fft.fftshift(np.fft.fftfreq(w, d=1.0)), jnp.float32)
+    qx = (fx - shift[..., 0, None] / h)[..., :, None]
+    qy = (fy - shift[..., 1, None] / w)[..., None, :]
+    b = 1.0 / (1.0 + (qx**2 + qy**2) / jnp.float32(width) ** 2)
+    return b / jnp.sum(b, axis=(-2, -1), keepdims=True)
 
 
 def add_background_noise(
@@ -141,6 +169,7 @@ def add_background_noise(
     counts: float = DEFAULT_COUNTS,
     scale: float = DEFAULT_SCALE,
     lorentz_width: float = DEFAULT_LORENTZ_WIDTH,
+    glow_shift: ArrayLike | None = None,
 ) -> jax.Array:
     """Adds the Auto4DSTEM background + Poisson noise to diffraction patterns.
 
@@ -155,6 +184,8 @@ def add_background_noise(
       scale: output multiplier ``c``; the output is ``c * counts_observed / N``
         (default ``1e5 / 4``: "electrons / 4", pattern sum about 25,000).
       lorentz_width: Lorentzian HWHM in cycles per pixel (see `lorentzian_background`).
+      glow_shift: optional ``(..., 2)`` offset in pixels of the glow's centre per pattern (broadcast against
+        the leading dimensions of ``patterns``), e.g. the descanned zero beam; ``None`` = centred.
 
     Returns:
       ``(..., H, W)`` float32 noisy patterns. Per pixel, with ``lam = (1 - w) I + w B``:
@@ -173,7 +204,11 @@ def add_background_noise(
         raise ValueError(f"patterns must have shape (..., H, W), got shape {patterns.shape}")
     if w == 0.0:
         return patterns * jnp.float32(scale)
-    background = jnp.asarray(lorentzian_background(patterns.shape[-2:], width=lorentz_width))
+    if glow_shift is None:
+        background = jnp.asarray(lorentzian_background(patterns.shape[-2:], width=lorentz_width))
+    else:
+        shift = jnp.asarray(glow_shift, jnp.float32)
+        background = _lorentzian_background_jax(patterns.shape[-2:], lorentz_width, shift)
     lam = jnp.float32(counts) * (jnp.float32(1.0 - w) * jnp.maximum(patterns, 0.0) + jnp.float32(w) * background)
     sample = jax.random.poisson(key, lam, dtype=jnp.int32)
     return sample.astype(jnp.float32) * jnp.float32(scale / counts)
@@ -187,6 +222,7 @@ def add_background_noise_numpy(
     counts: float = DEFAULT_COUNTS,
     scale: float = DEFAULT_SCALE,
     lorentz_width: float = DEFAULT_LORENTZ_WIDTH,
+    glow_shift: ArrayLike | None = None,
 ) -> np.ndarray:
     """`add_background_noise` with NumPy's Poisson sampler (the simulator's CPU path: ~30x faster than
     ``jax.random.poisson`` on a CPU). Same definition and moments; a different random stream.
@@ -195,6 +231,7 @@ def add_background_noise_numpy(
       patterns: ``(..., H, W)`` intensities summing to about 1 each.
       w: background weight in [0, 1] (``0`` returns ``scale * patterns`` exactly).
       rng: a seeded ``numpy.random.Generator``.
+      glow_shift: optional ``(..., 2)`` glow-centre offsets in pixels (see `add_background_noise`).
 
     Returns:
       ``(..., H, W)`` float32.
@@ -203,7 +240,7 @@ def add_background_noise_numpy(
     patterns = np.asarray(patterns, np.float32)
     if w == 0.0:
         return patterns * np.float32(scale)
-    background = lorentzian_background(patterns.shape[-2:], width=lorentz_width).astype(np.float64)
+    background = lorentzian_background(patterns.shape[-2:], width=lorentz_width, shift=glow_shift).astype(np.float64)
     lam = counts * ((1.0 - w) * np.maximum(patterns, 0.0).astype(np.float64) + w * background)
     return (rng.poisson(lam) * (scale / counts)).astype(np.float32)
 

@@ -655,8 +655,8 @@ def open_scan(
 def _check_label_shapes(labels: dict, shape, where: str) -> dict:
     if shape is not None:
         shape = tuple(int(s) for s in shape)
-        for name, arr in labels.items():
-            if arr.shape != shape:
+        for name, arr in labels.items():  # per-position vectors (e.g. zero_beam, (Rx, Ry, 2)) lead with the scan
+            if arr.shape[: len(shape)] != shape:
                 raise DataError(f"{where}: label {name!r} has shape {arr.shape}, expected the scan shape {shape}")
     return labels
 
@@ -689,7 +689,8 @@ def load_labels(path: str | os.PathLike, *, shape: tuple[int, int] | None = None
     """Loads ground-truth labels.
 
     Sources: the ``/labels`` group of an HDF5 file (our simulator: ``strain_xx, strain_yy,
-    shear_xy, rotation`` [radians], ``grain_index``, ``interior``); or a directory holding the
+    shear_xy, rotation`` [radians], ``grain_index``, ``interior``, ``vacuum``, ``phase`` and the
+    ``(Rx, Ry, 2)`` ``zero_beam``); or a directory holding the
     paper's ``Label_strain_xx.npy, Label_strain_yy.npy, Label_shear_xy.npy, Label_rotation.npy``
     (and, if present, ``simulated_4dstem_grain_index.npy`` as ``grain_index``); or one of those
     ``Label_*.npy`` files (its folder is used).
@@ -699,8 +700,8 @@ def load_labels(path: str | os.PathLike, *, shape: tuple[int, int] | None = None
       shape: expected ``(Rx, Ry)``; mismatches raise `DataError`.
 
     Returns:
-      Dict of ``(Rx, Ry)`` arrays as stored (strains dimensionless, rotation in radians), or None
-      when the source holds no labels.
+      Dict of ``(Rx, Ry)`` (or ``(Rx, Ry, ...)``) arrays as stored (strains dimensionless, rotation in
+      radians), or None when the source holds no labels.
     """
     path = Path(path)
     if not path.exists():
