@@ -57,7 +57,7 @@ def test_disk_centroids_sit_at_deformed_reciprocal_lattice(lattice, basis, n_fir
     pattern = np.asarray(sim.pattern_function(cfg)(label), np.float64)
     eps = np.array([[label[0], label[2]], [label[2], label[1]]])
     rot = np.array([[math.cos(label[3]), -math.sin(label[3])], [math.sin(label[3]), math.cos(label[3])]])
-    spot_px = g @ np.linalg.inv(((np.eye(2) + eps) @ rot)).T.T + 64.0  # A^-T g around the zero beam
+    spot_px = g @ np.linalg.inv((np.eye(2) + eps) @ rot) + 64.0  # rows (A^-T g)^T = g^T A^-1, from the zero beam
     inside = _visible(spot_px, 128, 8)
     assert inside.sum() >= 10
     got = _centroids(pattern, spot_px[inside], cfg.disk_radius + 2)
