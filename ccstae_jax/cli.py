@@ -8,6 +8,9 @@ counter-clockwise from +Qx toward +Qy, modulo 60 degrees for hexagonal lattices,
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import inspect
 import json
 import logging
 import sys
@@ -18,14 +21,59 @@ EXIT_INTERRUPTED = 130
 
 _CONVENTIONS = (
     "Conventions: data arrays are (Rx, Ry, Qx, Qy); x = Qx = pattern rows, y = Qy = pattern columns. Strain is the "
-    "real-space lattice strain (dimensionless; positive = lattice stretched, spots move inward), shear_xy the tensor "
-    "shear, rotation counter-clockwise from +Qx toward +Qy (radians in files, degrees in tables), modulo the lattice "
-    "symmetry, all relative to a reference region of the scan."
+    "real-space lattice strain (dimensionless in files, % in tables and figures; positive = lattice stretched, spots "
+    "move inward), shear_xy the tensor shear, rotation counter-clockwise from +Qx toward +Qy (radians in files, "
+    "degrees in tables and figures), modulo the lattice symmetry, all relative to a reference region of the scan."
 )
 
 
 def _region(values):
     return None if values is None else tuple(int(v) for v in values)
+
+
+# ----- defaults shown in --help: read from the code that applies them, never retyped --------------------------------
+def _fmt(value) -> str:
+    """A default as a user would type it: sequences space-separated, floats in short form."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(_fmt(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _arg_default(function, name: str):
+    """The default of keyword ``name`` of a library function (what the CLI passes when the option is not given)."""
+    return inspect.signature(function).parameters[name].default
+
+
+class _LibraryDefault:
+    """A module constant, or the default of a dataclass field, read when --help is printed (those modules import
+    JAX: ``ccstae --help`` stays fast)."""
+
+    def __init__(self, module: str, name: str, field: str | None = None):
+        self.module, self.name, self.field = module, name, field
+
+    def __str__(self) -> str:
+        value = getattr(importlib.import_module(self.module), self.name)
+        if self.field is not None:
+            value = next(f.default for f in dataclasses.fields(value) if f.name == self.field)
+        return _fmt(value)
+
+
+def _lazy_default(action, module: str, name: str, field: str | None = None):
+    """Lets ``action``'s help say ``%(library_default)s``: `_LibraryDefault`, looked up only when help is shown."""
+    action.library_default = _LibraryDefault(module, name, field)
+    return action
+
+
+def _per_preset(name: str) -> str:
+    """The training default of each preset, e.g. ``fast: 20, reference: 20`` (`ccstae_jax.pipeline.PRESET_TRAINING`)."""
+    from ccstae_jax.pipeline import PRESET_TRAINING
+
+    return ", ".join(f"{preset}: {_fmt(values[name])}" for preset, values in PRESET_TRAINING.items() if name in values)
+
+
+_REGION_HELP = "scan rows R0:R1 and columns C0:C1 (0-based, R1 and C1 excluded, like Python slices)"
 
 
 def _data_options(args):
@@ -36,23 +84,31 @@ def _data_options(args):
         q0, q1, q2, q3 = args.crop
         crop = ((q0, q1), (q2, q3))
     return DataOptions(key=args.key, transpose=tuple(args.transpose) if args.transpose else None, crop=crop,
-                       binning=args.binning, allow_negative=bool(getattr(args, "allow_negative", False)))
+                       binning=args.binning or 1, allow_negative=bool(getattr(args, "allow_negative", False)))
 
 
-def _add_data_args(p):
-    p.add_argument("--key", help="dataset path inside an HDF5/.mat file (default: found automatically)")
+def _add_data_args(p, *, of_run: bool = False):
+    """--key, --transpose, --crop, --binning; ``of_run``: for `map`, where they default to the run's."""
+    runs = "default: the run's, as it was trained"
+    p.add_argument("--key", help="dataset path inside an HDF5/.mat file ("
+                   + (runs if of_run else "default: found automatically") + ")")
     p.add_argument("--transpose", type=int, nargs=4, metavar="AX",
-                   help="axis order applied to the stored array to get (Rx, Ry, Qx, Qy); the paper's .mat: 1 0 3 2")
+                   help="axis order applied to the stored array to get (Rx, Ry, Qx, Qy), like numpy.transpose ("
+                   + (runs if of_run else "default: as stored; for a MATLAB v7.3 .mat worked out from the shape "
+                      "(square patterns), e.g. 3 2 1 0 for A(Rx, Ry, Qx, Qy), and printed") + "; the paper's .mat: "
+                   "1 0 3 2)")
     p.add_argument("--crop", type=int, nargs=4, metavar=("Q0", "Q1", "Q2", "Q3"),
-                   help="keep pattern rows Q0:Q1 and columns Q2:Q3 (the paper's .mat: 28 228 28 228)")
-    p.add_argument("--binning", type=int, default=1, help="sum-bin each pattern by this integer factor")
+                   help="keep pattern rows Q0:Q1 and columns Q2:Q3, 0-based, Q1 and Q3 excluded ("
+                   + (runs if of_run else "default: the whole pattern") + "; the paper's .mat: 28 228 28 228)")
+    p.add_argument("--binning", type=int, default=None if of_run else 1,
+                   help="sum-bin each pattern by this integer factor (default: "
+                   + ("the run's" if of_run else "%(default)s, none") + ")")
 
 
-_ALLOW_NEGATIVE_HELP = (
-    "accept negative values (e.g. dark-subtracted EMPAD frames) and use them as they are; by default a scan with "
-    "any negative count is refused, naming how many and the first position. Before training or mapping the whole "
-    "scan is read once and refused if it holds NaN/Inf or only blank (all-zero) patterns; some blank patterns are "
-    "fine (the map marks them invalid)"
+_NEGATIVE_HELP = "use negative values (e.g. dark-subtracted EMPAD frames) as they are instead of refusing the scan"
+_CHECK_HELP = (
+    "Before any work the whole scan is read once and refused if it holds NaN/Inf or only blank (all-zero) "
+    "patterns; some blank patterns are fine (the map marks them invalid)"
 )
 
 
@@ -72,6 +128,9 @@ def _load_config_file(path):
     return cfg
 
 
+_SIM_NOISE = 0.0  # `ccstae simulate` without --noise/--noise-level
+
+
 def _comma_floats(text, option):
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
@@ -86,7 +145,7 @@ def cmd_simulate(args):
     from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 
     noise = args.noise if args.noise is not None else args.noise_level
-    w = parse_noise_level(noise) if noise is not None else 0.0
+    w = parse_noise_level(noise) if noise is not None else _SIM_NOISE
     if args.descan is not None and len(args.descan) not in (1, 4):
         raise ValueError(f"--descan takes 1 number (J = PX I) or 4 (J row-major), got {len(args.descan)}")
     cfg = SimulationConfig(
@@ -136,14 +195,14 @@ def cmd_train(args):
 def cmd_map(args):
     from ccstae_jax.pipeline import map_strain
 
-    data = _data_options(args) if (args.key or args.transpose or args.crop or args.binning != 1) else None
+    data = _data_options(args) if (args.key or args.transpose or args.crop or args.binning) else None
     maps = map_strain(args.run_dir, args.data, args.out, reference_region=_region(args.reference_region),
                       batch_size=args.batch_size, which=args.checkpoint, data=data, figures=args.figures,
                       refine_steps=args.refine_steps, base_update=not args.no_base_update,
                       interpolation=args.interpolation, allow_negative=True if args.allow_negative else None,
                       progress=not args.quiet)
     valid = maps["valid"]
-    print(f"wrote {args.out}: {valid.size} positions, {int(valid.sum())} valid")
+    print(f"wrote {args.out}: {valid.size} positions, {int(valid.sum())} valid ({100 * valid.mean():.1f} %)")
 
 
 def cmd_evaluate(args):
@@ -151,7 +210,12 @@ def cmd_evaluate(args):
     from ccstae_jax.pipeline import evaluate
 
     table = evaluate(args.strain, args.labels, reference_region=_region(args.reference_region))
-    print(json.dumps(table, indent=2) if args.json else format_table(table))
+    if args.json:
+        print(json.dumps(table, indent=2))
+        return
+    print(f"errors of {args.strain} against the labels of {args.labels}; MAE over all valid positions, strain in %, "
+          "rotation in degrees:")
+    print(format_table(table))
 
 
 def cmd_baseline(args):
@@ -168,6 +232,8 @@ def cmd_demo(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ccstae_jax import pipeline
+
     p = argparse.ArgumentParser(prog="ccstae", description=__doc__.split("\n")[0], epilog=_CONVENTIONS)
     p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
@@ -175,126 +241,173 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("simulate", help="write a simulated polycrystal scan (WS2 by default) with labels (HDF5)",
                        epilog=_CONVENTIONS)
     s.add_argument("out", help="output .h5 file")
-    s.add_argument("--scan", type=int, nargs=2, default=(32, 32), metavar=("RX", "RY"), help="scan positions")
-    s.add_argument("--grains", type=int, default=16, help="number of Voronoi grains (incl. the reference grain)")
+    s.add_argument("--scan", type=int, nargs=2, default=(32, 32), metavar=("RX", "RY"),
+                   help="scan positions, rows and columns (default: %(default)s)")
+    s.add_argument("--grains", type=int, default=16,
+                   help="number of Voronoi grains, the reference grain included (default: %(default)s)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--noise", type=float, help="background weight w in [0, 1] (Auto4DSTEM noise model)")
-    g.add_argument("--noise-level", help="a named level: 0%%, 5%%, ..., 50%%, 60%%, 70%%")
-    s.add_argument("--seed", type=int, default=0)
+    g.add_argument("--noise", type=float,
+                   help=f"background weight w in [0, 1] (Auto4DSTEM noise model; default: {_fmt(_SIM_NOISE)}, "
+                        "no noise)")
+    g.add_argument("--noise-level",
+                   help=f"a named level: 0%%, 5%%, ..., 50%%, 60%%, 70%% (default: {_fmt(_SIM_NOISE)}%%)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed of grains, strains and noise (default: %(default)s)")
     s.add_argument("--detector", type=int, default=256,
-                   help="full detector size N in px (default 256); the zero beam sits at pixel N//2")
+                   help="full detector size N in px; the zero beam sits at pixel N//2 (default: %(default)s)")
     s.add_argument("--crop", "--detector-crop", dest="detector_crop", type=int, nargs=2, metavar=("START", "STOP"),
-                   help="detector pixels START:STOP kept on both axes (default: the centred 200/256 N, 28 228 on "
-                        "256 px; 0 N keeps the whole detector)")
-    s.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
-                   help="scan rows R0:R1, columns C0:C1 of the unstrained reference grain")
+                   help="detector pixels START:STOP kept on both axes; 0 N keeps the whole detector (default: the "
+                        "centred 200/256 N crop, 28 228 on 256 px)")
+    _lazy_default(s.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
+                                 help=f"{_REGION_HELP} covered by the unstrained reference grain (default: the "
+                                      "paper's %(library_default)s of its 256 x 256 scan, scaled to --scan)"),
+                  "ccstae_jax.evaluate", "PAPER_REFERENCE_REGION")
     s.add_argument("--spot-spacing", type=float, metavar="PX",
                    help="distance of the first-order spots from the zero beam in detector px, i.e. the camera "
-                        "length (sets the reciprocal pixel size; default 0.0096 * 256 / N 1/A per px: 38.1 px for "
-                        "WS2 on a 256 px detector)")
+                        "length; sets the reciprocal pixel size (default: 0.0096 * 256 / N 1/A per px, 38.1 px "
+                        "for WS2 on a 256 px detector)")
     s.add_argument("--disk-radius", type=float, default=3.7, metavar="PX",
-                   help="convergent-beam disk radius in detector px (default 3.7)")
+                   help="convergent-beam disk radius in detector px (default: %(default)s)")
     s.add_argument("--lattice", default="hexagonal", choices=["hexagonal", "square", "rectangular"],
                    help="hexagonal (1H-MX2, 6-fold), square (4-fold) or rectangular (2-fold); a1 along +Qx "
-                        "(default hexagonal)")
+                        "(default: %(default)s)")
     s.add_argument("--lattice-aspect", type=float, default=1.25, metavar="B/A",
-                   help="b/a of the rectangular lattice, at least 5 %% away from 1 (default 1.25)")
+                   help="b/a of the rectangular lattice, at least 5 %% away from 1 (default: %(default)s)")
     s.add_argument("--phases", metavar="LIST",
                    help="comma-separated phases of the grains, the first one the reference: built-in WS2 (3.153 A), "
                         "WSe2 (3.282 A), MoS2 (3.160 A), MoSe2 (3.288 A), or NAME:A for a lattice constant A in "
-                        "Angstrom (default: WS2 only); labels are relative to the first phase")
+                        "Angstrom; labels are relative to the first phase (default: WS2 only)")
     s.add_argument("--phase-fractions", metavar="LIST",
-                   help="comma-separated relative odds of each phase for the non-reference grains (default equal)")
+                   help="comma-separated relative odds of each phase for the non-reference grains (default: equal)")
     s.add_argument("--vacuum", type=float, default=0.0, metavar="F",
-                   help="fraction of scan positions in vacuum around a flake-shaped specimen, in [0, 0.9] "
-                        "(default 0); vacuum patterns hold only the central beam, their strain labels are NaN")
+                   help="fraction of scan positions in vacuum around a flake-shaped specimen, in [0, 0.9]; vacuum "
+                        "patterns hold only the central beam, their strain labels are NaN (default: %(default)s)")
     s.add_argument("--ellipticity", type=float, default=0.0, metavar="E",
                    help="elliptical projector distortion of the whole pattern as a fraction, in [0, 0.5) (0.02 = "
-                        "2 %%; default 0); labels stay the specimen's")
+                        "2 %%); labels stay the specimen's (default: %(default)s)")
     s.add_argument("--ellipticity-angle", type=float, default=0.0, metavar="RAD",
-                   help="direction of the major stretch, radians counter-clockwise from +Qx toward +Qy (default 0)")
+                   help="direction of the major stretch, radians counter-clockwise from +Qx toward +Qy (default: "
+                        "%(default)s)")
     s.add_argument("--descan", type=float, nargs="+", metavar="PX",
                    help="zero-beam drift across the scan in detector px: one number PX (J = PX I) or four (J "
-                        "row-major); the zero beam moves by J @ (row/(Rx-1) - 1/2, col/(Ry-1) - 1/2) (default 0; "
-                        "non-zero renders every position, slower)")
+                        "row-major); the zero beam moves by J @ (row/(Rx-1) - 1/2, col/(Ry-1) - 1/2); non-zero "
+                        "renders every position, slower (default: no drift)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_simulate)
 
     t = sub.add_parser("train", help="train CC-ST-AE on a scan (resumes when --out holds a checkpoint)",
                        epilog=_CONVENTIONS)
     t.add_argument("data", help="4D-STEM file: .h5/.emd/.mat (v7.3)/.npy/EMPAD .raw")
-    t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--preset", default="fast", choices=["fast", "reference"])
-    t.add_argument("--config", help="TOML file with [model], [loss], [train], [data] tables")
+    t.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
+    t.add_argument("--preset", default=_arg_default(pipeline.train, "preset"), choices=["fast", "reference"],
+                   help="model and training preset (default: %(default)s)")
+    t.add_argument("--config", help="TOML file with [model], [loss], [train], [data] tables; options given on the "
+                                    "command line win (default: none)")
     _add_data_args(t)
-    t.add_argument("--allow-negative", action="store_true", help=_ALLOW_NEGATIVE_HELP)
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--schedule", choices=["constant", "cosine", "warmup_cosine", "bold_driver"])
+    t.add_argument("--allow-negative", action="store_true",
+                   help=f"{_NEGATIVE_HELP} (default: a scan with any negative value is refused, naming how many "
+                        f"and the first position). {_CHECK_HELP}")
+    t.add_argument("--epochs", type=int, help=f"passes over the scan (default per preset: {_per_preset('epochs')})")
+    t.add_argument("--batch-size", type=int,
+                   help=f"patterns per step over all devices (default per preset: {_per_preset('batch_size')})")
+    _lazy_default(t.add_argument("--seed", type=int, help="seed of the initial weights and the data order (default: "
+                                                          "%(library_default)s)"), "ccstae_jax.train", "TrainConfig",
+                  "seed")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default per preset: {_per_preset('learning_rate')})")
+    t.add_argument("--schedule", choices=["constant", "cosine", "warmup_cosine", "bold_driver"],
+                   help=f"learning-rate schedule (default per preset: {_per_preset('schedule')})")
     t.add_argument("--ring", type=float, nargs=2, metavar=("INNER", "OUTER"),
                    help="loss ring radii in detector pixels (default: read from the mean pattern)")
-    t.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (bfloat16 for GPU/TPU)")
-    t.add_argument("--on-nonfinite", choices=["stop", "skip"], help="on a NaN/Inf loss: stop (default) or skip")
-    t.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _lazy_default(t.add_argument("--dtype", choices=["float32", "bfloat16"],
+                                 help="compute dtype of the network layers, bfloat16 for GPU/TPU; parameters and "
+                                      "warps stay float32 (default: %(library_default)s)"),
+                  "ccstae_jax.models", "ModelConfig", "dtype")
+    _lazy_default(t.add_argument("--on-nonfinite", choices=["stop", "skip"],
+                                 help="on a NaN/Inf loss: stop, keeping the last good checkpoint, or skip the batch "
+                                      "(default: %(library_default)s)"), "ccstae_jax.train", "TrainConfig",
+                  "on_nonfinite")
+    _lazy_default(t.add_argument("--checkpoint-every", type=int,
+                                 help="also checkpoint every N steps (default: %(library_default)s, only at the end of "
+                                      "each epoch)"), "ccstae_jax.train", "TrainConfig", "checkpoint_every_steps")
+    t.add_argument("--quiet", action="store_true",
+                   help="no progress output (default: a bar per epoch on a terminal, else one line per epoch)")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("map", help="map strain/shear/rotation over a scan with a trained run", epilog=_CONVENTIONS)
-    m.add_argument("run_dir")
-    m.add_argument("data")
+    m.add_argument("run_dir", help="run directory written by `ccstae train`")
+    m.add_argument("data", help="4D-STEM file to map (read with the run's --key/--transpose/--crop/--binning)")
     m.add_argument("--out", required=True, help="output strain-map .h5")
     m.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
-                   help="reference scan rows R0:R1, columns C0:C1 (default: from the data file, else whole scan)")
-    m.add_argument("--figures", help="directory for PNG figures")
-    m.add_argument("--batch-size", type=int, default=256)
-    m.add_argument("--checkpoint", default="latest", choices=["latest", "best"])
-    m.add_argument("--refine-steps", type=int, default=10,
+                   help=f"reference {_REGION_HELP}; strain and rotation are relative to its median lattice "
+                        "(default: the data file's reference_region attribute, else the whole scan)")
+    m.add_argument("--figures", help="directory for PNG figures (default: none written)")
+    m.add_argument("--batch-size", type=int, default=_arg_default(pipeline.map_strain, "batch_size"),
+                   help="patterns per inference batch; changes memory, not results (default: %(default)s)")
+    m.add_argument("--checkpoint", default=_arg_default(pipeline.map_strain, "which"), choices=["latest", "best"],
+                   help="which checkpoint of the run: the latest or the lowest epoch loss (default: %(default)s)")
+    m.add_argument("--refine-steps", type=int, default=_arg_default(pipeline.map_strain, "refine_steps"),
                    help="Levenberg-Marquardt iterations fitting each pattern's affine: the learned base (spots "
                         "warped, radial background fixed) against the observed pixels, Poisson-weighted "
-                        "(0 = encoder output only)")
+                        "(0 = encoder output only; default: %(default)s)")
     m.add_argument("--no-base-update", action="store_true",
                    help="one refinement pass against the learned base (default: a second pass against the base "
                         "re-estimated from the aligned patterns; reads the scan twice)")
-    m.add_argument("--interpolation", default="cubic", choices=["cubic", "bilinear"],
+    m.add_argument("--interpolation", default=_arg_default(pipeline.map_strain, "interpolation"),
+                   choices=["cubic", "bilinear"],
                    help="how the refinement warps the base, and the base update pulls the patterns: Keys cubic "
-                        "(default; a few %% lower strain error) or bilinear (about 2.4x faster on CPUs)")
-    _add_data_args(m)
+                        "(a few %% lower strain error) or bilinear (about 2.4x faster on CPUs) (default: "
+                        "%(default)s)")
+    _add_data_args(m, of_run=True)
     m.add_argument("--allow-negative", action="store_true",
-                   help="accept negative values (default: as the run was trained); " + _ALLOW_NEGATIVE_HELP)
-    m.add_argument("--quiet", action="store_true")
+                   help=f"{_NEGATIVE_HELP} (default: as the run was trained). {_CHECK_HELP}")
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
     m.set_defaults(func=cmd_map)
 
     e = sub.add_parser("evaluate", help="errors of a strain map against labels", epilog=_CONVENTIONS)
     e.add_argument("strain", help="strain-map .h5 from `ccstae map` or `ccstae baseline`")
     e.add_argument("--labels", required=True,
                    help="simulated .h5 (with /labels) or a directory of the paper's Label_*.npy files")
-    e.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
-                   help="default: the strain map's, else the labels file's (the paper's: 30 60 10 40)")
-    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _lazy_default(e.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
+                                 help=f"{_REGION_HELP} the labels are referenced to (default: the strain map's, else "
+                                      "the labels file's; the paper's: %(library_default)s)"),
+                  "ccstae_jax.evaluate", "PAPER_REFERENCE_REGION")
+    e.add_argument("--json", action="store_true",
+                   help="print JSON, strain errors dimensionless and rotation in degrees (default: a table, strain "
+                        "in %%)")
     e.set_defaults(func=cmd_evaluate)
 
     b = sub.add_parser("baseline", help="py4DSTEM correlation strain mapping (needs the [baseline] extra)",
                        epilog=_CONVENTIONS)
-    b.add_argument("data")
-    b.add_argument("--out", required=True)
+    b.add_argument("data", help="4D-STEM file: .h5/.emd/.mat (v7.3)/.npy/EMPAD .raw")
+    b.add_argument("--out", required=True, help="output strain-map .h5 (absolute strain, against the known lattice)")
     _add_data_args(b)
-    b.add_argument("--probe-radius", type=float, help="disk radius in pixels (default: from the file's attrs)")
-    b.add_argument("--g1-length", type=float, help="unstrained first-order spot distance in pixels (default: attrs)")
-    b.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"))
-    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--probe-radius", type=float,
+                   help="disk radius in pixels (default: the data file's disk_radius attribute)")
+    b.add_argument("--g1-length", type=float,
+                   help="unstrained first-order spot distance in pixels (default: from the data file's attributes)")
+    b.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
+                   help=f"{_REGION_HELP}, stored in the output for `ccstae evaluate` (default: the data file's)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_baseline)
 
     d = sub.add_parser("demo", help="end to end on a simulated scan: simulate, train, map, evaluate, figures",
                        epilog=_CONVENTIONS)
-    d.add_argument("--out", default="demo_out")
-    d.add_argument("--scan", type=int, default=24, help="scan size (square)")
-    d.add_argument("--noise", type=float, default=0.25, help="background weight w")
-    d.add_argument("--epochs", type=int, default=15)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quiet", action="store_true")
+    d.add_argument("--out", default=_arg_default(pipeline.demo, "out_dir"),
+                   help="output folder (default: %(default)s)")
+    d.add_argument("--scan", type=int, default=_arg_default(pipeline.demo, "scan"),
+                   help="scan positions per side, square (default: %(default)s)")
+    d.add_argument("--noise", type=float, default=_arg_default(pipeline.demo, "noise"),
+                   help="background weight w in [0, 1] of the noise model (default: %(default)s)")
+    d.add_argument("--epochs", type=int, default=_arg_default(pipeline.demo, "epochs"),
+                   help="training epochs (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=_arg_default(pipeline.demo, "seed"),
+                   help="seed of the simulation and the training (default: %(default)s)")
+    d.add_argument("--quiet", action="store_true", help="no progress output")
     d.set_defaults(func=cmd_demo)
+    for parser in (p, *sub.choices.values()):  # defaults as typed on the command line: "32 32", not "(32, 32)"
+        for action in parser._actions:
+            if action.help and "%(default)s" in action.help:
+                action.help = action.help.replace("%(default)s", _fmt(action.default).replace("%", "%%"))
     return p
 
 

@@ -2,7 +2,8 @@
 
 Labels and predictions are referenced to the same scan region with the same polar decomposition
 (`ccstae_jax.strain.referenced_strain`), so a method is scored on what it can measure: strain and rotation relative
-to a reference, rotations modulo the lattice symmetry. Strain errors are dimensionless; rotation errors in degrees.
+to a reference, rotations modulo the lattice symmetry. Strain errors are dimensionless; rotation errors in degrees
+(`format_table` shows strain in %).
 """
 from __future__ import annotations
 
@@ -104,11 +105,12 @@ def _referenced_predictions(pred, valid, reference_region, symmetry):
 
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
-    """A short markdown table of `error_table` output (strain x1e-3, rotation in degrees)."""
+    """A short markdown table of `error_table` output: strain errors in %, rotation errors in degrees, the share of
+    valid positions in %."""
     lines = ["| quantity | MAE | median abs | MAE interior | std interior | valid |", "|---|---|---|---|---|---|"]
     for k, row in table.items():
-        scale, unit = (1.0, "deg") if k == "rotation_deg" else (1e3, "x1e-3")
-        cells = [f"{row.get(m, float('nan')) * scale:.3f}" for m in ("mae", "median_abs", "mae_interior",
-                                                                       "std_interior")]
-        lines.append(f"| {k} ({unit}) | " + " | ".join(cells) + f" | {row['valid_fraction']:.3f} |")
+        name, scale, digits = ("rotation (deg)", 1.0, 3) if k == "rotation_deg" else (f"{k} (%)", 100.0, 4)
+        cells = [f"{row.get(m, float('nan')) * scale:.{digits}f}" for m in ("mae", "median_abs", "mae_interior",
+                                                                             "std_interior")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * row['valid_fraction']:.1f} % |")
     return "\n".join(lines)

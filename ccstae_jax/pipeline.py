@@ -175,7 +175,8 @@ def train(
     command with the same ``run_dir`` resumes from its latest checkpoint; a different model configuration (preset,
     ``ring``, model/loss overrides, data options) is refused. Before anything is written, the whole scan is checked
     once (`check_values`: no NaN/Inf, no negative values unless ``data.allow_negative``, not all blank), an explicit
-    ``ring`` must fit the patterns, and ``run_dir`` must be creatable.
+    ``ring`` must fit the patterns, and ``run_dir`` must be creatable. With ``progress`` it prints what was read
+    (`describe_scan`) and reports each epoch (a bar on a terminal, else one line per epoch).
     """
     from ccstae_jax.objective import CCSTAETask, configure
     from ccstae_jax.train import TrainConfig, fit, write_json_atomic
@@ -183,6 +184,8 @@ def train(
     run_dir = Path(run_dir)
     _check_run_dir_target(run_dir)
     with data.open(data_path) as scan:
+        if progress:
+            _say(describe_scan(scan))
         if (run_dir / MODEL_FILE).exists():
             task, saved_data, _ = load_run(run_dir)
             if saved_data != data:
@@ -365,6 +368,8 @@ def map_strain(
     if allow_negative is not None:
         data = dataclasses.replace(data, allow_negative=bool(allow_negative))
     with data.open(data_path) as scan:
+        if progress:
+            _say(describe_scan(scan))
         if tuple(scan.pattern_shape) != tuple(task.model_cfg.pattern_shape):
             raise ValueError(f"{data_path}: patterns are {scan.pattern_shape} (after crop/binning) but the run in "
                              f"{run_dir} was trained on {task.model_cfg.pattern_shape}")
@@ -429,13 +434,7 @@ def map_strain(
         _remove_stale_tmp(out_path)
         write_strain_h5(out_path, maps, attrs=attrs)
         if figures is not None:
-            from ccstae_jax import plots
-
-            Path(figures).mkdir(parents=True, exist_ok=True)
-            params = state.params
-            bases = np.asarray(params["bases"]) if "bases" in params else None
-            plots.save_all_figures(figures, maps=maps, pattern=sample[0], bases=bases,
-                                   metrics_path=str(Path(run_dir) / "metrics.jsonl"))
+            save_run_figures(figures, run_dir, data_path, task, state, scan, maps, reference_region=reference_region)
     return maps
 
 
@@ -487,12 +486,118 @@ def _region_from_attrs(attrs: dict):
     return None
 
 
+class _Bar:
+    """A tqdm bar that draws its final state once: tqdm draws it on the update that reaches the total and again on
+    ``close`` (twice in a log file), so the last update only counts and ``close`` draws."""
+
+    def __init__(self, bar):
+        self._bar = bar
+
+    def update(self, n: int = 1) -> None:
+        bar = self._bar
+        if bar.total is not None and bar.n + n >= bar.total:
+            bar.n += n
+        else:
+            bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="pattern", dynamic_ncols=True)
+    return _Bar(tqdm(total=total, desc=desc, unit="pattern", dynamic_ncols=True))
+
+
+def _say(line: str) -> None:
+    """Prints a progress line on process 0 (flushed, so batch-job logs show it at once)."""
+    from ccstae_jax.parallel import is_main_process
+
+    if is_main_process():
+        print(line, flush=True)
+
+
+def describe_scan(scan) -> str:
+    """What was read, for the log: file, key, scan and pattern size, how the stored array was reordered, cropped
+    and binned, and (on a second line) an axis order worked out from the shape (``Scan.layout_note``)."""
+    rx, ry = scan.scan_shape
+    h, w = scan.pattern_shape
+    logical = tuple(scan.stored_shape[a] for a in scan.transpose)
+    steps = []
+    if tuple(scan.transpose) != (0, 1, 2, 3):
+        steps.append("transpose " + " ".join(str(a) for a in scan.transpose))
+    (q0, q1), (q2, q3) = scan.crop
+    if (q0, q1, q2, q3) != (0, logical[2], 0, logical[3]):
+        steps.append(f"crop rows {q0}:{q1}, columns {q2}:{q3}")
+    if scan.binning > 1:
+        steps.append(f"binning {scan.binning}")
+    how = f"stored {scan.stored_shape} {scan.stored_dtype}" + ("; " + ", ".join(steps) if steps else "")
+    key = f", key {scan.key}" if scan.key else ""
+    line = f"data {scan.path}{key}: {rx} x {ry} scan positions, {h} x {w} px patterns ({how})"
+    return line + ("\n" + scan.layout_note if scan.layout_note else "")
+
+
+def _shown_position(valid: np.ndarray) -> tuple[int, int]:
+    """The scan position whose pattern the figures show: the centre of the scan, else the first valid one."""
+    rx, ry = valid.shape
+    if valid[rx // 2, ry // 2] or not valid.any():
+        return rx // 2, ry // 2
+    r, c = np.argwhere(valid)[0]
+    return int(r), int(c)
+
+
+def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, labels=None, baseline=None,
+                     reference_region=None) -> list[str]:
+    """The figures of a mapped scan (`ccstae_jax.plots.save_all_figures`), titled with the data file and the run.
+
+    Args:
+      out_dir: folder for the PNGs (created).
+      run_dir, data_path: the run and the scan (for titles, ``metrics.jsonl`` and ``config.json``).
+      task, state: the run's task and its restored `ccstae_jax.train.TrainState`.
+      scan: the open `ccstae_jax.data.readers.Scan` that was mapped.
+      maps: `map_strain`'s maps (``theta`` and ``class_index`` included).
+      labels, baseline: optional maps drawn as extra rows (referenced like ``maps``).
+      reference_region: ``(r0, r1, c0, c1)`` the maps are referenced to, outlined on them; None = whole scan.
+
+    Returns:
+      The paths written. The pattern figure shows the pattern at the centre of the scan (else the first valid
+      position) with the training loss mask of the run's last epoch, carried onto the pattern by its fitted affine.
+    """
+    import jax.numpy as jnp
+
+    from ccstae_jax import plots
+    from ccstae_jax.losses import data_frame_mask
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    r, c = _shown_position(np.asarray(maps["valid"], bool))
+    ry = scan.scan_shape[1]
+    pattern = scan.read(r * ry + c, r * ry + c + 1)[0]
+    params = state.params
+    spe = json.loads((Path(run_dir) / "config.json").read_text()).get("steps_per_epoch", 1)
+    epoch = max(0, (int(state.step) - 1) // max(1, int(spe)))  # the epoch of the last trained step
+    mask, label = None, "loss mask"
+    if not task.model_cfg.interpolate:  # (the up-sampled path's masks live on another grid)
+        _, base_mask = task.forward(params, jnp.asarray(np.stack([pattern, pattern])), jnp.int32(epoch))
+        label = f"training loss mask of epoch {epoch + 1}"
+        if "theta" in maps:
+            theta = jnp.asarray(np.repeat(np.asarray(maps["theta"])[r, c][None], 2, 0))
+            base_mask = data_frame_mask(base_mask, theta)
+            label += ", moved by the fitted affine"
+        else:
+            label += " (in the base's frame)"
+        mask = np.asarray(base_mask)[0] > 0.5
+    k = int(np.asarray(maps["class_index"])[r, c]) if "class_index" in maps else None
+    pattern_title = f"pattern at scan position ({r}, {c}) (row Rx, column Ry)" + (
+        f", matched to base {k}" if k is not None and task.model_cfg.num_bases > 1 else "")
+    return plots.save_all_figures(
+        out_dir, maps=maps, labels=labels, baseline=baseline, pattern=pattern, mask=mask,
+        bases=np.asarray(params["bases"]) if "bases" in params else None,
+        metrics_path=str(Path(run_dir) / "metrics.jsonl"),
+        title=f"data {Path(data_path).name}, run {Path(run_dir).name}", reference_region=reference_region,
+        symmetry=task.model_cfg.symmetry, pattern_title=pattern_title, mask_label=label)
 
 
 def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: float = 0.25, epochs: int = 15,
@@ -502,7 +607,6 @@ def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: floa
     Writes ``simulated.h5``, ``run/``, ``strain.h5``, ``figures/*.png`` and ``results.json`` under ``out_dir``; returns
     the error table.
     """
-    from ccstae_jax import plots
     from ccstae_jax.data.readers import load_labels
     from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
     from ccstae_jax.evaluate import format_table, referenced_labels
@@ -517,24 +621,21 @@ def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: floa
     maps = map_strain(out / "run", data_path, out / "strain.h5", progress=progress)
     table = evaluate(out / "strain.h5", data_path)
     labels = load_labels(data_path, shape=(scan, scan))
-    region = sim.reference_bounds
+    region = sim.reference_bounds  # the map's reference: the reference_region attribute of the simulated file
     ref_labels = referenced_labels(labels, reference_region=region)
-    figs = out / "figures"
-    figs.mkdir(exist_ok=True)
     from ccstae_jax.data.readers import open_scan
     from ccstae_jax.train import load_checkpoint, write_json_atomic
 
     task, _, _ = load_run(out / "run")
     with open_scan(data_path) as s:
-        pattern = s.read(0, 1)[0]
-    state = load_checkpoint(out / "run", task, np.stack([pattern, pattern]))
-    from ccstae_jax import masks as masks_lib
-
-    ring = np.asarray(masks_lib.ring_mask(pattern.shape, task.loss_cfg.ring_inner, task.loss_cfg.ring_outer))
-    paths = plots.save_all_figures(figs, maps=maps, labels=ref_labels, pattern=pattern, mask=ring,
-                                   bases=np.asarray(state.params["bases"]) if "bases" in state.params else None,
-                                   metrics_path=str(out / "run" / "metrics.jsonl"))
+        state = load_checkpoint(out / "run", task, s.read(0, 2))
+        paths = save_run_figures(out / "figures", out / "run", data_path, task, state, s, maps, labels=ref_labels,
+                                 reference_region=region)
     result = {"simulation": json.loads(sim.to_json()), "errors": table, "figures": [str(p) for p in paths]}
     write_json_atomic(out / "results.json", result)
+    r0, r1, c0, c1 = region
+    print(f"Error of the CC-ST-AE map against the simulation's labels, both referenced to the region rows {r0}:{r1}, "
+          f"columns {c0}:{c1} (0-based, end excluded); MAE over all valid positions, strain in %, rotation in "
+          "degrees:")
     print(format_table(table))
     return table

@@ -1,4 +1,5 @@
-"""Figures for strain mapping: strain maps, histograms, pattern and mask, learned bases, training curves, noise sweep.
+"""Figures for strain mapping: strain maps, uncertainty maps, histograms, pattern and mask, learned bases, training
+curves, reconstruction error, noise sweep.
 
 Every function draws on a fresh :class:`matplotlib.figure.Figure` (no pyplot, no global backend change, nothing to
 close, safe without a display), writes one PNG at a fixed pixel size (``figsize * dpi``, no tight bounding box) and
@@ -8,8 +9,8 @@ Conventions (the same as `ccstae_jax.strain`): maps are ``(Rx, Ry)`` and drawn w
 scan column ``Ry`` to the right. x = detector Qx = pattern rows (axis 2 of the 4D data), y = Qy = pattern columns
 (axis 3). ``strain_xx``, ``strain_yy``: real-space lattice strain along x, y (positive = lattice stretched = spots move
 inward); ``shear_xy``: tensor shear; ``rotation``: radians counter-clockwise from +Qx toward +Qy, relative to the
-reference (modulo the lattice symmetry). Strains are drawn in percent, rotation in degrees. NaN (and positions with
-``valid == False``) are drawn in grey.
+reference (modulo the lattice symmetry). Display units, everywhere: strain in percent, rotation in degrees (files
+stay dimensionless / radians). NaN (and positions with ``valid == False``) are drawn in grey.
 
 Example::
 
@@ -31,6 +32,9 @@ import numpy as np
 STRAIN_KEYS = ("strain_xx", "strain_yy", "shear_xy")
 QUANTITIES = STRAIN_KEYS + ("rotation",)
 DEFAULT_DPI = 120
+STRAIN_PERCENT = 100.0  # display unit of strain: percent (strain x 100)
+COLOUR_PERCENTILE = 99.5  # automatic colour limits: this percentile of |value|, so a few outliers saturate, not grains
+UNCERTAINTY_PREFIX = "uncertainty_"  # maps[UNCERTAINTY_PREFIX + quantity]: 1-sigma uncertainty maps
 
 _TITLES = {
     "strain_xx": r"strain xx  ($\varepsilon_{xx}$)",
@@ -145,60 +149,128 @@ def _robust_limit(arrays: Sequence[np.ndarray], *, percentile: float = 99.0, fal
 
 def color_limits(
     maps: Mapping[str, Any], *, labels: Mapping[str, Any] | None = None, baseline: Mapping[str, Any] | None = None,
-    strain_limit: float | None = None,
+    strain_limit: float | None = None, rotation_limit: float | None = None, symmetry: int | None = 6,
 ) -> tuple[float, float]:
     """Symmetric colour limits shared by all methods in `plot_strain_maps`.
 
     Args:
       maps, labels, baseline: strain-map dicts (see `plot_strain_maps`).
       strain_limit: fixed strain limit (dimensionless, e.g. ``0.02`` for 2 %); None = robust automatic.
+      rotation_limit: fixed rotation limit in degrees; None = half the symmetry period (``180 / symmetry``: the
+        cyclic rotation scale spans exactly one period), or the robust automatic limit when ``symmetry`` is None.
+      symmetry: the lattice's rotational symmetry (6 for hexagonal): rotations are defined modulo
+        ``360 / symmetry`` degrees. None = not periodic.
 
     Returns:
       ``(strain_lim, rotation_lim_deg)``: the strain panels span ``[-strain_lim, strain_lim]`` (dimensionless), the
-      rotation panels ``[-rotation_lim_deg, rotation_lim_deg]`` (degrees). Automatic limits are the 99th percentile
-      of ``|value|`` over every finite position of every method shown (all three strain components pooled).
+      rotation panels ``[-rotation_lim_deg, rotation_lim_deg]`` (degrees). Automatic limits are the 99.5th
+      percentile (`COLOUR_PERCENTILE`) of ``|value|`` over every finite position of every method shown (all three
+      strain components pooled), so only the most extreme 0.5 % of positions saturate.
     """
     rows = _all_prepared(maps, labels, baseline)
     if strain_limit is None:
-        s_lim = _robust_limit([p[k] for _, p in rows for k in STRAIN_KEYS], fallback=1e-3)
+        s_lim = _robust_limit([p[k] for _, p in rows for k in STRAIN_KEYS], percentile=COLOUR_PERCENTILE,
+                              fallback=1e-3)
     else:
         s_lim = float(strain_limit)
         if not (np.isfinite(s_lim) and s_lim > 0):
             raise ValueError(f"strain_limit must be a positive finite number (dimensionless), got {strain_limit!r}")
-    r_lim = _robust_limit([p["rotation"] for _, p in rows], fallback=1.0)
+    if rotation_limit is not None:
+        r_lim = float(rotation_limit)
+        if not (np.isfinite(r_lim) and r_lim > 0):
+            raise ValueError(f"rotation_limit must be a positive finite number of degrees, got {rotation_limit!r}")
+    elif symmetry is not None:
+        r_lim = 180.0 / _check_symmetry(symmetry)
+    else:
+        r_lim = _robust_limit([p["rotation"] for _, p in rows], percentile=COLOUR_PERCENTILE, fallback=1.0)
     return s_lim, r_lim
 
 
+def _check_symmetry(symmetry) -> int:
+    if not (isinstance(symmetry, (int, np.integer)) and not isinstance(symmetry, bool) and symmetry >= 1):
+        raise ValueError(f"symmetry must be a positive integer (6 for hexagonal lattices) or None, got {symmetry!r}")
+    return int(symmetry)
+
+
+def _wrapped_degrees(a: np.ndarray, period: float) -> np.ndarray:
+    """Angles in degrees wrapped into ``[-period / 2, period / 2)`` (NaN stays NaN)."""
+    return (a + period / 2) % period - period / 2
+
+
+def _check_region(region, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    if region is None:
+        return None
+    try:
+        r0, r1, c0, c1 = (int(v) for v in region)
+    except (TypeError, ValueError):
+        raise ValueError(f"reference_region must be 4 integers (r0, r1, c0, c1), got {region!r}") from None
+    if not (0 <= r0 < r1 <= shape[0] and 0 <= c0 < c1 <= shape[1]):
+        raise ValueError(f"reference_region {(r0, r1, c0, c1)} is outside the {shape[0]}x{shape[1]} scan; expected "
+                         f"0 <= r0 < r1 <= {shape[0]} and 0 <= c0 < c1 <= {shape[1]}")
+    return r0, r1, c0, c1
+
+
+def _region_text(region) -> str:
+    if region is None:
+        return "reference: median over the whole scan"
+    r0, r1, c0, c1 = region
+    return f"black box = reference region, rows {r0}:{r1}, columns {c0}:{c1}"
+
+
+def _draw_region(ax, region) -> None:
+    """Outlines scan rows r0:r1, columns c0:c1 (pixel edges; imshow puts pixel centres at integers)."""
+    if region is None:
+        return
+    from matplotlib.patches import Rectangle
+
+    r0, r1, c0, c1 = region
+    ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), c1 - c0, r1 - r0, fill=False, edgecolor="black", linewidth=1.4))
+
+
 def _scan_axes(ax, *, xlabel: bool, ylabel: str | None) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("scan column Ry" if xlabel else "")
     if ylabel is not None:
         ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # scan positions are whole numbers
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(labelsize=8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # strain maps and histograms
 # ---------------------------------------------------------------------------------------------------------------
-def _strain_maps_figure(maps, *, labels=None, baseline=None, title=None, strain_limit=None, dpi=DEFAULT_DPI):
+def _strain_maps_figure(maps, *, labels=None, baseline=None, title=None, strain_limit=None, rotation_limit=None,
+                        symmetry=6, reference_region=None, dpi=DEFAULT_DPI):
     from matplotlib.colors import Normalize
 
     rows = _all_prepared(maps, labels, baseline)
-    s_lim, r_lim = color_limits(maps, labels=labels, baseline=baseline, strain_limit=strain_limit)
+    s_lim, r_lim = color_limits(maps, labels=labels, baseline=baseline, strain_limit=strain_limit,
+                                rotation_limit=rotation_limit, symmetry=symmetry)
     rx, ry = rows[0][1]["strain_xx"].shape
+    region = _check_region(reference_region, (rx, ry))
+    cyclic = symmetry is not None and rotation_limit is None
+    period = 360.0 / _check_symmetry(symmetry) if symmetry is not None else None
     aspect = min(max(rx / ry, 0.4), 2.5)
     panel = 2.9
     fig = _figure(4 * panel + 0.6, len(rows) * panel * aspect + 1.9, dpi, images=True)
     axes = fig.subplots(len(rows), 4, squeeze=False, sharex=True, sharey=True)
-    s_norm = Normalize(-100 * s_lim, 100 * s_lim)
+    s_norm = Normalize(-STRAIN_PERCENT * s_lim, STRAIN_PERCENT * s_lim)
     r_norm = Normalize(-r_lim, r_lim)
-    cmap = _cmap("RdBu_r")
+    s_cmap = _cmap("RdBu_r")
+    r_cmap = _cmap("twilight_shifted") if cyclic else s_cmap
     ims = {}
     for i, (name, p) in enumerate(rows):
         for j, k in enumerate(QUANTITIES):
             ax = axes[i, j]
-            data = p[k] if k == "rotation" else 100 * p[k]
-            ims[k] = ax.imshow(data, cmap=cmap, norm=r_norm if k == "rotation" else s_norm,
-                               interpolation="nearest", origin="upper")
+            if k == "rotation":
+                data = _wrapped_degrees(p[k], period) if period is not None else p[k]
+            else:
+                data = STRAIN_PERCENT * p[k]
+            ims[k] = ax.imshow(data, cmap=r_cmap if k == "rotation" else s_cmap,
+                               norm=r_norm if k == "rotation" else s_norm, interpolation="nearest", origin="upper")
+            _draw_region(ax, region)
             if i == 0:
                 ax.set_title(_TITLES[k], fontsize=11)
             _scan_axes(ax, xlabel=i == len(rows) - 1, ylabel="scan row Rx" if j == 0 else None)
@@ -206,11 +278,13 @@ def _strain_maps_figure(maps, *, labels=None, baseline=None, title=None, strain_
                 ax.annotate(name, xy=(0, 0.5), xycoords=ax.yaxis.label, xytext=(-4, 0), textcoords="offset points",
                             ha="right", va="center", rotation=90, fontsize=12, fontweight="bold")
     cb = fig.colorbar(ims["strain_xx"], ax=axes[:, :3], location="bottom", shrink=0.5, aspect=40, extend="both")
-    cb.set_label("strain (%), one scale for all strain panels")
-    cb = fig.colorbar(ims["rotation"], ax=axes[:, 3], location="bottom", shrink=0.9, aspect=24, extend="both")
-    cb.set_label("rotation (deg)")
+    cb.set_label(f"strain (%), one scale for all strain panels (±{STRAIN_PERCENT * s_lim:.3g} %)")
+    cb = fig.colorbar(ims["rotation"], ax=axes[:, 3], location="bottom", shrink=0.9, aspect=24,
+                      extend="neither" if cyclic else "both")
+    cb.set_label(f"rotation (deg), cyclic: ±{r_lim:g} deg meet\n({period:g} deg lattice period)" if cyclic
+                 else "rotation (deg)")
     head = (title + "\n") if title else ""
-    fig.suptitle(f"{head}{_CONVENTION_LINE}; grey = no value", fontsize=10)
+    fig.suptitle(f"{head}{_CONVENTION_LINE};\n{_region_text(region)}; grey = no value", fontsize=10)
     return fig
 
 
@@ -222,6 +296,9 @@ def plot_strain_maps(
     baseline: Mapping[str, Any] | None = None,
     title: str | None = None,
     strain_limit: float | None = None,
+    rotation_limit: float | None = None,
+    symmetry: int | None = 6,
+    reference_region: Sequence[int] | None = None,
     dpi: int = DEFAULT_DPI,
 ) -> str:
     """Maps of strain_xx, strain_yy, shear_xy and rotation; one row per method (labels, CC-ST-AE, baseline).
@@ -232,9 +309,16 @@ def plot_strain_maps(
       path: output PNG.
       labels: ground truth, same keys and shape, referenced like ``maps``; drawn as the first row.
       baseline: py4DSTEM maps, same keys and shape; drawn as the last row.
-      title: first line of the figure title (the second states the conventions).
-      strain_limit: colour limit of the strain panels, dimensionless (``0.02`` = 2 %); None = 99th percentile of
+      title: first line of the figure title (e.g. the data file and the run); the next lines state the conventions
+        and the reference.
+      strain_limit: colour limit of the strain panels, dimensionless (``0.02`` = 2 %); None = 99.5th percentile of
         ``|strain|`` over all panels. See `color_limits`.
+      rotation_limit: colour limit of the rotation panels in degrees (then a diverging, non-cyclic scale); None =
+        one full symmetry period on a cyclic scale (see `color_limits`).
+      symmetry: rotational symmetry of the lattice (6: rotations modulo 60 deg, drawn wrapped into [-30, 30) deg
+        on the cyclic ``twilight_shifted`` map, where -30 and +30 deg get the same colour); None = not periodic.
+      reference_region: ``(r0, r1, c0, c1)``, scan rows r0:r1 and columns c0:c1 (0-based, end excluded) the maps
+        are referenced to; outlined in black on every panel. None = whole-scan reference (nothing drawn).
       dpi: resolution of the PNG.
 
     Returns:
@@ -243,7 +327,76 @@ def plot_strain_maps(
     """
     dpi = _check_dpi(dpi)
     return _save(_strain_maps_figure(maps, labels=labels, baseline=baseline, title=title,
-                                     strain_limit=strain_limit, dpi=dpi), path, dpi)
+                                     strain_limit=strain_limit, rotation_limit=rotation_limit, symmetry=symmetry,
+                                     reference_region=reference_region, dpi=dpi), path, dpi)
+
+
+def _uncertainty_figure(uncertainty, *, valid=None, title=None, reference_region=None, dpi=DEFAULT_DPI):
+    from matplotlib.colors import Normalize
+
+    if not isinstance(uncertainty, Mapping):
+        raise TypeError(f"uncertainty must be a dict of (Rx, Ry) arrays, got {type(uncertainty).__name__}")
+    m = dict(uncertainty)
+    if valid is not None:
+        m["valid"] = valid
+    p = _prepared("uncertainty", m, QUANTITIES, None)
+    for k, a in p.items():
+        if np.any(a[np.isfinite(a)] < 0):
+            raise ValueError(f"uncertainty map {k!r} holds negative values; expected 1-sigma uncertainties >= 0")
+    rx, ry = p["strain_xx"].shape
+    region = _check_region(reference_region, (rx, ry))
+    aspect = min(max(rx / ry, 0.4), 2.5)
+    panel = 2.9
+    fig = _figure(4 * panel + 0.6, panel * aspect + 1.9, dpi, images=True)
+    axes = fig.subplots(1, 4, squeeze=False, sharex=True, sharey=True)[0]
+    s_hi = STRAIN_PERCENT * _robust_limit([p[k] for k in STRAIN_KEYS], percentile=COLOUR_PERCENTILE, fallback=1e-3)
+    r_hi = _robust_limit([p["rotation"]], percentile=COLOUR_PERCENTILE, fallback=0.1)
+    cmap = _cmap("viridis")
+    ims = {}
+    for j, k in enumerate(QUANTITIES):
+        ax = axes[j]
+        data, hi = (p[k], r_hi) if k == "rotation" else (STRAIN_PERCENT * p[k], s_hi)
+        ims[k] = ax.imshow(data, cmap=cmap, norm=Normalize(0.0, hi), interpolation="nearest", origin="upper")
+        _draw_region(ax, region)
+        ax.set_title(_TITLES[k], fontsize=11)
+        _scan_axes(ax, xlabel=True, ylabel="scan row Rx" if j == 0 else None)
+    cb = fig.colorbar(ims["strain_xx"], ax=axes[:3], location="bottom", shrink=0.5, aspect=40, extend="max")
+    cb.set_label("1-sigma uncertainty of strain (%), one scale for all strain panels")
+    cb = fig.colorbar(ims["rotation"], ax=axes[3], location="bottom", shrink=0.9, aspect=24, extend="max")
+    cb.set_label("1-sigma uncertainty of rotation (deg)")
+    head = (title + "\n") if title else ""
+    fig.suptitle(f"{head}1-sigma uncertainty per position (0 to the {COLOUR_PERCENTILE:g}th percentile; "
+                 f"{_region_text(region)}; grey = no value)", fontsize=10)
+    return fig
+
+
+def save_uncertainty_maps(
+    path: str | os.PathLike,
+    uncertainty: Mapping[str, Any],
+    *,
+    valid: np.ndarray | None = None,
+    title: str | None = None,
+    reference_region: Sequence[int] | None = None,
+    dpi: int = DEFAULT_DPI,
+) -> str:
+    """Maps of the 1-sigma uncertainty of strain_xx, strain_yy, shear_xy and rotation, laid out like the strain maps.
+
+    Args:
+      path: output PNG.
+      uncertainty: ``strain_xx``, ``strain_yy``, ``shear_xy`` (dimensionless) and ``rotation`` (radians): ``(Rx,
+        Ry)`` 1-sigma uncertainties (>= 0), NaN where invalid.
+      valid: optional bool ``(Rx, Ry)``; positions where it is False are drawn grey.
+      title: first line of the figure title.
+      reference_region: ``(r0, r1, c0, c1)`` (0-based, end excluded), outlined in black; None draws nothing.
+      dpi: resolution of the PNG.
+
+    Returns:
+      ``path`` as str. Strains are drawn in %, rotation in degrees, each on a sequential scale (viridis) from 0 to
+      the 99.5th percentile; the three strain panels share one scale.
+    """
+    dpi = _check_dpi(dpi)
+    return _save(_uncertainty_figure(uncertainty, valid=valid, title=title, reference_region=reference_region,
+                                     dpi=dpi), path, dpi)
 
 
 def _histograms_figure(maps, *, labels=None, baseline=None, bins=100, dpi=DEFAULT_DPI):
@@ -253,27 +406,42 @@ def _histograms_figure(maps, *, labels=None, baseline=None, bins=100, dpi=DEFAUL
     fig = _figure(15.0, 4.3, dpi)
     axes = fig.subplots(1, 4)
     finite = {k: [p[k][np.isfinite(p[k])] for _, p in rows] for k in QUANTITIES}
-    s_lim = 1.1 * _robust_limit([100 * d for k in STRAIN_KEYS for d in finite[k]], percentile=99.5, fallback=0.1)
-    r_lim = 1.1 * _robust_limit(finite["rotation"], percentile=99.5, fallback=1.0)
+    s_lim = 1.1 * _robust_limit([STRAIN_PERCENT * d for k in STRAIN_KEYS for d in finite[k]],
+                                percentile=COLOUR_PERCENTILE, fallback=0.1)
+    r_lim = 1.1 * _robust_limit(finite["rotation"], percentile=COLOUR_PERCENTILE, fallback=1.0)
+    any_cut = False
     for ax, k in zip(axes, QUANTITIES):
-        scale, lim = (1.0, r_lim) if k == "rotation" else (100.0, s_lim)
-        data = [(name, scale * d) for (name, _), d in zip(rows, finite[k])]
+        scale, lim, unit = (1.0, r_lim, "deg") if k == "rotation" else (STRAIN_PERCENT, s_lim, "%")
         edges = np.linspace(-lim, lim, int(bins) + 1)
+        counts = {name: np.histogram(scale * d, bins=edges)[0] for (name, _), d in zip(rows, finite[k])}
+        estimated = [c.max() for name, c in counts.items() if name != "labels" and c.size]
+        # The labels are a few constant grains: their bars would dwarf the estimates. The axis is scaled to the
+        # estimates and taller label bars are cut, their counts written on top.
+        top = 1.3 * max(estimated) if estimated and max(estimated) > 0 else None
         off = []
-        for name, d in data:
+        for (name, _), d in zip(rows, finite[k]):
             colour, filled = _METHOD_STYLE[name]
-            outside = int(np.sum(np.abs(d) > lim))
+            c = counts[name]
+            outside = int(np.sum(np.abs(scale * d) > lim))
             if outside:
                 off.append(f"{name} {outside}")
             label = f"{name} (n = {d.size} valid)"
             if filled:
-                ax.hist(d, bins=edges, color=colour, alpha=0.35, label=label)
+                shown = c if top is None else np.minimum(c, top)
+                ax.stairs(shown, edges, fill=True, color=colour, alpha=0.35, label=label)
+                if top is not None:
+                    for i in np.nonzero(c > top)[0]:
+                        any_cut = True
+                        ax.text(0.5 * (edges[i] + edges[i + 1]), top, str(int(c[i])), ha="center", va="bottom",
+                                fontsize=6, color="0.25", rotation=90)
             else:
-                ax.hist(d, bins=edges, histtype="step", color=colour, linewidth=1.4, label=label)
+                ax.stairs(c, edges, color=colour, linewidth=1.4, label=label)
         if off:
-            ax.text(0.02, 0.98, "off-scale: " + ", ".join(off), transform=ax.transAxes, ha="left", va="top",
-                    fontsize=7, color="0.3")
+            ax.text(0.02, 0.98, f"off-scale (|value| > {lim:.3g} {unit}, not drawn):\n" + ", ".join(off),
+                    transform=ax.transAxes, ha="left", va="top", fontsize=7, color="0.3")
         ax.set_xlim(-lim, lim)
+        if top is not None:
+            ax.set_ylim(0, 1.12 * top)
         ax.axvline(0.0, color="0.5", linewidth=0.6, linestyle=":")
         ax.set_title(_TITLES[k], fontsize=11)
         ax.set_xlabel("rotation (deg)" if k == "rotation" else "strain (%)")
@@ -281,7 +449,9 @@ def _histograms_figure(maps, *, labels=None, baseline=None, bins=100, dpi=DEFAUL
     axes[0].set_ylabel("positions per bin")
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=len(names), fontsize=9, frameon=False)
-    fig.suptitle(_CONVENTION_LINE, fontsize=9)
+    note = ("x range: ±1.1 x the 99.5th percentile of |value| (one range for the three strain panels)"
+            + ("; label bars taller than the axis are cut, their counts written on top" if any_cut else ""))
+    fig.suptitle(f"{_CONVENTION_LINE}\n{note}", fontsize=9)
     return fig
 
 
@@ -300,8 +470,9 @@ def plot_histograms(
       maps, labels, baseline: as in `plot_strain_maps` (labels drawn filled grey, CC-ST-AE blue, py4DSTEM orange).
       path: output PNG.
       bins: bins per panel, shared by all methods over a symmetric range (1.1 x the 99.5th percentile of
-        ``|value|``, one range for the three strain panels); values beyond it are counted in the panel as
-        off-scale. NaN / invalid positions are skipped.
+        ``|value|``, one range for the three strain panels); values beyond it are not drawn and are counted in the
+        panel as "off-scale". The y axis is scaled to the estimates; label bars taller than it are cut and their
+        counts written on top. NaN / invalid positions are skipped.
       dpi: resolution of the PNG.
 
     Returns:
@@ -329,7 +500,10 @@ def _image_norm(img: np.ndarray, log: bool):
     return Normalize(lo, hi if hi > lo else lo + 1.0)
 
 
-def _pattern_figure(pattern, mask, *, title=None, log=True, dpi=DEFAULT_DPI):
+def _pattern_figure(pattern, mask, *, title=None, mask_label="loss mask", log=True, dpi=DEFAULT_DPI):
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     pattern = np.asarray(pattern, np.float64)
     if pattern.ndim != 2:
         raise ValueError(f"pattern must be 2-D (H, W) = (Qx, Qy), got shape {pattern.shape}")
@@ -342,7 +516,7 @@ def _pattern_figure(pattern, mask, *, title=None, log=True, dpi=DEFAULT_DPI):
     axes = fig.subplots(1, ncol, squeeze=False, sharex=True, sharey=True)[0]
     norm = _image_norm(pattern, log)
     cmap = _cmap("magma")
-    shown = [(pattern, "pattern" + (" with mask outline" if mask is not None else ""))]
+    shown = [(pattern, "pattern" + (", mask outlined (cyan)" if mask is not None else ""))]
     if mask is not None:
         shown.append((np.where(mask > 0, pattern * mask, np.nan), "pattern x mask (what the loss sees)"))
     for ax, (img, name) in zip(axes, shown):
@@ -351,10 +525,14 @@ def _pattern_figure(pattern, mask, *, title=None, log=True, dpi=DEFAULT_DPI):
         ax.set_xlabel("Qy (pattern column, px)")
         ax.tick_params(labelsize=8)
     axes[0].set_ylabel("Qx (pattern row, px)")
-    if mask is not None and mask.min() < 0.5 <= mask.max():
-        axes[0].contour(mask, levels=[0.5], colors="cyan", linewidths=0.8)
+    if mask is not None:
+        if mask.min() < 0.5 <= mask.max():
+            axes[0].contour(mask, levels=[0.5], colors="cyan", linewidths=0.8)
+        handles = [Line2D([], [], color="cyan", linewidth=1.2, label=f"{mask_label} (outline)"),
+                   Patch(facecolor=_BAD_COLOUR, edgecolor="0.3", label="grey: outside the mask, not in the loss")]
+        fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     cb = fig.colorbar(im, ax=list(axes), location="right", shrink=0.85)
-    cb.set_label("intensity" + (" (log scale)" if log else ""))
+    cb.set_label("intensity (counts)" + (" (log scale)" if log else ""))
     cb.ax.tick_params(labelsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -367,16 +545,18 @@ def plot_pattern_and_mask(
     path: str | os.PathLike,
     *,
     title: str | None = None,
+    mask_label: str = "loss mask",
     log: bool = True,
     dpi: int = DEFAULT_DPI,
 ) -> str:
-    """A diffraction pattern with the loss mask outlined (cyan), beside the masked pattern.
+    """A diffraction pattern with the loss mask outlined (cyan), beside the masked pattern (outside grey).
 
     Args:
       pattern: ``(H, W)`` = ``(Qx, Qy)`` intensities (drawn with Qx downwards, Qy to the right).
       mask: ``(H, W)`` bool or float in [0, 1] (outline at 0.5), or None for the pattern alone.
       path: output PNG.
-      title: figure title.
+      title: figure title (e.g. which scan position the pattern is from).
+      mask_label: what the mask is, for the legend (e.g. "training loss mask at epoch 15").
       log: logarithmic colour scale (from the 1st percentile of positive values, at most 5 decades); values
         <= 0 are drawn at the bottom of the scale.
       dpi: resolution of the PNG.
@@ -385,10 +565,10 @@ def plot_pattern_and_mask(
       ``path`` as str.
     """
     dpi = _check_dpi(dpi)
-    return _save(_pattern_figure(pattern, mask, title=title, log=log, dpi=dpi), path, dpi)
+    return _save(_pattern_figure(pattern, mask, title=title, mask_label=mask_label, log=log, dpi=dpi), path, dpi)
 
 
-def _bases_figure(bases, *, dpi=DEFAULT_DPI):
+def _bases_figure(bases, *, counts=None, log=True, dpi=DEFAULT_DPI):
     from matplotlib.colors import Normalize
 
     bases = np.asarray(bases, np.float64)
@@ -397,10 +577,15 @@ def _bases_figure(bases, *, dpi=DEFAULT_DPI):
     if bases.ndim != 3 or bases.shape[0] == 0:
         raise ValueError(f"bases must be (num_bases, H, W) (or one (H, W) base), got shape {bases.shape}")
     n = bases.shape[0]
+    if counts is not None:
+        counts = np.asarray(counts)
+        if counts.shape != (n,):
+            raise ValueError(f"counts must hold one number per base ({n}), got shape {counts.shape}")
     ncol = min(n, 4)
     nrow = math.ceil(n / ncol)
     fig = _figure(3.4 * ncol + 0.4, 3.3 * nrow + 0.5, dpi)
     axes = fig.subplots(nrow, ncol, squeeze=False)
+    total = int(counts.sum()) if counts is not None else 0
     for idx, ax in enumerate(axes.ravel()):
         if idx >= n:
             ax.set_axis_off()
@@ -408,36 +593,49 @@ def _bases_figure(bases, *, dpi=DEFAULT_DPI):
         b = bases[idx]
         finite = b[np.isfinite(b)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if lo < 0 < hi and -lo > 0.02 * hi:  # signed base: diverging scale centred on zero
-            m = max(-lo, hi)
+        if lo < 0 < hi and -lo > 0.02 * hi:  # signed base: diverging scale centred on zero, clipped
+            m = float(np.percentile(np.abs(finite), COLOUR_PERCENTILE)) or max(-lo, hi)
             im = ax.imshow(b, cmap=_cmap("RdBu_r"), norm=Normalize(-m, m), interpolation="nearest")
-        else:
-            im = ax.imshow(b, cmap=_cmap("magma"), norm=Normalize(lo, hi if hi > lo else lo + 1.0),
+        else:  # log scale: the first-order spots are orders of magnitude below the central beam
+            norm = _image_norm(b, log)
+            im = ax.imshow(np.clip(b, norm.vmin, None) if log else b, cmap=_cmap("magma"), norm=norm,
                            interpolation="nearest")
-        ax.set_title(f"base {idx}", fontsize=10)
+        name = f"base {idx}"
+        if counts is not None:
+            share = f" ({100 * counts[idx] / total:.0f} %)" if total else ""
+            name += f": {int(counts[idx])} pattern{'s' if counts[idx] != 1 else ''}{share}"
+        ax.set_title(name, fontsize=10)
         ax.tick_params(labelsize=7)
         if idx % ncol == 0:
             ax.set_ylabel("Qx (row, px)", fontsize=9)
         if idx // ncol == nrow - 1 or idx + ncol >= n:
             ax.set_xlabel("Qy (column, px)", fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.8).ax.tick_params(labelsize=8)
-    fig.suptitle(f"learned base pattern{'s' if n > 1 else ''} ({n})", fontsize=11)
+    what = f"{n} learned base pattern{'s' if n > 1 else ''}" + (" (log colour scale)" if log else "")
+    if counts is not None:
+        what += "\nN patterns: valid scan positions matched to it"
+    fig.suptitle(what, fontsize=10)
     return fig
 
 
-def plot_bases(bases: np.ndarray, path: str | os.PathLike, *, dpi: int = DEFAULT_DPI) -> str:
-    """The learned base pattern(s), each with its own colour scale (diverging around zero when signed).
+def plot_bases(bases: np.ndarray, path: str | os.PathLike, *, counts: Sequence[int] | None = None,
+               log: bool = True, dpi: int = DEFAULT_DPI) -> str:
+    """The learned base pattern(s), each with its own colour scale.
 
     Args:
       bases: ``(num_bases, H, W)`` (or ``(H, W)``), axes ``(Qx, Qy)``.
       path: output PNG.
+      counts: optional ``(num_bases,)`` number of scan positions matched to each base (shown in the panel titles).
+      log: logarithmic colour scale for non-negative bases (else a linear one), so the diffraction spots show
+        beside the much brighter central beam; signed bases get a diverging scale clipped at the 99.5th percentile
+        of ``|value|``.
       dpi: resolution of the PNG.
 
     Returns:
       ``path`` as str.
     """
     dpi = _check_dpi(dpi)
-    return _save(_bases_figure(bases, dpi=dpi), path, dpi)
+    return _save(_bases_figure(bases, counts=counts, log=log, dpi=dpi), path, dpi)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -493,65 +691,134 @@ def _loss_terms(records: list[dict]) -> list[str]:
     return (["loss"] if "loss" in keys else []) + [k for k in keys if k != "loss"]
 
 
-def _training_figure(metrics_path, *, dpi=DEFAULT_DPI):
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _run_files(metrics_path: str) -> tuple[dict, int | None]:
+    """The run's loss configuration (``model.json`` ``"loss"``) and steps per epoch (``config.json``) when they lie
+    beside ``metrics.jsonl``; ``({}, None)`` otherwise."""
+    folder = os.path.dirname(os.path.abspath(metrics_path))
+    loss = _read_json(os.path.join(folder, "model.json")).get("loss")
+    spe = _read_json(os.path.join(folder, "config.json")).get("steps_per_epoch")
+    return (loss if isinstance(loss, dict) else {}), (int(spe) if isinstance(spe, int) and spe > 0 else None)
+
+
+def _steps_per_epoch(epoch_recs: list[dict]) -> int | None:
+    """Steps per epoch from an epoch record of a run that started at step 0 (epoch ``e`` ends at ``(e + 1) * spe``)."""
+    for r in epoch_recs:
+        e, step = r.get("epoch"), r.get("step")
+        if isinstance(e, int) and isinstance(step, int) and step > 0 and step % (e + 1) == 0:
+            return step // (e + 1)
+    return None
+
+
+# The weight of each CC-ST-AE loss term in the total (`ccstae_jax.losses.ccstae_loss`): LossConfig field or 1.
+_TERM_WEIGHTS = {"forward": None, "cycle": "cycle_weight", "penalty": None, "l1": "l1_coef"}
+
+
+def _training_figure(metrics_path, *, loss_config=None, dpi=DEFAULT_DPI):
     step_recs, epoch_recs = read_metrics(metrics_path)
     if not step_recs and not epoch_recs:
         raise ValueError(f"metrics file {os.fspath(metrics_path)} holds no records with a 'step'")
+    run_loss, spe = _run_files(os.fspath(metrics_path))
+    loss_cfg = dict(loss_config) if loss_config is not None else run_loss
+    spe = spe or _steps_per_epoch(epoch_recs)
+    per = float(spe) if spe else 1.0  # x = step / per: epochs when known, else steps
+    xlabel = "epoch (step / steps per epoch)" if spe else "step"
     main = step_recs or epoch_recs
     terms = _loss_terms(main)
+    weighted = bool(loss_cfg) and any(t in _TERM_WEIGHTS for t in terms)
     extra = [k for k in ("learning_rate", "grad_norm") if _positive(*_series(main, k))[0].size]
-    fig = _figure(6.4 + 4.2 * len(extra), 4.4, dpi)
+    fig = _figure(6.4 + 4.2 * len(extra), 5.0, dpi)
     axes = fig.subplots(1, 1 + len(extra), squeeze=False)[0]
     ax = axes[0]
     skipped = []
     for k in terms:
         x, y = _positive(*_series(main, k))
+        weight, label = 1.0, k
+        if weighted and _TERM_WEIGHTS.get(k):
+            weight = float(loss_cfg.get(_TERM_WEIGHTS[k], 1.0))
+            label = f"{k} x {weight:g}"
+            x, y = _positive(x, weight * y)
         if x.size == 0:
             skipped.append(k)
             continue
-        ax.plot(x, y, label=k, linewidth=2.0 if k == "loss" else 1.2, color="black" if k == "loss" else None,
-                marker="." if x.size < 30 else None)
+        ax.plot(x / per, y, label=label, linewidth=2.0 if k == "loss" else 1.2,
+                color="black" if k == "loss" else None, marker="." if x.size < 30 else None)
     if step_recs and epoch_recs:
         x, y = _positive(*_series(epoch_recs, "loss"))
         if x.size:
-            ax.plot(x, y, linestyle="none", marker="o", markersize=4, markerfacecolor="white",
+            ax.plot(x / per, y, linestyle="none", marker="o", markersize=4, markerfacecolor="white",
                     markeredgecolor="black", label="loss (epoch mean)")
+    shrink = None
+    if spe and loss_cfg.get("use_spot_mask", True) and "shrink_start" in loss_cfg:
+        start, length = float(loss_cfg["shrink_start"]), float(loss_cfg.get("shrink_epochs", 0))
+        shrink = (start, start + length)
+        ax.axvline(start, color="tab:red", linestyle="--", linewidth=1.0,
+                   label=f"mask: ring -> spot disks (after epoch {start:g})")
+        if length > 0:
+            ax.axvspan(start, start + length, color="tab:red", alpha=0.07,
+                       label=f"spot disks shrink ({loss_cfg.get('spot_radius_start', '?')} -> "
+                             f"{loss_cfg.get('spot_radius_end', '?')} px)")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss / term (log scale)")
-    ax.set_title("loss terms" + (f" (none > 0: {', '.join(skipped)})" if skipped else ""), fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("weighted loss term (log scale)" if weighted else "loss / term (log scale)")
+    ax.set_title(("weighted terms, sum = loss" if weighted else "loss terms")
+                 + (f" (none > 0: {', '.join(skipped)})" if skipped else ""), fontsize=10)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=7, loc="best")
     ax.grid(True, which="both", alpha=0.25)
     for ax, k in zip(axes[1:], extra):
         x, y = _positive(*_series(main, k))
-        ax.plot(x, y, color="tab:green" if k == "learning_rate" else "tab:purple",
+        ax.plot(x / per, y, color="tab:green" if k == "learning_rate" else "tab:purple",
                 drawstyle="steps-post" if k == "learning_rate" else "default")
         ax.set_yscale("log")
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(k.replace("_", " ") + " (log scale)")
         ax.set_title(k.replace("_", " "), fontsize=10)
         ax.grid(True, which="both", alpha=0.25)
-    fig.suptitle(f"training curves: {os.path.basename(os.fspath(metrics_path))}", fontsize=11)
+    name = os.path.basename(os.path.dirname(os.path.abspath(os.fspath(metrics_path))))
+    title = f"training curves of run {name}"
+    if weighted:
+        title += (": loss = forward + cycle_weight x cycle + penalty + l1_coef x l1 (each MSE a mean over the mask)")
+    if shrink is not None:
+        title += ("\nthe loss steps up where the mask shrinks from the ring to the spot disks (red): the dark, "
+                  "easily fitted background leaves the mean, so the rise is not divergence")
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
-def plot_training_curves(metrics_path: str | os.PathLike, path: str | os.PathLike, *, dpi: int = DEFAULT_DPI) -> str:
-    """Loss and each loss term against step (log y), and the learning rate (and gradient norm) when logged.
+def plot_training_curves(metrics_path: str | os.PathLike, path: str | os.PathLike, *,
+                         loss_config: Mapping[str, Any] | None = None, dpi: int = DEFAULT_DPI) -> str:
+    """The loss and its weighted terms against epoch (log y), the learning rate and gradient norm when logged, and
+    the mask schedule.
 
     Args:
       metrics_path: ``metrics.jsonl`` of a run (see `read_metrics`). Step records are drawn as lines and epoch means
         of ``loss`` as open circles; with only epoch records those are drawn. Every numeric key that is not
         bookkeeping (step, epoch, learning_rate, wall_time, ...) is taken as a loss term; values <= 0 or NaN are
-        left out of the log plot.
+        left out of the log plot. The run's ``model.json`` and ``config.json`` beside it, when present, give the
+        loss weights, the mask schedule and the steps per epoch.
       path: output PNG.
+      loss_config: the run's `ccstae_jax.losses.LossConfig` as a dict (``cycle_weight``, ``l1_coef``,
+        ``shrink_start``, ``shrink_epochs``, ...); None = ``model.json``'s ``"loss"`` beside ``metrics_path``.
+        With it the terms are drawn weighted as they enter the loss (``cycle x cycle_weight``, ``l1 x l1_coef``;
+        their sum is the loss), and the epoch where the mask changes from the ring to the spot disks
+        (``shrink_start``) and the epochs over which the disks shrink (``shrink_epochs``) are marked.
       dpi: resolution of the PNG.
 
     Returns:
-      ``path`` as str.
+      ``path`` as str. The x axis is in epochs (step / steps per epoch) when the steps per epoch are known (from
+      ``config.json`` or the epoch records), else in steps.
     """
     dpi = _check_dpi(dpi)
-    return _save(_training_figure(metrics_path, dpi=dpi), path, dpi)
+    return _save(_training_figure(metrics_path, loss_config=loss_config, dpi=dpi), path, dpi)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -583,16 +850,18 @@ def _error_figure(maps, *, dpi=DEFAULT_DPI):
     grid = fig.subplots(2, 2, height_ratios=[4.6 * aspect, 0.7])
     axes, below = grid[0], grid[1]
     finite = err[np.isfinite(err)]
-    hi = float(np.percentile(finite, 99.0)) if finite.size else 1.0
-    lo = float(finite.min()) if finite.size else 0.0
-    im = axes[0].imshow(err, cmap=_cmap("viridis"), norm=Normalize(lo, hi if hi > lo else lo + 1.0),
+    hi = float(np.percentile(finite, COLOUR_PERCENTILE)) if finite.size else 1.0
+    # From zero, so the colours show how large the differences between positions are, not just their order.
+    im = axes[0].imshow(err, cmap=_cmap("viridis"), norm=Normalize(0.0, hi if hi > 0 else 1.0),
                         interpolation="nearest")
     below[0].set_axis_off()
     cax = below[0].inset_axes((0.1, 0.72, 0.8, 0.28))
     cb = fig.colorbar(im, cax=cax, orientation="horizontal", extend="max")
-    cb.set_label("forward masked MSE per pattern (scale to 99th percentile)")
+    cb.set_label("masked MSE of the pattern against its base, intensities in units of the brightest\n"
+                 f"ring level of the mean pattern (dimensionless); scale 0 to the {COLOUR_PERCENTILE:g}th percentile",
+                 fontsize=8)
     cb.ax.tick_params(labelsize=8)
-    axes[0].set_title("reconstruction error (confidence)", fontsize=10)
+    axes[0].set_title("reconstruction error per position (high = worse fit)", fontsize=10)
 
     from ccstae_jax.strain import INVALID_REASONS  # noqa: PLC0415 (keeps the module import cheap)
 
@@ -617,16 +886,19 @@ def _error_figure(maps, *, dpi=DEFAULT_DPI):
 
 
 def plot_error_map(maps: Mapping[str, Any], path: str | os.PathLike, *, dpi: int = DEFAULT_DPI) -> str:
-    """Per-position reconstruction error (a confidence map) beside the map of valid positions.
+    """Per-position reconstruction error (high = the base fits the pattern worse) beside the map of valid positions.
 
     Args:
-      maps: needs ``reconstruction_error`` ``(Rx, Ry)``; uses ``valid`` and ``invalid_reason`` (codes of
-        `ccstae_jax.strain.INVALID_REASONS`) when present, else validity = finite ``strain_xx``.
+      maps: needs ``reconstruction_error`` ``(Rx, Ry)``: the masked mean squared difference between each pattern
+        and its base over the mask, intensities multiplied by the run's ``intensity_scale`` (1 / the 99.9th
+        percentile of the mean training pattern inside the ring), so dimensionless; uses ``valid`` and
+        ``invalid_reason`` (codes of `ccstae_jax.strain.INVALID_REASONS`) when present, else validity = finite
+        ``strain_xx``.
       path: output PNG.
       dpi: resolution of the PNG.
 
     Returns:
-      ``path`` as str. The error scale runs from the minimum to the 99th percentile (NaN grey).
+      ``path`` as str. The error scale runs from 0 to the 99.5th percentile (NaN grey).
     """
     dpi = _check_dpi(dpi)
     return _save(_error_figure(maps, dpi=dpi), path, dpi)
@@ -635,8 +907,8 @@ def plot_error_map(maps: Mapping[str, Any], path: str | os.PathLike, *, dpi: int
 # ---------------------------------------------------------------------------------------------------------------
 # noise sweep
 # ---------------------------------------------------------------------------------------------------------------
-_SWEEP_PANELS = (("strain_xx", 1e3, "MAE (x1e-3)"), ("strain_yy", 1e3, "MAE (x1e-3)"),
-                 ("shear_xy", 1e3, "MAE (x1e-3)"), ("rotation_deg", 1.0, "MAE (deg)"))
+_SWEEP_PANELS = (("strain_xx", STRAIN_PERCENT, "MAE (%)"), ("strain_yy", STRAIN_PERCENT, "MAE (%)"),
+                 ("shear_xy", STRAIN_PERCENT, "MAE (%)"), ("rotation_deg", 1.0, "MAE (deg)"))
 _SWEEP_METHODS = (("ccstae", "CC-ST-AE", "tab:blue", "-", "o"), ("py4dstem", "py4DSTEM", "tab:orange", "--", "s"),
                   ("crb", "Cramér-Rao bound", "0.4", ":", None))
 
@@ -693,7 +965,7 @@ def _noise_sweep_figure(results, *, dpi=DEFAULT_DPI):
 
 
 def plot_noise_sweep(results: Mapping[str, Any], path: str | os.PathLike, *, dpi: int = DEFAULT_DPI) -> str:
-    """MAE of strain_xx, strain_yy, shear_xy (x1e-3) and rotation (deg) against background noise, per method.
+    """MAE of strain_xx, strain_yy, shear_xy (%) and rotation (deg) against background noise, per method.
 
     Args:
       results: the noise-sweep JSON: ``{"levels": [w, ...], "ccstae": {"strain_xx": [...], "strain_yy": [...],
@@ -714,6 +986,16 @@ def plot_noise_sweep(results: Mapping[str, Any], path: str | os.PathLike, *, dpi
 # ---------------------------------------------------------------------------------------------------------------
 # everything
 # ---------------------------------------------------------------------------------------------------------------
+def _base_counts(maps: Mapping[str, Any], n_bases: int) -> np.ndarray | None:
+    """Valid positions matched to each base, from ``maps["class_index"]`` (None when the maps lack it)."""
+    if "class_index" not in maps:
+        return None
+    idx = np.asarray(maps["class_index"]).astype(np.int64)
+    valid = np.asarray(maps["valid"], bool) if "valid" in maps else np.ones(idx.shape, bool)
+    idx = idx[valid & (idx >= 0) & (idx < n_bases)]
+    return np.bincount(idx, minlength=n_bases)
+
+
 def save_all_figures(
     out_dir: str | os.PathLike,
     *,
@@ -724,27 +1006,47 @@ def save_all_figures(
     mask: np.ndarray | None = None,
     bases: np.ndarray | None = None,
     metrics_path: str | os.PathLike | None = None,
+    title: str | None = None,
+    reference_region: Sequence[int] | None = None,
+    symmetry: int | None = 6,
+    pattern_title: str | None = None,
+    mask_label: str = "loss mask",
     dpi: int = DEFAULT_DPI,
 ) -> list[str]:
     """Writes every figure its inputs allow into ``out_dir`` (created if missing); returns the paths written.
 
-    Files: ``strain_maps.png`` and ``strain_histograms.png`` (always), ``error_map.png`` (when ``maps`` holds
-    ``reconstruction_error``), ``pattern_mask.png`` (when ``pattern`` is given; ``mask`` optional),
-    ``bases.png`` (when ``bases`` is given), ``training_curves.png`` (when ``metrics_path`` is given).
+    Files: ``strain_maps.png`` and ``strain_histograms.png`` (always), ``uncertainty_maps.png`` (when ``maps``
+    holds ``uncertainty_strain_xx``, ``uncertainty_strain_yy``, ``uncertainty_shear_xy`` and
+    ``uncertainty_rotation``), ``error_map.png`` (when ``maps`` holds ``reconstruction_error``),
+    ``pattern_mask.png`` (when ``pattern`` is given; ``mask`` optional), ``bases.png`` (when ``bases`` is given;
+    with the number of valid positions per base when ``maps`` holds ``class_index``), ``training_curves.png`` (when
+    ``metrics_path`` is given).
+
+    ``title`` (e.g. the data file and run) heads the map figures, ``reference_region`` ``(r0, r1, c0, c1)`` is
+    outlined on them, ``symmetry`` sets the cyclic rotation scale (see `plot_strain_maps`); ``pattern_title`` and
+    ``mask_label`` describe the pattern figure (which scan position, which mask).
     """
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     j = os.path.join
-    paths = [plot_strain_maps(maps, j(out_dir, "strain_maps.png"), labels=labels, baseline=baseline, dpi=dpi),
+    paths = [plot_strain_maps(maps, j(out_dir, "strain_maps.png"), labels=labels, baseline=baseline, title=title,
+                              symmetry=symmetry, reference_region=reference_region, dpi=dpi),
              plot_histograms(maps, j(out_dir, "strain_histograms.png"), labels=labels, baseline=baseline, dpi=dpi)]
+    unc_keys = {UNCERTAINTY_PREFIX + k: k for k in QUANTITIES}
+    if all(k in maps for k in unc_keys):
+        paths.append(save_uncertainty_maps(j(out_dir, "uncertainty_maps.png"),
+                                           {q: maps[k] for k, q in unc_keys.items()}, valid=maps.get("valid"),
+                                           title=title, reference_region=reference_region, dpi=dpi))
     if "reconstruction_error" in maps:
         paths.append(plot_error_map(maps, j(out_dir, "error_map.png"), dpi=dpi))
     if pattern is not None:
-        paths.append(plot_pattern_and_mask(pattern, mask, j(out_dir, "pattern_mask.png"), dpi=dpi))
+        paths.append(plot_pattern_and_mask(pattern, mask, j(out_dir, "pattern_mask.png"), title=pattern_title,
+                                           mask_label=mask_label, dpi=dpi))
     elif mask is not None:
         raise ValueError("a mask was given without a pattern to draw it on")
     if bases is not None:
-        paths.append(plot_bases(bases, j(out_dir, "bases.png"), dpi=dpi))
+        n_bases = np.shape(bases)[0] if np.ndim(bases) == 3 else 1
+        paths.append(plot_bases(bases, j(out_dir, "bases.png"), counts=_base_counts(maps, n_bases), dpi=dpi))
     if metrics_path is not None:
         paths.append(plot_training_curves(metrics_path, j(out_dir, "training_curves.png"), dpi=dpi))
     return paths

@@ -57,7 +57,7 @@ def main(out_dir: str | os.PathLike = "tutorial_out", *, scan: int = 24, epochs:
       tables map ``strain_xx``, ``strain_yy``, ``shear_xy`` (dimensionless) and ``rotation_deg`` (degrees) to
       ``{"mae", "median_abs", "mae_interior", "std_interior", "valid_fraction"}``.
     """
-    from ccstae_jax import masks, pipeline, plots
+    from ccstae_jax import pipeline
     from ccstae_jax.baselines import py4dstem
     from ccstae_jax.data.readers import load_labels, open_scan
     from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
@@ -125,10 +125,10 @@ def main(out_dir: str | os.PathLike = "tutorial_out", *, scan: int = 24, epochs:
     # Step 4 - compare with the ground truth.
     #
     # The labels are referenced to the same region in the same way, then the mean absolute error (MAE) is taken over
-    # every scan position (and over grain interiors, away from the blended boundaries). Strain errors are plain
-    # numbers (1e-3 = 0.1 %), rotation errors are in degrees.
+    # every scan position (and over grain interiors, away from the blended boundaries). Strain errors are shown in
+    # percent (0.1 % = a strain of 1e-3), rotation errors in degrees.
     # ---------------------------------------------------------------------------------------------------------
-    say("Step 4: errors of CC-ST-AE against the labels (strain x1e-3, rotation in degrees)")
+    say("Step 4: errors of CC-ST-AE against the labels (strain in %, rotation in degrees)")
     table = pipeline.evaluate(strain_path, data_path)
     say(format_table(table))
 
@@ -153,7 +153,7 @@ def main(out_dir: str | os.PathLike = "tutorial_out", *, scan: int = 24, epochs:
             say(f"  py4DSTEM failed, skipped: {e}")
         else:
             base_table = pipeline.evaluate(base_path, data_path)
-            say("  errors of py4DSTEM against the labels (strain x1e-3, rotation in degrees)")
+            say("  errors of py4DSTEM against the labels (strain in %, rotation in degrees)")
             say(format_table(base_table))
             base_maps, _ = read_strain_h5(base_path)
             period = 2 * np.pi / 6  # show its rotation in the same [-30, 30) deg window as the other maps
@@ -169,15 +169,11 @@ def main(out_dir: str | os.PathLike = "tutorial_out", *, scan: int = 24, epochs:
     # reconstructs the data worst (a confidence map you also get on real data).
     # ---------------------------------------------------------------------------------------------------------
     task, _, _ = pipeline.load_run(run_dir)
-    with open_scan(data_path) as s:
-        pattern = s.read(0, 1)[0]
-    state = load_checkpoint(run_dir, task, np.stack([pattern, pattern]))
-    ring = np.asarray(masks.ring_mask(pattern.shape, task.loss_cfg.ring_inner, task.loss_cfg.ring_outer))
     labels = referenced_labels(load_labels(data_path, shape=(scan, scan)), reference_region=sim.reference_bounds)
-    figures = plots.save_all_figures(
-        out / "figures", maps=maps, labels=labels, baseline=base_maps, pattern=pattern, mask=ring,
-        bases=np.asarray(state.params["bases"]) if "bases" in state.params else None,
-        metrics_path=run_dir / "metrics.jsonl")
+    with open_scan(data_path) as s:
+        state = load_checkpoint(run_dir, task, s.read(0, 2))
+        figures = pipeline.save_run_figures(out / "figures", run_dir, data_path, task, state, s, maps, labels=labels,
+                                            baseline=base_maps, reference_region=sim.reference_bounds)
     say("Step 6: figures -> " + ", ".join(figures))
 
     result = {"ccstae": table, "py4dstem": base_table, "figures": figures, "out_dir": str(out),

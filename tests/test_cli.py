@@ -7,8 +7,11 @@ files.
 """
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,8 +33,9 @@ STEPS = 5 * 4  # epochs x ceil(64 / 16)
 MAP_ARGS = ["--quiet"]
 
 
-def ccstae(args, *, cwd, cache_dir, timeout=300, wrapper: str | None = None, wait=True):
-    """Runs ``python -m ccstae_jax.cli ARGS`` (or ``python -c WRAPPER ARGS``) in a subprocess on the test platform.
+def ccstae(args, *, cwd, cache_dir, timeout=300, wrapper: str | None = None, wait=True, bars=False):
+    """Runs ``python -m ccstae_jax.cli ARGS`` (or ``python -c WRAPPER ARGS``) in a subprocess on the test platform,
+    its output to pipes (not a terminal); progress bars are off unless ``bars``.
 
     Returns the `subprocess.CompletedProcess` (``wait``) or the running `subprocess.Popen`.
     """
@@ -39,6 +43,8 @@ def ccstae(args, *, cwd, cache_dir, timeout=300, wrapper: str | None = None, wai
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
     env["JAX_PLATFORMS"] = os.environ.get("CCSTAE_TEST_PLATFORM", "cpu")
     env["TQDM_DISABLE"] = "1"
+    if bars:
+        del env["TQDM_DISABLE"]
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [sys.executable, "-m", "ccstae_jax.cli"] if wrapper is None else [sys.executable, "-c", wrapper]
     cmd += [str(a) for a in args]
@@ -120,7 +126,99 @@ def test_help_of_map_and_train_names_the_units_of_the_radii_and_regions(capsys):
     with pytest.raises(SystemExit):
         cli.main(["map", "--help"])
     map_help = " ".join(capsys.readouterr().out.split())
-    assert "reference scan rows R0:R1, columns C0:C1" in map_help
+    assert "reference scan rows R0:R1 and columns C0:C1" in map_help
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def _option_help(help_text: str) -> dict[str, str]:
+    """Each argument's help, parsed from argparse's output: ``{"--epochs": "passes over ... (default: ...)", ...}``.
+
+    An entry starts with a line indented by two spaces: the invocation (``--crop Q0 Q1 Q2 Q3``), then, after two
+    or more spaces or on the next lines, the help. Keys are the first option string or the positional's name.
+    """
+    entries: dict[str, str] = {}
+    current = None
+    for line in help_text.splitlines():
+        if re.match(r"^  \S", line):
+            invocation, *text = re.split(r" {2,}", line[2:], maxsplit=1)
+            current = invocation.split()[0].rstrip(",")
+            if current == "-h":
+                current = "--help"
+            entries[current] = " ".join(text)
+        elif current is not None and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def _help(command) -> dict[str, str]:
+    return _option_help(_subparsers()[command].format_help())
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_help_and_every_value_option_states_its_default(command):
+    parser = _subparsers()[command]
+    helps = _help(command)
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = action.option_strings[0] if action.option_strings else action.dest
+        assert name in helps, f"{command} {name}: not in the help"
+        text = " ".join(helps[name].split())
+        assert len(text) > 10, f"{command} {name}: no help text ({text!r})"
+        if action.option_strings and not action.required and action.nargs != 0:  # options taking a value
+            assert "default" in text, f"{command} {name}: help states no default: {text!r}"
+            if action.default is not None:
+                shown = cli._fmt(action.default)
+                assert f"default: {shown}" in text, f"{command} {name}: default {shown!r} not shown: {text!r}"
+
+
+def test_help_shows_the_defaults_the_code_applies():
+    from ccstae_jax import pipeline
+    from ccstae_jax.evaluate import PAPER_REFERENCE_REGION
+    from ccstae_jax.models import ModelConfig
+    from ccstae_jax.train import TrainConfig
+
+    train = _help("train")
+    for preset, values in pipeline.PRESET_TRAINING.items():
+        assert f"{preset}: {values['epochs']}" in train["--epochs"]
+        assert f"{preset}: {values['batch_size']}" in train["--batch-size"]
+        assert f"{preset}: {values['learning_rate']:g}" in train["--lr"]
+        assert f"{preset}: {values['schedule']}" in train["--schedule"]
+    assert f"default: {TrainConfig().seed})" in train["--seed"]
+    assert f"default: {TrainConfig().on_nonfinite})" in train["--on-nonfinite"]
+    assert f"default: {TrainConfig().checkpoint_every_steps}," in train["--checkpoint-every"]
+    assert f"default: {ModelConfig().dtype})" in train["--dtype"]
+    assert f"default: {inspect.signature(pipeline.train).parameters['preset'].default})" in train["--preset"]
+    mapping = _help("map")
+    sig = inspect.signature(pipeline.map_strain).parameters
+    for option, param in (("--refine-steps", "refine_steps"), ("--batch-size", "batch_size"),
+                          ("--interpolation", "interpolation"), ("--checkpoint", "which")):
+        assert f"default: {sig[param].default})" in mapping[option], option
+    demo = _help("demo")
+    sig = inspect.signature(pipeline.demo).parameters
+    for option, param in (("--scan", "scan"), ("--noise", "noise"), ("--epochs", "epochs"), ("--out", "out_dir")):
+        assert f"default: {sig[param].default})" in demo[option], option
+    region = " ".join(str(v) for v in PAPER_REFERENCE_REGION)
+    assert f"the paper's: {region})" in _help("evaluate")["--reference-region"]
+
+
+def test_help_explains_regions_and_map_options_that_default_to_the_runs():
+    mapping = _help("map")
+    for command in ("map", "evaluate", "simulate", "baseline"):
+        assert "0-based, R1 and C1 excluded" in _help(command)["--reference-region"], command
+    for option in ("--key", "--transpose", "--crop", "--binning"):
+        assert "the run's" in mapping[option], option
+    assert "as the run was trained" in mapping["--allow-negative"]
+    negative = _help("train")["--allow-negative"]
+    assert negative.count("negative values") == 1  # said once, not repeated
+    assert "default:" in negative
 
 
 def test_unknown_option_exits_2_with_usage(capsys):
@@ -190,6 +288,43 @@ def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):
             assert f[key].shape == (8, 8), key
         assert "conventions" in f.attrs
         assert f.attrs["interpolation"] == "cubic" and f.attrs["strain_reference"] == "relative"
+
+
+def test_train_without_a_terminal_says_what_it_read_and_logs_one_line_per_epoch(chain, tmp_path):
+    assert chain["train"]["returncode"] == 0
+    run = tmp_path / "run"
+    args = [a for a in chain["train_args"] if a != "--quiet"]
+    p = ccstae(["train", chain["sim"], "--out", run, *args], cwd=tmp_path, cache_dir=chain["cache"], bars=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == f"data {chain['sim']}, key /data: 8 x 8 scan positions, 50 x 50 px patterns " \
+                       "(stored (8, 8, 50, 50) float32)"
+    epochs = [re.fullmatch(r"epoch (\d+)/5 \(step (\d+)\): loss (\S+), (\d+\.\d) s", line) for line in lines]
+    epochs = [m for m in epochs if m]
+    assert [(int(m[1]), int(m[2])) for m in epochs] == [(e, 4 * e) for e in range(1, 6)]
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m[3] for m in epochs] == [f"{r['loss']:.6g}" for r in logged if r["kind"] == "epoch"]
+    assert "it/s" not in p.stderr and "step/s" not in p.stderr  # no progress bar in a log file
+
+
+def test_map_prints_each_passs_final_progress_line_once(chain, tmp_path):
+    assert chain["train"]["returncode"] == 0
+    p = ccstae(["map", chain["run"], chain["sim"], "--out", tmp_path / "s.h5"], cwd=tmp_path,
+               cache_dir=chain["cache"], bars=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.startswith(f"data {chain['sim']}, key /data: 8 x 8 scan positions")
+    assert "64 positions, " in p.stdout and "%)" in p.stdout
+    shown = [line.strip() for line in re.split(r"[\r\n]+", p.stderr) if "100%" in line]
+    assert [line.split(":")[0] for line in shown] == ["map", "map (updated base)"], shown
+
+
+def test_evaluate_prints_strain_in_percent_and_valid_as_a_percentage(chain, capsys):
+    assert chain["map"]["returncode"] == 0
+    assert cli.main(["evaluate", chain["strain"], "--labels", chain["sim"]]) == 0
+    out = capsys.readouterr().out
+    assert "strain in %, rotation in degrees" in out
+    assert "| strain_xx (%) |" in out and "| rotation (deg) |" in out
+    assert re.search(r"\| \d+\.\d % \|$", out.splitlines()[-1])
 
 
 def test_evaluate_of_the_chain_prints_an_error_table(chain, capsys):

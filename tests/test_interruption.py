@@ -6,6 +6,7 @@ Every command runs in a subprocess (one CPU device) built on the session's share
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+import _toy_task as toy
 from test_cli import STEPS, ccstae, checked_shared_run
 
 # Runs `ccstae ARGS` and SIGKILLs itself right after the 3rd dataset of a temporary output file is created: a
@@ -194,6 +196,29 @@ def test_train_resumed_after_sigint_ends_with_the_uninterrupted_parameters(train
     assert train_interrupted_by_sigint["rerun"].returncode == 0
     for a, b in zip(_params(train_interrupted_by_sigint["run"]), _params(chain["run"]), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("batch", [1, 2], ids=["first batch", "last batch, at the epoch boundary"])
+def test_ctrl_c_message_names_the_epoch_and_batch_of_the_saved_step(tmp_path, capsys, batch):
+    """Ctrl-C while batch ``batch`` of epoch 2 trains: the message names that step's epoch and batch (1-based)."""
+    from ccstae_jax.train import TrainConfig, fit
+
+    images = toy.make_images(24)
+    cfg = TrainConfig(epochs=4, batch_size=12, seed=0, learning_rate=1e-2, async_checkpointing=False)
+    spe = toy.num_batches(24, cfg.batch_size)  # 2
+
+    def batches_fn(epoch):
+        for i, b in enumerate(toy.batches(images, cfg.batch_size, seed=cfg.seed, epoch=epoch)):
+            if (epoch, i) == (1, batch - 1):
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the loop saves after this batch and stops
+            yield b
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(toy.ToyTask(), batches_fn, cfg, tmp_path / "run", steps_per_epoch=spe, sample_images=images[:4],
+            progress=False)
+    step = spe + batch
+    assert f"interrupted after step {step} (epoch 2 of 4, batch {batch} of {spe})" in capsys.readouterr().err
+    assert _finished_steps(tmp_path / "run")[-1] == step
 
 
 @pytest.mark.slow

@@ -93,11 +93,46 @@ def test_strain_panels_share_one_symmetric_scale_and_rotation_has_its_own():
     assert vmin == -vmax and vmax > 0
     everything = np.concatenate([np.abs(m[k][np.isfinite(m[k])]) for m in (pred, labels, base)
                                  for k in plots.STRAIN_KEYS])
-    np.testing.assert_allclose(vmax, 100 * np.percentile(everything, 99), rtol=1e-6)  # percent
+    np.testing.assert_allclose(vmax, 100 * np.percentile(everything, 99.5), rtol=1e-6)  # percent
     rlims = {(im.norm.vmin, im.norm.vmax) for im in rotation}
-    assert len(rlims) == 1
-    rmin, rmax = rlims.pop()
-    assert rmin == -rmax and 15 < rmax < 25  # degrees: the maps hold rotations up to 20 deg
+    assert rlims == {(-30.0, 30.0)}  # degrees: one 60-degree period of the hexagonal lattice
+
+
+def test_rotation_is_drawn_wrapped_on_a_cyclic_colour_map_over_one_symmetry_period():
+    pred = _predicted()
+    pred["rotation"][0, 0] = np.radians(35.0)  # the same orientation as -25 deg modulo 60
+    _, rotation = _strain_images(plots._strain_maps_figure(pred))
+    assert rotation[0].cmap.name.startswith("twilight")
+    assert rotation[0].get_array()[0, 0] == pytest.approx(-25.0)
+    _, square = _strain_images(plots._strain_maps_figure(pred, symmetry=4))
+    assert (square[0].norm.vmin, square[0].norm.vmax) == (-45.0, 45.0)
+
+
+def test_a_fixed_rotation_limit_or_no_symmetry_gives_a_diverging_scale():
+    _, fixed = _strain_images(plots._strain_maps_figure(_predicted(), rotation_limit=5.0))
+    assert (fixed[0].norm.vmin, fixed[0].norm.vmax) == (-5.0, 5.0) and fixed[0].cmap.name.startswith("RdBu")
+    _, free = _strain_images(plots._strain_maps_figure(_predicted(), symmetry=None))
+    assert 15 < free[0].norm.vmax < 25  # 99.5th percentile of rotations up to 20 deg
+
+
+def test_the_most_strained_grain_is_not_saturated_by_the_automatic_strain_scale():
+    pred = _maps((40, 40))  # four equal grains: the largest |strain| covers a quarter of the positions
+    strain, _ = _strain_images(plots._strain_maps_figure(pred))
+    top = 100 * max(np.abs(pred[k]).max() for k in plots.STRAIN_KEYS)
+    assert strain[0].norm.vmax == pytest.approx(top)
+
+
+def test_reference_region_is_outlined_on_every_panel_and_named_with_the_title():
+    fig = plots._strain_maps_figure(_predicted(), labels=_maps(), reference_region=(2, 6, 8, 12),
+                                    title="data sim.h5, run run1")
+    boxes = [p for ax in fig.axes if ax.images for p in ax.patches]
+    assert len(boxes) == 8  # 2 rows x 4 panels
+    assert {(b.get_x(), b.get_y(), b.get_width(), b.get_height()) for b in boxes} == {(7.5, 1.5, 4, 4)}
+    text = fig._suptitle.get_text()
+    assert "data sim.h5, run run1" in text and "rows 2:6, columns 8:12" in text
+    assert "whole scan" in plots._strain_maps_figure(_predicted())._suptitle.get_text()
+    with pytest.raises(ValueError, match=r"reference_region \(2, 20, 0, 4\) is outside the 16x16 scan"):
+        plots._strain_maps_figure(_predicted(), reference_region=(2, 20, 0, 4))
 
 
 def test_strain_limit_fixes_the_strain_scale_in_percent():
@@ -160,8 +195,31 @@ def test_training_curves_plot_every_loss_term_and_the_learning_rate(tmp_path):
     assert not drawn & {"learning_rate", "wall_time", "step", "epoch", "patterns_per_s", "grad_norm"}
     assert loss_ax.get_yscale() == "log" and lr_ax.get_ylabel().startswith("learning rate")
     assert "penalty" in loss_ax.get_title()  # all zero: named as not drawn on the log axis
+    assert loss_ax.get_xlabel().startswith("epoch")  # 5 steps per epoch, read from the epoch lines
+    np.testing.assert_allclose(loss_ax.get_lines()[0].get_xdata(), np.arange(1, 21) / 5)
     path = plots.plot_training_curves(metrics, tmp_path / "curves.png", dpi=DPI)
-    assert _png_size(path) == (round((6.4 + 2 * 4.2) * DPI), round(4.4 * DPI))
+    assert _png_size(path) == (round((6.4 + 2 * 4.2) * DPI), round(5.0 * DPI))
+
+
+def test_training_curves_weight_the_terms_and_mark_the_mask_schedule_from_the_runs_model_json(tmp_path):
+    metrics = _metrics_file(tmp_path / "metrics.jsonl")
+    loss = {"cycle_weight": 2.0, "l1_coef": 1e-4, "use_spot_mask": True, "shrink_start": 1, "shrink_epochs": 2,
+            "spot_radius_start": 9.0, "spot_radius_end": 6.0}
+    (tmp_path / "model.json").write_text(json.dumps({"model": {}, "loss": loss}))
+    fig = plots._training_figure(metrics)
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    steps, _ = plots.read_metrics(metrics)
+    np.testing.assert_allclose(lines["cycle x 2"].get_ydata(), [2.0 * r["cycle"] for r in steps])
+    np.testing.assert_allclose(lines["l1 x 0.0001"].get_ydata(), [1e-4 * r["l1"] for r in steps])
+    np.testing.assert_allclose(lines["forward"].get_ydata(), [r["forward"] for r in steps])
+    marker = lines["mask: ring -> spot disks (after epoch 1)"]
+    assert tuple(marker.get_xdata()) == (1.0, 1.0)
+    span = [p for p in ax.patches if "shrink" in p.get_label()]
+    assert len(span) == 1 and "9.0 -> 6.0 px" in span[0].get_label()
+    title = fig._suptitle.get_text()
+    assert "loss = forward + cycle_weight x cycle + penalty + l1_coef x l1" in title
+    assert "not divergence" in title
 
 
 def test_training_curves_from_epoch_lines_only(tmp_path):
@@ -188,6 +246,84 @@ def test_error_map_png_at_figure_size(tmp_path):
         plots.plot_error_map(_maps(), tmp_path / "bad.png")
 
 
+def test_error_map_says_high_is_worse_and_scales_from_zero_to_the_995th_percentile():
+    m = _predicted()
+    fig = plots._error_figure(m)
+    image = fig.axes[0].images[0]
+    err = m["reconstruction_error"]
+    assert image.norm.vmin == 0.0
+    assert image.norm.vmax == pytest.approx(np.percentile(err, 99.5))
+    assert "high = worse" in fig.axes[0].get_title()
+    assert "dimensionless" in image.colorbar.ax.get_xlabel()
+
+
+def test_uncertainty_maps_draw_strain_in_percent_and_rotation_in_degrees(tmp_path):
+    shape = (12, 10)
+    rng = np.random.default_rng(0)
+    unc = {k: rng.uniform(1e-4, 2e-3, shape) for k in plots.STRAIN_KEYS}
+    unc["rotation"] = rng.uniform(1e-4, 1e-3, shape)  # radians
+    unc["strain_xx"][0, 0] = np.nan
+    valid = np.ones(shape, bool)
+    valid[5, 5] = False
+    fig = plots._uncertainty_figure(unc, valid=valid, reference_region=(0, 4, 0, 4))
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 4
+    np.testing.assert_allclose(np.ma.filled(images[1].get_array(), np.nan)[1], 100 * unc["strain_yy"][1])
+    np.testing.assert_allclose(np.ma.filled(images[3].get_array(), np.nan)[1], np.degrees(unc["rotation"][1]))
+    shown = np.ma.masked_invalid(images[0].get_array())
+    assert shown.mask[0, 0] and shown.mask[5, 5] and not shown.mask[1, 1]
+    assert all(im.norm.vmin == 0 for im in images)
+    assert len({(im.norm.vmin, im.norm.vmax) for im in images[:3]}) == 1  # one scale for the strains
+    bars = " | ".join(ax.get_xlabel() for ax in fig.axes)
+    assert "strain (%)" in bars and "rotation (deg)" in bars
+    path = plots.save_uncertainty_maps(tmp_path / "unc.png", unc, valid=valid, dpi=DPI)
+    assert _png_size(path) == (610, round((2.9 * 1.2 + 1.9) * DPI))
+    unc["shear_xy"] = -unc["shear_xy"]
+    with pytest.raises(ValueError, match="'shear_xy' holds negative values"):
+        plots.save_uncertainty_maps(tmp_path / "bad.png", unc)
+
+
+def test_histograms_cut_tall_label_bars_to_the_estimates_and_explain_off_scale_values():
+    pred, labels = _predicted(), _maps()
+    pred["strain_xx"][0, 1] = 0.5  # far beyond the others: off-scale
+    fig = plots._histograms_figure(pred, labels=labels, bins=20)
+    ax = fig.axes[0]
+    est = [p for p in ax.patches if p.get_label().startswith("CC-ST-AE")][0]
+    assert ax.get_ylim()[1] == pytest.approx(1.12 * 1.3 * est.get_data()[0].max())
+    lab = [p for p in ax.patches if p.get_label().startswith("labels")][0]
+    assert lab.get_data()[0].max() <= 1.3 * est.get_data()[0].max()
+    written = [t.get_text() for t in ax.texts]
+    assert "64" in written  # a label grain of 64 positions, cut and counted on top
+    lim = ax.get_xlim()[1]
+    beyond = int(np.sum(np.abs(100 * pred["strain_xx"][np.isfinite(pred["strain_xx"])]) > lim))
+    assert beyond >= 1
+    assert f"off-scale (|value| > {lim:.3g} %, not drawn):\nCC-ST-AE {beyond}" in written
+
+
+def test_bases_use_a_log_scale_and_name_how_many_patterns_each_holds(tmp_path):
+    yy, xx = np.mgrid[:24, :24] - 12
+    base = 1e3 * np.exp(-(yy**2 + xx**2) / 4.0) + np.exp(-((yy - 8) ** 2 + xx**2) / 2.0) + 1e-3
+    fig = plots._bases_figure(np.stack([base, base]), counts=[30, 10])
+    image = fig.axes[0].images[0]
+    assert type(image.norm).__name__ == "LogNorm"
+    titles = [ax.get_title() for ax in fig.axes if ax.images]
+    assert titles == ["base 0: 30 patterns (75 %)", "base 1: 10 patterns (25 %)"]
+    m = _predicted()
+    m["class_index"] = np.zeros((16, 16), np.int32)
+    m["class_index"][:, :4] = 1
+    assert plots._base_counts(m, 2).tolist() == [16 * 12 - 2, 16 * 4 - 2]  # invalid [3:5, 3:5] not counted
+
+
+def test_pattern_figure_names_the_mask_and_the_grey_in_a_legend():
+    pattern = np.random.default_rng(0).uniform(1, 2, (16, 16))
+    mask = np.zeros((16, 16), bool)
+    mask[4:12, 4:12] = True
+    fig = plots._pattern_figure(pattern, mask, title="scan position (3, 4)", mask_label="loss mask at epoch 5")
+    names = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert names[0] == "loss mask at epoch 5 (outline)" and names[1].startswith("grey: outside the mask")
+    assert fig._suptitle.get_text() == "scan position (3, 4)"
+
+
 def test_noise_sweep_without_py4dstem_draws_ccstae_and_the_bound(tmp_path):
     levels = [0.0, 0.1, 0.25, 0.5]
     results = {"levels": levels,
@@ -199,7 +335,8 @@ def test_noise_sweep_without_py4dstem_draws_ccstae_and_the_bound(tmp_path):
     assert len(fig.axes) == 4
     xs = fig.axes[0].get_lines()[0].get_xdata()
     np.testing.assert_allclose(xs, [0, 10, 25, 50])  # noise in percent
-    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [1.0, 1.1, 1.25, 1.5])  # MAE x1e-3
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), [0.1, 0.11, 0.125, 0.15])  # MAE in %
+    assert fig.axes[0].get_ylabel() == "MAE (%)" and fig.axes[3].get_ylabel() == "MAE (deg)"
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["CC-ST-AE", "Cramér-Rao bound"]
     path = plots.plot_noise_sweep(results, tmp_path / "sweep.png", dpi=DPI)
     assert _png_size(path) == (round((4 * 3.8 + 0.4) * DPI), round(4.0 * DPI))
@@ -219,6 +356,10 @@ def test_save_all_figures_writes_what_its_inputs_allow(tmp_path):
     names = sorted(os.path.basename(p) for p in paths)
     assert names == ["error_map.png", "pattern_mask.png", "strain_histograms.png", "strain_maps.png",
                      "training_curves.png"]
+    m = _predicted()
+    m.update({f"uncertainty_{k}": np.full((16, 16), 1e-3) for k in plots.QUANTITIES})
+    paths = plots.save_all_figures(tmp_path / "unc", maps=m, dpi=30)
+    assert "uncertainty_maps.png" in [os.path.basename(p) for p in paths]
     assert all(os.path.getsize(p) > 0 for p in paths)
     assert sorted(os.listdir(out)) == names
 

@@ -72,18 +72,67 @@ def test_key_selects_among_several_4d_datasets(tmp_path, cube):
         np.testing.assert_array_equal(scan.read(0, 1)[0], cube[0, 0] + 1)
 
 
-def test_matlab_v73_defaults_to_reference_transpose(tmp_path):
-    logical = _cube((4, 5, 6, 8))  # (xp, yp, kx, ky) as the paper's data are used
-    stored = np.transpose(logical, (1, 0, 3, 2))  # what h5py shows for MATLAB's output4D
-    path = tmp_path / "polycrystal_output4D.mat"
+def _matlab(path, stored, key="output4D"):
+    """A MATLAB v7.3-like file: HDF5 with a 512-byte user block holding MATLAB's header, the dataset marked with a
+    ``MATLAB_class`` attribute. ``stored`` is what h5py shows (MATLAB's axis order reversed)."""
     with h5py.File(path, "w", userblock_size=512) as f:
-        f.create_dataset("output4D", data=stored)
-        f["output4D"].attrs["MATLAB_class"] = np.bytes_(b"single")
+        f.create_dataset(key, data=stored)
+        f[key].attrs["MATLAB_class"] = np.bytes_(b"single")
     with open(path, "r+b") as fh:
         fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64")
+    return path
+
+
+def test_matlab_array_saved_scan_first_is_read_with_the_reversed_order(tmp_path):
+    logical = _cube((4, 5, 6, 6))  # MATLAB A(Rx, Ry, Qx, Qy), square patterns
+    path = _matlab(tmp_path / "scan.mat", np.transpose(logical, (3, 2, 1, 0)))  # h5py shows (Qy, Qx, Ry, Rx)
+    with open_scan(path) as scan:
+        assert scan.transpose == (3, 2, 1, 0) and scan.scan_shape == (4, 5) and scan.pattern_shape == (6, 6)
+        np.testing.assert_array_equal(scan.read(0, 20), logical.reshape(20, 6, 6))
+        assert "stored as (6, 6, 5, 4)" in scan.layout_note and "transpose 3 2 1 0" in scan.layout_note
+        from ccstae_jax.pipeline import describe_scan
+
+        said = describe_scan(scan).splitlines()  # what `ccstae train` and `ccstae map` print
+        assert said == [f"data {path}, key /output4D: 4 x 5 scan positions, 6 x 6 px patterns (stored (6, 6, 5, 4) "
+                        "float32; transpose 3 2 1 0)", scan.layout_note]
+
+
+def test_matlab_array_saved_detector_first_like_the_paper_is_read_with_1_0_3_2(tmp_path):
+    logical = _cube((4, 5, 8, 8))  # (Rx, Ry, Qx, Qy) as the paper's output4D(kx, ky, xp, yp) is used
+    stored = np.transpose(logical, (1, 0, 3, 2))  # what h5py shows for MATLAB's output4D
+    path = _matlab(tmp_path / "polycrystal_output4D.mat", stored)
     with open_scan(path, crop=((1, 5), (2, 8))) as scan:
         assert scan.transpose == (1, 0, 3, 2) and scan.scan_shape == (4, 5)
         np.testing.assert_array_equal(scan.read(0, 20), logical[:, :, 1:5, 2:8].reshape(20, 4, 6))
+        assert "transpose 1 0 3 2" in scan.layout_note
+
+
+@pytest.mark.parametrize("stored", [(6, 6, 6, 6), (4, 4, 6, 6), (5, 4, 8, 6)])
+def test_matlab_array_of_ambiguous_shape_is_refused_showing_the_shape_and_both_orders(tmp_path, stored):
+    path = _matlab(tmp_path / "amb.mat", _cube(stored))
+    with pytest.raises(DataError) as err:
+        open_scan(path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert f"stored as {stored}" in msg and "key '/output4D'" in msg
+    assert "--transpose 3 2 1 0" in msg and "--transpose 1 0 3 2" in msg
+
+
+def test_explicit_transpose_wins_over_the_matlab_default(tmp_path):
+    logical = _cube((6, 6, 6, 6))
+    path = _matlab(tmp_path / "amb.mat", np.transpose(logical, (3, 2, 1, 0)))
+    with open_scan(path, transpose=(3, 2, 1, 0)) as scan:
+        assert scan.layout_note == ""
+        np.testing.assert_array_equal(scan.read(0, 36), logical.reshape(36, 6, 6))
+    square = _matlab(tmp_path / "sq.mat", _cube((5, 4, 8, 8)))  # the shape alone says 1 0 3 2
+    with open_scan(square, transpose=(0, 1, 2, 3)) as scan:
+        assert scan.transpose == (0, 1, 2, 3) and scan.scan_shape == (5, 4)
+
+
+def test_plain_hdf5_without_matlab_marks_keeps_the_stored_order(tmp_path):
+    path = _h5(tmp_path / "plain.h5", {"data": _cube((6, 6, 5, 4))})
+    with open_scan(path) as scan:
+        assert scan.transpose == (0, 1, 2, 3) and scan.layout_note == ""
 
 
 def test_npy_pattern_first_with_transpose_and_crop(tmp_path, cube):

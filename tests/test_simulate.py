@@ -249,6 +249,18 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_file_mode_follows_the_umask_like_a_normal_file(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = sim.simulate_to_hdf5(tmp_path / "x.h5", _tiny(scan_shape=(3, 3)), progress=False)
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")  # created by open(): 0o666 & ~umask
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask == os.stat(plain).st_mode & 0o777
+
+
 def test_renderer_uses_no_matmul():
     # Default-precision f32 dots run as TF32/bf16 on GPUs and TPUs (about 1e-3 relative: 1e-4 strain
     # errors); spot positions must be computed elementwise to keep 1e-5 accuracy on every platform.

@@ -13,9 +13,13 @@ Formats (files are only ever opened read-only):
   else py4DSTEM / EMD 1.0 ``4DSTEM/datacube/data``; else the old py4DSTEM
   ``4DSTEM_experiment/data/datacubes/*/data``; else Prismatic
   ``4DSTEM_simulation/data/datacubes/CBED_array_depth*/datacube``; else the only 4-D dataset.
-* MATLAB v7.3 ``.mat`` (HDF5, MATLAB writes axes reversed): found as above (e.g. ``output4D``). A
-  dataset carrying MATLAB's ``MATLAB_class`` attribute defaults to ``transpose=(1, 0, 3, 2)``
-  (the Auto4DSTEM tutorial's setting for ``polycrystal_output4D.mat``).
+* MATLAB v7.3 ``.mat`` (HDF5, MATLAB writes axes reversed): found as above (e.g. ``output4D``). For a
+  dataset carrying MATLAB's ``MATLAB_class`` attribute the default ``transpose`` is worked out from
+  the stored shape (`matlab_transpose`): patterns are square, so the pair of equal axes is the
+  detector. An array saved as ``A(Rx, Ry, Qx, Qy)`` is stored ``(Qy, Qx, Ry, Rx)`` and read with
+  ``(3, 2, 1, 0)``; one saved detector-first, ``A(Qx, Qy, Rx, Ry)`` (the paper's ``output4D``), is
+  stored ``(Ry, Rx, Qy, Qx)`` and read with ``(1, 0, 3, 2)``. When both or neither pair is
+  square the reader refuses to guess (`DataError` listing the ``transpose`` of each reading).
 * NumPy ``.npy``: memory-mapped (``mmap_mode="r"``), any layout via ``transpose``.
 * EMPAD ``.raw`` (+ ``.xml``): frames of 130 x 128 little-endian float32 whose last 2 rows are a
   footer (dropped -> 128 x 128); the scan shape comes from the ``.xml`` (``scan_resolution_y``
@@ -26,6 +30,7 @@ expected.
 """
 from __future__ import annotations
 
+import logging
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -42,7 +47,10 @@ __all__ = [
     "load_labels",
     "reference_region_from_file",
     "LABEL_NAMES",
+    "matlab_transpose",
 ]
+
+_log = logging.getLogger(__name__)
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".emd", ".mat", ".nxs", ".cxi")
 LABEL_NAMES = ("strain_xx", "strain_yy", "shear_xy", "rotation")
@@ -185,14 +193,63 @@ def _parse_empad_xml(xml_path: Path) -> tuple[Path | None, tuple[int, int] | Non
     return raw_path, shapes.get("acquire"), shapes.get("search")
 
 
-class _Source:
-    """The stored 4-D array (h5py dataset or numpy memmap) and how to close it."""
+_MATLAB_READINGS = (  # (transpose, how MATLAB held the array, which stored axes are the detector)
+    ((3, 2, 1, 0), "A(Rx, Ry, Qx, Qy)", (0, 1)),
+    ((1, 0, 3, 2), "A(Qx, Qy, Rx, Ry)", (2, 3)),  # detector first: the paper's output4D
+)
 
-    def __init__(self, array, handle=None, key="", default_transpose=(0, 1, 2, 3)):
+
+def _reading(shape, transpose) -> str:
+    rx, ry, qx, qy = (shape[a] for a in transpose)
+    return f"scan {rx}x{ry}, patterns {qx}x{qy}"
+
+
+def matlab_transpose(stored_shape: Sequence[int], *, where: str = "MATLAB dataset") -> tuple[tuple[int, ...], str]:
+    """The axis order of a MATLAB v7.3 4-D array, worked out from the shape h5py shows (MATLAB's reversed).
+
+    MATLAB ``A(d1, d2, d3, d4)`` is stored as ``(d4, d3, d2, d1)``. The detector axes are taken to be the one pair
+    of equal stored extents (square patterns): stored axes 0, 1 -> ``A(Rx, Ry, Qx, Qy)``, ``transpose=(3, 2, 1,
+    0)``; stored axes 2, 3 -> ``A(Qx, Qy, Rx, Ry)``, ``transpose=(1, 0, 3, 2)``.
+
+    Args:
+      stored_shape: the 4 extents as stored (h5py's order).
+      where: the file and key, for messages.
+
+    Returns:
+      ``(transpose, note)``: the axis order giving ``(Rx, Ry, Qx, Qy)`` and one line saying what was assumed.
+
+    Raises:
+      DataError: both pairs or neither pair of axes are equal (e.g. ``(256, 256, 256, 256)``, or non-square
+        patterns): the message shows the stored shape and the ``transpose`` of each reading.
+    """
+    shape = tuple(int(s) for s in stored_shape)
+    square = [shape[a] == shape[b] for _, _, (a, b) in _MATLAB_READINGS]
+    if sum(square) == 1:
+        transpose, saved, (a, b) = _MATLAB_READINGS[square.index(True)]
+        note = (f"{where}: MATLAB array stored as {shape} (axes reversed) read as {saved}: square "
+                f"{shape[a]}x{shape[b]} patterns on stored axes {a}, {b} -> transpose {' '.join(map(str, transpose))}"
+                f" ({_reading(shape, transpose)}; --transpose overrides)")
+        return transpose, note
+    why = "both pairs of axes are equal" if all(square) else "neither pair of axes is equal (non-square patterns?)"
+    options = "; ".join(f"--transpose {' '.join(map(str, t))} if MATLAB held it as {saved} ({_reading(shape, t)})"
+                        for t, saved, _ in _MATLAB_READINGS) + " (the paper's output4D: 1 0 3 2)"
+    raise DataError(f"{where}: MATLAB array stored as {shape} (MATLAB's axis order reversed): cannot tell the "
+                    f"detector axes from the scan axes, {why}; give the axis order: {options}")
+
+
+class _Source:
+    """The stored 4-D array (h5py dataset or numpy memmap) and how to close it.
+
+    ``default_transpose`` is used when the caller gives none; ``matlab`` marks a MATLAB v7.3 dataset, whose default
+    is worked out from its shape (`matlab_transpose`).
+    """
+
+    def __init__(self, array, handle=None, key="", default_transpose=(0, 1, 2, 3), matlab=False):
         self.array = array
         self.handle = handle
         self.key = key
         self.default_transpose = default_transpose
+        self.matlab = matlab
         chunks = getattr(array, "chunks", None)
         self.chunks = tuple(chunks) if chunks else None
 
@@ -216,8 +273,7 @@ def _open_source(path: Path, key: str | None, scan_shape) -> _Source:
         try:
             name = _find_hdf5_dataset(f, path, key)
             dset = f[name]
-            matlab = "MATLAB_class" in dset.attrs
-            return _Source(dset, f, name, (1, 0, 3, 2) if matlab else (0, 1, 2, 3))
+            return _Source(dset, f, name, matlab="MATLAB_class" in dset.attrs)
         except BaseException:
             f.close()
             raise
@@ -281,9 +337,12 @@ class Scan:
 
     Create with `open_scan`. Attributes: ``path``, ``key`` (dataset path inside the file, "" for
     .npy/.raw), ``scan_shape`` ``(Rx, Ry)``, ``pattern_shape`` ``(H, W)`` (after crop and binning),
-    ``n_positions`` ``Rx * Ry``, ``stored_shape``, ``stored_dtype``, ``transpose``, ``crop``, ``binning``.
+    ``n_positions`` ``Rx * Ry``, ``stored_shape``, ``stored_dtype``, ``transpose``, ``crop``, ``binning``,
+    ``layout_note`` (one line on an axis order worked out from the shape, "" when none was).
     Flat positions are row-major: ``p = rx * Ry + ry``.
     """
+
+    layout_note: str = ""
 
     def __init__(self, path: Path, source: _Source, *, transpose, crop, binning, check_finite):
         self.path = path
@@ -592,7 +651,8 @@ def open_scan(
       key: dataset path inside an HDF5 file (default: found automatically, see module docstring).
       transpose: 4 axis indices: the stored array's axes, in the order that makes it
         ``(Rx, Ry, Qx, Qy)`` (like ``np.transpose``; e.g. ``(2, 3, 0, 1)`` for pattern-first
-        ``(Qx, Qy, Rx, Ry)`` storage). Default: identity, or ``(1, 0, 3, 2)`` for MATLAB datasets.
+        ``(Qx, Qy, Rx, Ry)`` storage). Default: identity, or for MATLAB v7.3 datasets the order
+        `matlab_transpose` works out from the stored shape (``Scan.layout_note`` says which).
       crop: ``((q0, q1), (q2, q3))`` pattern rows q0:q1 and columns q2:q3 kept (after transpose).
       binning: integer sum-binning of the cropped pattern; the cropped size must be divisible by it.
       check_finite: raise `DataError` on NaN/Inf, checked batch by batch as data are read.
@@ -620,7 +680,11 @@ def open_scan(
         if dtype.kind not in "iuf":
             what = {"b": "bool", "c": "complex"}.get(dtype.kind, "non-numeric")
             raise DataError(f"{where}: dtype {dtype} is {what}; expected real integer or float intensities")
-        if transpose is None:
+        layout_note = ""
+        if transpose is None and source.matlab:
+            transpose, layout_note = matlab_transpose(shape, where=where)
+            _log.info(layout_note)
+        elif transpose is None:
             transpose = source.default_transpose
         try:
             transpose = tuple(int(a) for a in transpose)
@@ -643,7 +707,9 @@ def open_scan(
                 f"{where}: binning={binning} does not divide the cropped pattern ({q1 - q0}, {q3 - q2}); "
                 "choose a crop whose sizes are multiples of the binning"
             )
-        return Scan(path, source, transpose=transpose, crop=crop, binning=binning, check_finite=check_finite)
+        scan = Scan(path, source, transpose=transpose, crop=crop, binning=binning, check_finite=check_finite)
+        scan.layout_note = layout_note
+        return scan
     except BaseException:
         source.close()
         raise

@@ -1304,6 +1304,13 @@ def simulate_scan(config: SimulationConfig) -> tuple[np.ndarray, dict[str, np.nd
     return data, gen.labels
 
 
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def simulate_to_hdf5(path: str | os.PathLike, config: SimulationConfig, *, progress: bool = True) -> Path:
     """Simulates a scan and streams it to an HDF5 file, batch of rows by batch of rows.
 
@@ -1323,7 +1330,8 @@ def simulate_to_hdf5(path: str | os.PathLike, config: SimulationConfig, *, progr
     ``[name, a]``), ``vacuum`` (requested fraction).
 
     The file is written under a temporary name in the same folder and renamed when complete, so the
-    final name never holds a partial file.
+    final name never holds a partial file; its permissions follow the umask like any new file's
+    (``0o666 & ~umask``).
 
     Args:
       path: destination ``.h5`` file (overwritten if it exists).
@@ -1389,6 +1397,7 @@ def simulate_to_hdf5(path: str | os.PathLike, config: SimulationConfig, *, progr
                                unit="batch")
             for r0, r1, block in batches:
                 dset[r0:r1] = block
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
