@@ -84,7 +84,14 @@ def _data_options(args):
         q0, q1, q2, q3 = args.crop
         crop = ((q0, q1), (q2, q3))
     return DataOptions(key=args.key, transpose=tuple(args.transpose) if args.transpose else None, crop=crop,
-                       binning=args.binning or 1, allow_negative=bool(getattr(args, "allow_negative", False)))
+                       binning=args.binning or 1, allow_negative=bool(getattr(args, "allow_negative", False)),
+                       **_format_options(args))
+
+
+def _format_options(args) -> dict:
+    fmt = getattr(args, "format", None)
+    shape = getattr(args, "scan_shape", None)
+    return {"format": None if fmt in (None, "auto") else fmt, "scan_shape": tuple(shape) if shape else None}
 
 
 def _add_data_args(p, *, of_run: bool = False):
@@ -103,6 +110,22 @@ def _add_data_args(p, *, of_run: bool = False):
     p.add_argument("--binning", type=int, default=None if of_run else 1,
                    help="sum-bin each pattern by this integer factor (default: "
                    + ("the run's" if of_run else "%(default)s, none") + ")")
+
+
+def _add_format_args(p, *, of_run: bool = False):
+    """--format, --scan-shape; ``of_run``: for `map`, where they default to the run's."""
+    from ccstae_jax.data.formats import FORMATS
+
+    p.add_argument("--format", choices=["auto", *FORMATS], default=None,
+                   help="file format: hdf5 (.h5/.emd/.hspy/.mat), arina (DECTRIS ARINA/EIGER master .h5), npy, empad "
+                        '(.raw/.xml); with the io extra (pip install "ccstae-jax[io]"): mib (Merlin), dm '
+                        "(.dm3/.dm4), blo (ASTAR), tvips (default: " + ("the run's, else " if of_run else "")
+                        + "auto, from the file's suffix, then its content)")
+    p.add_argument("--scan-shape", type=int, nargs=2, metavar=("ROWS", "COLS"),
+                   help="scan rows and columns of files that store frames without them: ARINA/EIGER stacks, .mib "
+                        "without .hdr, TVIPS, EMPAD .raw without .xml (default: " + ("the run's, else " if of_run
+                                                                                    else "")
+                        + "from the file, else a square scan)")
 
 
 _NEGATIVE_HELP = "use negative values (e.g. dark-subtracted EMPAD frames) as they are instead of refusing the scan"
@@ -196,13 +219,27 @@ def cmd_map(args):
     from ccstae_jax.pipeline import map_strain
 
     data = _data_options(args) if (args.key or args.transpose or args.crop or args.binning) else None
+    if data is None and any(_format_options(args).values()):  # the run's data options, read as this file
+        import dataclasses
+
+        from ccstae_jax.pipeline import load_run
+
+        data = dataclasses.replace(load_run(args.run_dir)[1], **_format_options(args))
+    if args.export:
+        from ccstae_jax.export import check_export
+
+        check_export(args.export, args.out)
     maps = map_strain(args.run_dir, args.data, args.out, reference_region=_region(args.reference_region),
                       batch_size=args.batch_size, which=args.checkpoint, data=data, figures=args.figures,
                       refine_steps=args.refine_steps, base_update=not args.no_base_update,
                       interpolation=args.interpolation, allow_negative=True if args.allow_negative else None,
-                      progress=not args.quiet)
+                      scan_rotation=args.scan_rotation, progress=not args.quiet)
     valid = maps["valid"]
     print(f"wrote {args.out}: {valid.size} positions, {int(valid.sum())} valid ({100 * valid.mean():.1f} %)")
+    if args.export:
+        from ccstae_jax.export import export_strain
+
+        print(f"wrote {export_strain(args.out, args.export)}")
 
 
 def cmd_evaluate(args):
@@ -297,13 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train CC-ST-AE on a scan (resumes when --out holds a checkpoint)",
                        epilog=_CONVENTIONS)
-    t.add_argument("data", help="4D-STEM file: .h5/.emd/.mat (v7.3)/.npy/EMPAD .raw")
+    t.add_argument("data", help="4D-STEM file: .h5/.emd/.hspy/.mat (v7.3)/.npy/EMPAD .raw/ARINA master .h5; with the "
+                                "io extra .mib/.dm3/.dm4/.blo/.tvips")
     t.add_argument("--out", required=True, help="run directory (resumed when it holds a checkpoint)")
     t.add_argument("--preset", default=_arg_default(pipeline.train, "preset"), choices=["fast", "reference"],
                    help="model and training preset (default: %(default)s)")
     t.add_argument("--config", help="TOML file with [model], [loss], [train], [data] tables; options given on the "
                                     "command line win (default: none)")
     _add_data_args(t)
+    _add_format_args(t)
     t.add_argument("--allow-negative", action="store_true",
                    help=f"{_NEGATIVE_HELP} (default: a scan with any negative value is refused, naming how many "
                         f"and the first position). {_CHECK_HELP}")
@@ -358,6 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(a few %% lower strain error) or bilinear (about 2.4x faster on CPUs) (default: "
                         "%(default)s)")
     _add_data_args(m, of_run=True)
+    _add_format_args(m, of_run=True)
+    m.add_argument("--scan-rotation", type=float, metavar="DEG",
+                   help="angle in degrees, counter-clockwise (from scan rows toward scan columns), from the scan's "
+                        "row axis Rx to the image direction of the detector's +Qx axis; also writes the maps turned "
+                        "into the image frame (x = Rx, y = Ry) under /image_frame/; rotation is the same in both "
+                        "(default: none, detector frame only)")
+    m.add_argument("--export", choices=["hspy", "emd"],
+                   help="also write the maps beside --out as HyperSpy .hspy (needs the io extra) or EMD 1.0 .emd "
+                        "(py4DSTEM/emdfile layout), with named signals, axes and units (default: none)")
     m.add_argument("--allow-negative", action="store_true",
                    help=f"{_NEGATIVE_HELP} (default: as the run was trained). {_CHECK_HELP}")
     m.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -27,7 +27,9 @@ class DataOptions:
     """How to read a scan (saved with the run so `map` reads the data the same way).
 
     ``allow_negative``: accept negative values (e.g. dark-subtracted detector frames) and use them as they are;
-    by default a scan holding any negative value is refused (see `check_values`).
+    by default a scan holding any negative value is refused (see `check_values`). ``format`` (None = from the file
+    name) and ``scan_shape`` ``(rows, cols)`` (for files that store frames without one) are passed to
+    `ccstae_jax.data.readers.open_scan`.
     """
 
     key: str | None = None
@@ -35,12 +37,14 @@ class DataOptions:
     crop: tuple[tuple[int, int], tuple[int, int]] | None = None
     binning: int = 1
     allow_negative: bool = False
+    format: str | None = None
+    scan_shape: tuple[int, int] | None = None
 
     def open(self, path, *, check_finite: bool = True):
         from ccstae_jax.data.readers import open_scan
 
         return open_scan(path, key=self.key, transpose=self.transpose, crop=self.crop, binning=self.binning,
-                         check_finite=check_finite)
+                         check_finite=check_finite, format=self.format, scan_shape=self.scan_shape)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -51,7 +55,8 @@ class DataOptions:
         c = d.get("crop")
         return cls(key=d.get("key"), transpose=tuple(t) if t else None,
                    crop=tuple(tuple(x) for x in c) if c else None, binning=int(d.get("binning", 1)),
-                   allow_negative=bool(d.get("allow_negative", False)))
+                   allow_negative=bool(d.get("allow_negative", False)), format=d.get("format"),
+                   scan_shape=tuple(int(v) for v in d["scan_shape"]) if d.get("scan_shape") else None)
 
 
 _CHECK_BLOCK_BYTES = 16 * 2**20  # patterns read per block by `check_values`
@@ -331,6 +336,7 @@ def map_strain(
     base_update: bool = True,
     interpolation: str = "cubic",
     allow_negative: bool | None = None,
+    scan_rotation: float | None = None,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Maps strain over a scan with a trained run and writes ``out_path`` (HDF5, atomic). Returns the maps.
@@ -345,6 +351,11 @@ def map_strain(
     is how both passes warp the base and pull the patterns (`ccstae_jax.warp`: ``"cubic"``, Keys' third-order
     kernel, or ``"bilinear"``, ~2.4x faster on CPUs, a few % less accurate). ``allow_negative`` (None = the run's data
     option) accepts negative values in the scan.
+
+    Maps are in the detector frame. ``scan_rotation`` (degrees, `ccstae_jax.frames`: counter-clockwise from the
+    scan's row axis to the image direction of detector +Qx) also writes them turned into the image frame under
+    ``/image_frame/``. The file's root attributes record the frames (`ccstae_jax.frames.frame_attrs`) and the
+    data file's calibration (``q_pixel`` in 1/Angstrom, ``scan_step`` in Angstrom) when it has one.
 
     Bad input is refused before the checkpoint is loaded: an output path that cannot be written (or is the input),
     a reference region outside the scan, and values `check_values` refuses (NaN/Inf, negative, all blank). The
@@ -362,6 +373,8 @@ def map_strain(
     if isinstance(refine_steps, bool) or int(refine_steps) != refine_steps or refine_steps < 0:
         raise ValueError(f"--refine-steps {refine_steps}: expected an integer >= 0")
     check_interpolation(interpolation, "--interpolation")
+    if scan_rotation is not None and not np.isfinite(float(scan_rotation)):
+        raise ValueError(f"--scan-rotation {scan_rotation}: expected a finite angle in degrees")
     _check_output_file(out_path, data_path)
     task, saved_data, _ = load_run(run_dir)
     data = saved_data if data is None else data
@@ -431,10 +444,19 @@ def map_strain(
             "interpolation": interpolation if refine_steps else "none",
             "strain_reference": "relative",
         }
+        # Frames and calibration: the root maps stay in the detector frame (ccstae_jax.frames).
+        from ccstae_jax.frames import frame_attrs, image_frame_maps
+
+        attrs.update(frame_attrs(scan_rotation, scan.calibration))
+        written = maps if scan_rotation is None else {**maps, **image_frame_maps(maps, scan_rotation)}
         _remove_stale_tmp(out_path)
-        write_strain_h5(out_path, maps, attrs=attrs)
+        write_strain_h5(out_path, written, attrs=attrs)
         if figures is not None:
             save_run_figures(figures, run_dir, data_path, task, state, scan, maps, reference_region=reference_region)
+            if scan_rotation is not None:
+                from ccstae_jax import plots
+
+                plots.plot_strain_frames(maps, Path(figures) / "strain_frames.png", scan_rotation=scan_rotation)
     return maps
 
 

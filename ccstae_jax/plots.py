@@ -822,6 +822,77 @@ def plot_training_curves(metrics_path: str | os.PathLike, path: str | os.PathLik
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# detector frame and image frame
+# ---------------------------------------------------------------------------------------------------------------
+def _frames_figure(maps, scan_rotation, *, strain_limit=None, dpi=DEFAULT_DPI):
+    from matplotlib.colors import Normalize
+
+    from ccstae_jax.frames import image_frame_maps
+
+    turned = {k.split("/", 1)[1]: v for k, v in image_frame_maps(maps, scan_rotation).items()}
+    if "valid" in maps:
+        turned["valid"] = maps["valid"]
+    det = _prepared("detector frame", maps, QUANTITIES, None)
+    img = _prepared("image frame", turned, QUANTITIES, det["strain_xx"].shape)
+    rows = [("detector frame", det), (f"image frame ({float(scan_rotation):g} deg)", img)]
+    s_lim = float(strain_limit) if strain_limit is not None else \
+        _robust_limit([p[k] for _, p in rows for k in STRAIN_KEYS], fallback=1e-3)
+    r_lim = _robust_limit([det["rotation"]], fallback=1.0)
+    rx, ry = det["strain_xx"].shape
+    aspect = min(max(rx / ry, 0.4), 2.5)
+    panel = 2.9
+    fig = _figure(4 * panel + 0.6, 2 * panel * aspect + 1.9, dpi, images=True)
+    axes = fig.subplots(2, 4, squeeze=False, sharex=True, sharey=True)
+    s_norm, r_norm, cmap = Normalize(-100 * s_lim, 100 * s_lim), Normalize(-r_lim, r_lim), _cmap("RdBu_r")
+    ims = {}
+    for i, (name, p) in enumerate(rows):
+        for j, k in enumerate(QUANTITIES):
+            ax = axes[i, j]
+            ims[k] = ax.imshow(p[k] if k == "rotation" else 100 * p[k], cmap=cmap,
+                               norm=r_norm if k == "rotation" else s_norm, interpolation="nearest", origin="upper")
+            if i == 0:
+                ax.set_title(_TITLES[k], fontsize=11)
+            _scan_axes(ax, xlabel=i == 1, ylabel="scan row Rx" if j == 0 else None)
+            if j == 0:
+                ax.annotate(name, xy=(0, 0.5), xycoords=ax.yaxis.label, xytext=(-4, 0), textcoords="offset points",
+                            ha="right", va="center", rotation=90, fontsize=11, fontweight="bold")
+    cb = fig.colorbar(ims["strain_xx"], ax=axes[:, :3], location="bottom", shrink=0.5, aspect=40, extend="both")
+    cb.set_label("strain (%), one scale for all strain panels")
+    cb = fig.colorbar(ims["rotation"], ax=axes[:, 3], location="bottom", shrink=0.9, aspect=24, extend="both")
+    cb.set_label("rotation (deg), the same in both frames")
+    fig.suptitle("The same strain map in two frames. Detector: x = Qx (pattern rows), y = Qy (pattern columns).\n"
+                 f"Image: x = scan rows Rx, y = scan columns Ry; detector +Qx points {float(scan_rotation):g} deg "
+                 "counter-clockwise from +Rx; grey = no value", fontsize=10)
+    return fig
+
+
+def plot_strain_frames(
+    maps: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    scan_rotation: float,
+    strain_limit: float | None = None,
+    dpi: int = DEFAULT_DPI,
+) -> str:
+    """One strain map drawn in the detector frame (top row) and turned into the image frame (bottom row).
+
+    Args:
+      maps: detector-frame maps as in `plot_strain_maps` (``strain_xx``, ``strain_yy``, ``shear_xy``,
+        ``rotation`` (radians), optional ``valid``).
+      path: output PNG.
+      scan_rotation: degrees, counter-clockwise from the scan's row axis to the image direction of detector +Qx
+        (`ccstae_jax.frames`).
+      strain_limit: colour limit of the strain panels (dimensionless); None = 99th percentile over both rows.
+      dpi: resolution of the PNG.
+
+    Returns:
+      ``path`` as str.
+    """
+    dpi = _check_dpi(dpi)
+    return _save(_frames_figure(maps, scan_rotation, strain_limit=strain_limit, dpi=dpi), path, dpi)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # reconstruction error and validity
 # ---------------------------------------------------------------------------------------------------------------
 def _error_figure(maps, *, dpi=DEFAULT_DPI):

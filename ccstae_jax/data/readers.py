@@ -1,4 +1,5 @@
-"""Streaming 4D-STEM readers with bounded memory: HDF5/EMD, MATLAB v7.3, .npy and EMPAD .raw.
+"""Streaming 4D-STEM readers with bounded memory: HDF5/EMD/.hspy, MATLAB v7.3, .npy, EMPAD .raw, ARINA/EIGER
+frame stacks, and (with the ``io`` extra) Merlin .mib, DigitalMicrograph .dm3/.dm4, ASTAR .blo and TVIPS.
 
 `open_scan` returns a `Scan`, a read-only view of a 4-D dataset as ``(Rx, Ry, Qx, Qy)`` (scan row,
 scan column, detector row, detector column) after an optional axis ``transpose``, pattern ``crop``
@@ -24,6 +25,8 @@ Formats (files are only ever opened read-only):
 * EMPAD ``.raw`` (+ ``.xml``): frames of 130 x 128 little-endian float32 whose last 2 rows are a
   footer (dropped -> 128 x 128); the scan shape comes from the ``.xml`` (``scan_resolution_y``
   rows, ``scan_resolution_x`` columns) or from ``scan_shape=``.
+* ARINA / EIGER master files, Merlin, DigitalMicrograph, ASTAR and TVIPS files, NCEM EMD's axis
+  order and compressed HDF5 chunks: see `ccstae_jax.data.formats` (which reader handles what).
 
 Bad input raises `DataError` (a `ValueError`) with one line naming the file, the key and what was
 expected.
@@ -52,7 +55,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5", ".emd", ".mat", ".nxs", ".cxi")
 LABEL_NAMES = ("strain_xx", "strain_yy", "shear_xy", "rotation")
 _PAPER_LABEL_FILES = {name: f"Label_{name}.npy" for name in LABEL_NAMES}
 _PAPER_GRAIN_FILE = "simulated_4dstem_grain_index.npy"
@@ -98,14 +100,13 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: file is empty (0 bytes)")
 
 
-def _sniff_format(path: Path) -> str:
+def _sniff_format(path: Path, format: str | None = None) -> str:
+    from ccstae_jax.data.formats import format_from_name
+
+    named = format_from_name(path, format)
+    if named is not None:
+        return named
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return "npy"
-    if suffix in (".raw", ".xml"):
-        return "empad"
-    if suffix in HDF5_SUFFIXES:
-        return "hdf5"
     with open(path, "rb") as f:
         head = f.read(8)
     if head.startswith(b"\x93NUMPY"):
@@ -113,7 +114,8 @@ def _sniff_format(path: Path) -> str:
     if h5py.is_hdf5(str(path)):
         return "hdf5"
     raise DataError(
-        f"{path}: unknown file format (suffix {suffix!r}); expected HDF5/EMD/.mat v7.3, .npy or EMPAD .raw"
+        f"{path}: unknown file format (suffix {suffix!r}); expected HDF5/EMD/.hspy/.mat v7.3, .npy, EMPAD .raw, "
+        ".mib, .dm3/.dm4, .blo or .tvips (or pass format=)"
     )
 
 
@@ -238,18 +240,22 @@ def matlab_transpose(stored_shape: Sequence[int], *, where: str = "MATLAB datase
 
 
 class _Source:
-    """The stored 4-D array (h5py dataset or numpy memmap) and how to close it.
+    """The stored 4-D array (h5py dataset, numpy memmap, `FrameStack` or `LazyArray`) and how to close it.
 
     ``default_transpose`` is used when the caller gives none; ``matlab`` marks a MATLAB v7.3 dataset, whose default
-    is worked out from its shape (`matlab_transpose`).
+    is worked out from its shape (`matlab_transpose`). ``calibration``: ``q_pixel`` (1/Angstrom per stored detector
+    pixel) and ``scan_step`` (Angstrom) when known.
     """
 
-    def __init__(self, array, handle=None, key="", default_transpose=(0, 1, 2, 3), matlab=False):
+    def __init__(self, array, handle=None, key="", default_transpose=(0, 1, 2, 3), matlab=False, calibration=None,
+                 format=""):
         self.array = array
         self.handle = handle
         self.key = key
         self.default_transpose = default_transpose
         self.matlab = matlab
+        self.calibration = dict(calibration or {})
+        self.format = format
         chunks = getattr(array, "chunks", None)
         self.chunks = tuple(chunks) if chunks else None
 
@@ -259,24 +265,66 @@ class _Source:
             self.handle = None
 
 
-def _open_source(path: Path, key: str | None, scan_shape) -> _Source:
-    fmt = _sniff_format(path)
-    if fmt == "hdf5":
-        if not h5py.is_hdf5(str(path)):
-            hint = " (MATLAB v5/v7 .mat files are not HDF5: re-save with -v7.3)" if path.suffix.lower() == ".mat" \
-                else ""
-            raise DataError(f"{path}: not an HDF5 file{hint}")
-        try:
-            f = h5py.File(path, "r", rdcc_nbytes=_H5_CACHE_BYTES, rdcc_nslots=10007)
-        except OSError as err:
-            raise DataError(f"{path}: cannot open as HDF5, the file may be truncated or corrupt ({err})") from None
-        try:
-            name = _find_hdf5_dataset(f, path, key)
-            dset = f[name]
-            return _Source(dset, f, name, matlab="MATLAB_class" in dset.attrs)
-        except BaseException:
-            f.close()
-            raise
+def _hdf5_calibration(f: h5py.File, dset: h5py.Dataset) -> dict:
+    """Calibration of an HDF5 dataset: its .hspy axis groups (``q_pixel``, ``scan_step``), and the root attribute
+    ``q_pixel`` (our simulator, 1/Angstrom), which takes precedence."""
+    from ccstae_jax.data.formats import calibration_from_axes, hspy_axes
+
+    axes = hspy_axes(dset) if dset.ndim == 4 else None
+    out = calibration_from_axes(axes) if axes else {}
+    q = f.attrs.get("q_pixel")
+    if q is not None and np.ndim(q) == 0 and np.isfinite(q) and q > 0:
+        out["q_pixel"] = float(q)
+    return out
+
+
+def _is_ncem_emd(dset: h5py.Dataset) -> bool:
+    """NCEM (Berkeley) EMD < 1.0: ``dim1``.. vectors beside the data, no ``dim0``, group tagged ``emd_group_type``."""
+    parent = dset.parent
+    return ("emd_group_type" in parent.attrs and "dim1" in parent and "dim0" not in parent
+            and dset.name.rsplit("/", 1)[-1] != "datacube")
+
+
+def _open_hdf5(path: Path, key: str | None, scan_shape, fmt: str) -> _Source:
+    from ccstae_jax.data import formats
+
+    if not h5py.is_hdf5(str(path)):
+        hint = " (MATLAB v5/v7 .mat files are not HDF5: re-save with -v7.3)" if path.suffix.lower() == ".mat" \
+            else ""
+        raise DataError(f"{path}: not an HDF5 file{hint}")
+    try:
+        f = h5py.File(path, "r", rdcc_nbytes=_H5_CACHE_BYTES, rdcc_nslots=10007)
+    except OSError as err:
+        raise DataError(f"{path}: cannot open as HDF5, the file may be truncated or corrupt ({err})") from None
+    try:
+        stack = formats.frame_stack_datasets(f, path) if key is None else None
+        if fmt == "arina" and stack is None:
+            raise DataError(f"{path}: no ARINA/EIGER frame datasets (3-D /entry/data/data_NNNNNN) found")
+        if stack is not None and (fmt == "arina" or not any(len(s) == 4 for _, s in _list_datasets(f))):
+            formats.check_hdf5_filters(stack, path, "/entry/data")
+            n_frames = sum(int(d.shape[0]) for d in stack)
+            shape = formats.frame_stack_scan_shape(n_frames, scan_shape, path)
+            return _Source(formats.FrameStack(stack, shape), f, "/entry/data", format="arina")
+        name = _find_hdf5_dataset(f, path, key)
+        dset = f[name]
+        formats.check_hdf5_filters([dset], path, name)
+        transpose = (3, 2, 1, 0) if dset.ndim == 4 and _is_ncem_emd(dset) else (0, 1, 2, 3)
+        return _Source(dset, f, name, transpose, matlab="MATLAB_class" in dset.attrs,
+                       calibration=_hdf5_calibration(f, dset), format="hdf5")
+    except BaseException:
+        f.close()
+        raise
+
+
+def _open_source(path: Path, key: str | None, scan_shape, format: str | None = None) -> _Source:
+    fmt = _sniff_format(path, format)
+    if fmt in ("hdf5", "arina"):
+        return _open_hdf5(path, key, scan_shape, fmt)
+    if fmt in ("mib", "dm", "blo", "tvips"):
+        from ccstae_jax.data.formats import open_rsciio
+
+        array, calibration = open_rsciio(path, fmt, scan_shape)
+        return _Source(array, None, "", calibration=calibration, format=fmt)
     if fmt == "npy":
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -286,7 +334,7 @@ def _open_source(path: Path, key: str | None, scan_shape) -> _Source:
             raise DataError(f"{path}: cannot read .npy ({err})") from None
         if not isinstance(arr, np.ndarray):
             raise DataError(f"{path}: expected a single .npy array")
-        return _Source(arr, None, key or "")
+        return _Source(arr, None, key or "", format="npy")
     # EMPAD
     raw_path, xml_path = path, None
     if path.suffix.lower() == ".xml":
@@ -326,7 +374,7 @@ def _open_source(path: Path, key: str | None, scan_shape) -> _Source:
     if len(scan_shape) != 2 or scan_shape[0] * scan_shape[1] != n_frames:
         raise DataError(f"{raw_path}: scan_shape={scan_shape} does not match the {n_frames} frames in the file")
     mm = np.memmap(raw_path, dtype="<f4", mode="r", shape=(*scan_shape, *_EMPAD_FRAME))
-    return _Source(mm[:, :, : _EMPAD_PATTERN[0], :], None, "")
+    return _Source(mm[:, :, : _EMPAD_PATTERN[0], :], None, "", format="empad")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,9 +384,10 @@ class Scan:
     """A read-only, streamed view of a 4D-STEM scan as ``(Rx, Ry, H, W)`` float32 patterns.
 
     Create with `open_scan`. Attributes: ``path``, ``key`` (dataset path inside the file, "" for
-    .npy/.raw), ``scan_shape`` ``(Rx, Ry)``, ``pattern_shape`` ``(H, W)`` (after crop and binning),
-    ``n_positions`` ``Rx * Ry``, ``stored_shape``, ``stored_dtype``, ``transpose``, ``crop``, ``binning``,
-    ``layout_note`` (one line on an axis order worked out from the shape, "" when none was).
+    .npy/.raw and files read by RosettaSciIO), ``format`` (see `ccstae_jax.data.formats`), ``scan_shape``
+    ``(Rx, Ry)``, ``pattern_shape`` ``(H, W)`` (after crop and binning), ``n_positions`` ``Rx * Ry``,
+    ``stored_shape``, ``stored_dtype``, ``transpose``, ``crop``, ``binning``, ``calibration``, ``layout_note`` (one
+    line on an axis order worked out from the shape, "" when none was).
     Flat positions are row-major: ``p = rx * Ry + ry``.
     """
 
@@ -348,6 +397,7 @@ class Scan:
         self.path = path
         self._source = source
         self.key = source.key
+        self.format = source.format
         arr = source.array
         self.stored_shape = tuple(int(s) for s in arr.shape)
         self.stored_dtype = np.dtype(arr.dtype)
@@ -601,6 +651,20 @@ class Scan:
             count += len(block)
         return (total / count).astype(np.float32)
 
+    @property
+    def calibration(self) -> dict[str, float]:
+        """What the file says about its geometry: ``q_pixel``, 1/Angstrom per pattern pixel after binning (our
+        simulator's ``q_pixel`` attribute, .hspy or RosettaSciIO axes in reciprocal-length units, equal on both
+        detector axes), and ``scan_step``, Angstrom between scan positions (equal on both scan axes); a key is
+        absent when unknown."""
+        out = {}
+        cal = self._source.calibration
+        if "q_pixel" in cal:
+            out["q_pixel"] = float(cal["q_pixel"]) * self.binning
+        if "scan_step" in cal:
+            out["scan_step"] = float(cal["scan_step"])
+        return out
+
     def reference_region(self) -> tuple[int, int, int, int] | None:
         """The ``reference_region`` stored in the file (our simulator's files), else None."""
         return reference_region_from_file(self.path)
@@ -643,11 +707,13 @@ def open_scan(
     binning: int = 1,
     check_finite: bool = True,
     scan_shape: tuple[int, int] | None = None,
+    format: str | None = None,
 ) -> Scan:
     """Opens a 4D-STEM file for streamed, read-only access.
 
     Args:
-      path: an HDF5/EMD/.mat v7.3, .npy or EMPAD .raw/.xml file.
+      path: an HDF5/EMD/.hspy/.mat v7.3, .npy, EMPAD .raw/.xml or ARINA/EIGER master file; with the ``io`` extra
+        also Merlin .mib, DigitalMicrograph .dm3/.dm4, ASTAR .blo and TVIPS files.
       key: dataset path inside an HDF5 file (default: found automatically, see module docstring).
       transpose: 4 axis indices: the stored array's axes, in the order that makes it
         ``(Rx, Ry, Qx, Qy)`` (like ``np.transpose``; e.g. ``(2, 3, 0, 1)`` for pattern-first
@@ -656,18 +722,23 @@ def open_scan(
       crop: ``((q0, q1), (q2, q3))`` pattern rows q0:q1 and columns q2:q3 kept (after transpose).
       binning: integer sum-binning of the cropped pattern; the cropped size must be divisible by it.
       check_finite: raise `DataError` on NaN/Inf, checked batch by batch as data are read.
-      scan_shape: ``(rows, cols)`` for an EMPAD .raw without .xml (ignored for other formats).
+      scan_shape: ``(rows, cols)`` for files that store frames without a scan shape: an EMPAD .raw without
+        .xml, an ARINA/EIGER stack that is not square, a .mib without .hdr, TVIPS (default: square); checked
+        against the file where it has a scan shape (.mib, .dm, .blo), ignored for HDF5 4-D datasets and .npy.
+      format: one of `ccstae_jax.data.formats.FORMATS` (``"hdf5"``, ``"arina"``, ``"npy"``, ``"empad"``,
+        ``"mib"``, ``"dm"``, ``"blo"``, ``"tvips"``) or None / ``"auto"``: from the file's suffix, then its
+        content (an ARINA/EIGER frame stack is recognised inside an HDF5 file).
 
     Returns:
       A `Scan` (use as a context manager or call ``close()``).
 
     Raises:
       DataError: missing/empty/unreadable file, missing dataset, wrong rank or dtype, empty scan,
-        bad transpose, crop or binning.
+        bad transpose, crop or binning; a format that needs the ``io`` extra when it is not installed.
     """
     path = Path(path)
     _check_file(path)
-    source = _open_source(path, key, scan_shape)
+    source = _open_source(path, key, scan_shape, format)
     try:
         arr = source.array
         where = f"{path}: key {source.key!r}" if source.key else f"{path}"
