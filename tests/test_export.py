@@ -2,8 +2,6 @@
 call with calibrated axes."""
 from __future__ import annotations
 
-import sys
-
 import h5py
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import pytest
 from ccstae_jax.export import check_export, export_strain
 from ccstae_jax.frames import frame_attrs, image_frame_maps
 from ccstae_jax.strain import write_strain_h5
+from test_formats import without_rsciio
 
 NAMES = ["rotation", "shear_xy", "strain_xx", "strain_yy", "valid", "image_frame_shear_xy", "image_frame_strain_xx",
          "image_frame_strain_yy"]
@@ -70,8 +69,7 @@ def test_emd_opens_in_rosettasciio_with_calibrated_axes(strain_file):
 
 
 def test_hspy_without_the_extra_is_refused_before_mapping(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "rsciio", None)
-    monkeypatch.delitem(sys.modules, "rsciio.hspy", raising=False)
+    without_rsciio(monkeypatch)
     with pytest.raises(ValueError, match=r'--export hspy needs the optional io extra .*pip install "ccstae-jax\[io\]"'):
         check_export("hspy", tmp_path / "strain.h5")
 

@@ -33,6 +33,12 @@ def counts() -> np.ndarray:
     return scaled.astype(np.uint16)
 
 
+def without_rsciio(monkeypatch):
+    """Makes every ``import rsciio...`` fail, as if the io extra were not installed (also after earlier imports)."""
+    for name in [m for m in sys.modules if m == "rsciio" or m.startswith("rsciio.")] + ["rsciio"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def _read_all(path, **kw) -> np.ndarray:
     with open_scan(path, **kw) as scan:
         return scan.read(0, scan.n_positions).reshape(*scan.scan_shape, *scan.pattern_shape)
@@ -134,7 +140,7 @@ def test_compressed_hdf5_without_hdf5plugin_names_the_extra(tmp_path, monkeypatc
 def test_format_needing_the_extra_names_it(tmp_path, monkeypatch, name):
     path = tmp_path / name
     path.write_bytes(b"\0" * 1024)
-    monkeypatch.setitem(sys.modules, "rsciio", None)
+    without_rsciio(monkeypatch)
     with pytest.raises(DataError) as err:
         open_scan(path)
     msg = str(err.value)
@@ -292,7 +298,7 @@ def test_cli_train_on_mib_without_the_extra_is_one_line_naming_it(tmp_path, coun
     from ccstae_jax import cli
 
     mib = write_mib(tmp_path / "scan.mib", counts)
-    monkeypatch.setitem(sys.modules, "rsciio", None)
+    without_rsciio(monkeypatch)
     assert cli.main(["train", str(mib), "--out", str(tmp_path / "run"), "--quiet"]) == cli.EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert err.startswith("ccstae train: error: ") and err.endswith(EXTRA) and "\n" not in err
