@@ -9,7 +9,7 @@ Run by ``benchmarks/throughput.py`` as ``python benchmarks/_jax_side.py --spec J
 Spec keys (all optional except ``data`` for train/infer):
 
 * ``kind``: ``"train"`` (forward + loss + backward + Adam 3e-5, one jitted step, state donated), ``"infer"``
-  (`ccstae_jax.strain.make_predict_fn`, the step ``ccstae map`` runs) or ``"scan"`` (map ``scan_positions``
+  (the network's full forward pass, `_forward_fn`) or ``"scan"`` (map ``scan_positions``
   patterns through that step; data on device, then end to end from host numpy).
 * ``preset`` (``"reference"``/``"fast"``), ``batch`` (global batch), ``interpolate`` (reference: the tutorial's
   800x800 bicubic path: ``interpolate=True, warp_mode="bicubic", up_size=800``), ``dtype`` (``"float32"`` or
@@ -241,13 +241,24 @@ def _run_train(spec, task, params, pool, mesh, repl, dsh, batch) -> dict:
             "optimizer": "optax.adam(3e-5)", "epoch_arg": int(spec["epoch"])}
 
 
+def _forward_fn(task, mesh):
+    """The network's full forward pass (encoder, dictionary, both warps: what a PyTorch ``model(x)`` computes),
+    jitted with the batch sharded over ``mesh``; returns the model's output dict."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    def forward(params, images):
+        return task.model.apply({"params": params}, images)
+
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(forward, in_shardings=(repl, data))
+
+
 def _run_infer(spec, task, params, pool, mesh, repl, dsh, batch) -> dict:
     import jax
     import numpy as np
 
-    from ccstae_jax.strain import make_predict_fn
-
-    predict = make_predict_fn(task, mesh=mesh)
+    predict = _forward_fn(task, mesh)
     host = _batches_from_pool(pool, batch, 4)
     images = [jax.device_put(b, dsh) for b in host]
     t0 = time.perf_counter()
@@ -282,11 +293,9 @@ def _run_scan(spec, task, params, pool, mesh, repl, dsh, batch) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from ccstae_jax.strain import make_predict_fn
-
     n_pos = int(spec["scan_positions"])
     n_batches = -(-n_pos // batch)
-    predict = make_predict_fn(task, mesh=mesh)
+    predict = _forward_fn(task, mesh)
     pool_dev = jax.device_put(pool, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     probe = jax.device_put(_batches_from_pool(pool, batch, 1)[0], dsh)
     t0 = time.perf_counter()

@@ -61,6 +61,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ccstae_jax.mapping.fit import INTERPOLATIONS
+from ccstae_jax.mapping.predict import MapConfig
+
 QUANTITIES = ("strain_xx", "strain_yy", "shear_xy", "rotation_deg")
 METHODS = ("ccstae", "ccstae_encoder_only", "py4dstem", "py4dstem_absolute")
 #: The paper's 13 background-noise levels (0-70 %).
@@ -100,8 +103,8 @@ class SweepConfig:
     seed: int = 0
     epochs: int = 8
     batch_size: int = 16
-    refine_steps: int = 10
-    interpolation: str = "cubic"
+    refine_steps: int = MapConfig.steps
+    interpolation: str = MapConfig.interpolation
     map_batch: int = 256
     baseline: str = "auto"
     baseline_subpixel: str = "multicorr"
@@ -122,9 +125,8 @@ class SweepConfig:
                 raise ValueError(f"SweepConfig.{name}={getattr(self, name)!r} must be >= 1")
         if self.refine_steps < 0:
             raise ValueError(f"SweepConfig.refine_steps={self.refine_steps!r} must be >= 0")
-        from ccstae_jax.refine import check_interpolation
-
-        check_interpolation(self.interpolation, "SweepConfig.interpolation")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"SweepConfig.interpolation={self.interpolation!r}: expected one of {INTERPOLATIONS}")
         if self.baseline not in ("auto", "off", "require"):
             raise ValueError(f"SweepConfig.baseline={self.baseline!r}: expected 'auto', 'off' or 'require'")
         if self.baseline_subpixel not in ("multicorr", "poly", "pixel"):
@@ -431,8 +433,8 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, progress: bool = 
             "mae_over": "all scan positions",
             "units": "strain dimensionless; rotation degrees (modulo 60 deg)",
             "ccstae": f"fast preset, {cfg.epochs} epochs, map with {cfg.refine_steps} Levenberg-Marquardt "
-                      "steps per pattern of the forward-model fit (ccstae_jax.refine.refine_theta_forward, "
-                      f"{cfg.interpolation} interpolation), two passes (the second against the updated base)",
+                      "steps per pattern of the forward-model fit (ccstae_jax.mapping.fit, "
+                      f"{cfg.interpolation} interpolation) against the bases re-estimated from aligned patterns",
             "py4dstem": "absolute py4DSTEM maps referenced to the same region as CC-ST-AE and the labels",
             "py4dstem_absolute": "py4DSTEM's absolute strain (it is given the unstrained lattice), not referenced",
             "ccstae_encoder_only": "the same trained run, map with refine_steps=0",

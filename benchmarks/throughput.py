@@ -45,7 +45,7 @@ GPU_HEADLINE = {"train": 16, "infer": 256, "fast_train": 512}
 
 NOTES = [
     "ratio = JAX patterns/s / PyTorch patterns/s (medians over processes of per-process medians)",
-    "train = forward + loss + backward + Adam(3e-5) step; infer = jitted ccstae_jax.strain.make_predict_fn vs "
+    "train = forward + loss + backward + Adam(3e-5) step; infer = the jitted network forward pass vs "
     "auto4dstem join() under no_grad with the affine matrices copied to the host",
     "PyTorch train step = auto4dstem AcumulatedLoss.__call__ on a one-batch iterator (its real loss)",
     "JAX compile time is reported separately (the first, cold compile) and excluded from patterns/s",

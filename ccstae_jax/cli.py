@@ -207,7 +207,8 @@ def cmd_train(args):
     if args.dtype is not None:  # the model casts only its conv/dense layers; inputs, warps and params stay float32
         model_over["dtype"] = args.dtype
     ring = "auto" if args.ring is None else tuple(args.ring)
-    result = train(args.data, args.out, preset=args.preset, data=data, ring=ring, model_overrides=model_over,
+    result = train(args.data, args.out, preset=args.preset, data=data, ring=ring, symmetry=args.symmetry,
+                   model_overrides=model_over,
                    loss_overrides=file_cfg.get("loss"), train_overrides=train_over, progress=not args.quiet)
     last = result.history[-1] if result.history else {}
     print(f"trained {args.out}: step {int(result.state.step)}, last epoch loss "
@@ -233,7 +234,8 @@ def cmd_map(args):
                       batch_size=args.batch_size, which=args.checkpoint, data=data, figures=args.figures,
                       refine_steps=args.refine_steps, base_update=not args.no_base_update,
                       interpolation=args.interpolation, allow_negative=True if args.allow_negative else None,
-                      scan_rotation=args.scan_rotation, progress=not args.quiet)
+                      scan_rotation=args.scan_rotation,
+                      correct_distortion=False if args.no_distortion_correction else None, progress=not args.quiet)
     valid = maps["valid"]
     print(f"wrote {args.out}: {valid.size} positions, {int(valid.sum())} valid ({100 * valid.mean():.1f} %)")
     if args.export:
@@ -356,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=["constant", "cosine", "warmup_cosine", "bold_driver"],
                    help=f"learning-rate schedule (default per preset: {_per_preset('schedule')})")
     t.add_argument("--ring", type=float, nargs=2, metavar=("INNER", "OUTER"),
-                   help="loss ring radii in detector pixels (default: read from the mean pattern)")
+                   help="radii in detector pixels of the ring of spots the network is trained on (default: derived "
+                        "from the geometry measured on the scan: disk radius, first-order spot distance)")
+    t.add_argument("--symmetry", type=int, choices=[6, 4, 2],
+                   help="rotational order of the lattice: 6 hexagonal, 4 square, 2 otherwise (default: measured from "
+                        "the angular harmonics of the patterns)")
     _lazy_default(t.add_argument("--dtype", choices=["float32", "bfloat16"],
                                  help="compute dtype of the network layers, bfloat16 for GPU/TPU; parameters and "
                                       "warps stay float32 (default: %(library_default)s)"),
@@ -385,17 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--checkpoint", default=_arg_default(pipeline.map_strain, "which"), choices=["latest", "best"],
                    help="which checkpoint of the run: the latest or the lowest epoch loss (default: %(default)s)")
     m.add_argument("--refine-steps", type=int, default=_arg_default(pipeline.map_strain, "refine_steps"),
-                   help="Levenberg-Marquardt iterations fitting each pattern's affine: the learned base (spots "
-                        "warped, radial background fixed) against the observed pixels, Poisson-weighted "
-                        "(0 = encoder output only; default: %(default)s)")
+                   help="Levenberg-Marquardt iterations fitting each pattern's affine: its base (spots warped, "
+                        "radial background centred on the pattern's zero beam) against the observed pixels that "
+                        "carry position information, Poisson-weighted (0 = encoder output only; default: "
+                        "%(default)s)")
     m.add_argument("--no-base-update", action="store_true",
-                   help="one refinement pass against the learned base (default: a second pass against the base "
-                        "re-estimated from the aligned patterns; reads the scan twice)")
+                   help="fit against the learned bases (default: against bases re-estimated from the aligned "
+                        "patterns of a subset of the scan's rows)")
     m.add_argument("--interpolation", default=_arg_default(pipeline.map_strain, "interpolation"),
                    choices=["cubic", "bilinear"],
-                   help="how the refinement warps the base, and the base update pulls the patterns: Keys cubic "
-                        "(a few %% lower strain error) or bilinear (about 2.4x faster on CPUs) (default: "
-                        "%(default)s)")
+                   help="how the fit interpolates a base: Keys cubic (moves a spot's centroid exactly) or bilinear "
+                        "(the same speed; default: %(default)s)")
+    m.add_argument("--no-distortion-correction", action="store_true",
+                   help="keep the anisotropy of the reference region's lattice instead of removing it as an "
+                        "elliptical detector distortion (default: removed when the lattice is 4- or 6-fold: the "
+                        "reference region is taken to be unstrained)")
     _add_data_args(m, of_run=True)
     _add_format_args(m, of_run=True)
     m.add_argument("--scan-rotation", type=float, metavar="DEG",

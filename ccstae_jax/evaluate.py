@@ -1,7 +1,7 @@
 """Accuracy of strain maps against simulated labels: MAE, median absolute error and spread, referenced alike.
 
 Labels and predictions are referenced to the same scan region with the same polar decomposition
-(`ccstae_jax.strain.referenced_strain`), so a method is scored on what it can measure: strain and rotation relative
+(`ccstae_jax.mapping.reference.referenced_strain`), so a method is scored on what it can measure: strain and rotation relative
 to a reference, rotations modulo the lattice symmetry. Strain errors are dimensionless; rotation errors in degrees
 (`format_table` shows strain in %).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ccstae_jax import affine
-from ccstae_jax.strain import QUANTITIES, referenced_strain, region_mask
+from ccstae_jax.mapping.reference import QUANTITIES, referenced_strain, region_mask
 
 PAPER_REFERENCE_REGION = (30, 60, 10, 40)  # rows 30:60, columns 10:40 of the 256x256 benchmark scan
 

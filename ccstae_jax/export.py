@@ -102,7 +102,7 @@ def _plain(value):
 def _read(strain_path) -> tuple[dict, dict, dict]:
     import h5py
 
-    from ccstae_jax.strain import read_strain_h5
+    from ccstae_jax.report.files import read_strain_h5
 
     maps, attrs = read_strain_h5(strain_path)
     image = {}

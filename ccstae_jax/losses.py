@@ -24,7 +24,17 @@ from ccstae_jax import affine, warp
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss weights and the mask schedule (radii in detector pixels)."""
+    """Loss weights and the mask schedule (epochs; the radii come from the geometry, `ccstae_jax.geometry`).
+
+    Attributes:
+      cycle_weight, l1_coef: weights of the cycle term and of the L1 norm of the bases.
+      scale_coef, scale_penalty, shear_coef, shear_penalty: the range penalty (module docstring).
+      use_spot_mask: shrink the loss ring to disks around the spots of the current base (`ccstae_jax.masks`).
+      shrink_start, shrink_epochs: the ring is used alone before epoch ``shrink_start``; then the spot disks shrink
+        from the geometry's ``spot_radius[0]`` to ``spot_radius[1]`` over ``shrink_epochs`` epochs. Fractional
+        epochs are allowed: short trainings scale the schedule down (`ccstae_jax.objective.CCSTAETask`).
+      spot_threshold: fraction of the brightest in-ring base pixel that counts as a spot.
+    """
 
     cycle_weight: float = 1.0
     l1_coef: float = 1e-4
@@ -32,13 +42,9 @@ class LossConfig:
     scale_penalty: float = 0.03
     shear_coef: float = 1.0
     shear_penalty: float = 0.03
-    ring_inner: float = 20.0
-    ring_outer: float = 90.0
     use_spot_mask: bool = True
-    shrink_start: int = 1
-    shrink_epochs: int = 3
-    spot_radius_start: float = 9.0
-    spot_radius_end: float = 6.0
+    shrink_start: float = 1.0
+    shrink_epochs: float = 3.0
     spot_threshold: float = 0.25
 
     def to_dict(self) -> dict:
@@ -46,6 +52,14 @@ class LossConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LossConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        moved = sorted(set(d) & {"ring_inner", "ring_outer", "spot_radius_start", "spot_radius_end"})
+        if moved:
+            raise ValueError(f"LossConfig: {moved} are derived from the measured geometry now; written by an older "
+                             "ccstae-jax? retrain, or set the ring with --ring")
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"LossConfig: unknown keys {sorted(unknown)}")
         return cls(**d)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from ccstae_jax import affine, masks, warp
 from ccstae_jax.conv import conv_general_dilated
+from ccstae_jax.geometry import Geometry, zero_beam
 from ccstae_jax.sparsity import k_sparse
 
 
@@ -44,22 +45,21 @@ class ModelConfig:
 
     Attributes:
       preset: ``"fast"`` or ``"reference"``.
-      pattern_shape: ``(H, W)`` of the (cropped) diffraction patterns; square.
+      geometry: the patterns' measured geometry (`ccstae_jax.geometry.Geometry`): pattern shape, zero beam (the
+        centre about which rotation and scale act), lattice symmetry and the spot ring the prior and the encoder use.
       num_bases: size of the learned dictionary (K-sparse picks one per pattern).
       rotation_mode: ``"prior"`` (harmonic prior + bounded residual), ``"relu"`` (reference: ``ReLU(o)``, unbounded,
         radians) or ``"bounded"`` (``rotation_limit * tanh(o)``).
-      symmetry: rotational order of the lattice (6 hexagonal, 4 square, 2 for rectangular...).
       scale_limit, shear_limit, rotation_limit, translation_limit: bounds of the tanh heads (rotation in radians,
         translation in normalised units).
-      translation: learn a translation (absorbs descan and centring offsets).
-      center: pattern centre ``(row, col)`` in pixels about which rotation/scale act; None = ``(H // 2, W // 2)``.
-      prior_radii: ``(inner, outer)`` pixel radii of the ring used by the rotation prior.
+      translation: learn a translation (absorbs centring offsets; each pattern's zero beam is measured and
+        recentred first, see `CCSTAE`).
       intensity_scale: the network multiplies input patterns by this constant (set from the data).
       interpolate: reference only: warps on patterns bicubic-upsampled to ``up_size`` (the tutorial path).
       warp_mode: ``"bilinear"`` or ``"bicubic"`` for the pattern warps.
       symmetrize_bases: fast preset: each base is averaged over the ``symmetry`` rotations about the centre, so the
         dictionary holds lattices with the lattice's own symmetry (an unstrained reference shape). Then a pattern's
-        affine is defined up to exactly the lattice rotations, which strain referencing removes (`ccstae_jax.strain`).
+        affine is defined up to exactly the lattice rotations, which strain referencing removes (`ccstae_jax.mapping.reference`).
       dtype: compute dtype of the convolutions/dense layers (``"float32"`` or ``"bfloat16"``); parameters and
         warps stay float32.
       encoder_downsample, encoder_channels, encoder_dense: ``fast`` encoder shape.
@@ -67,17 +67,14 @@ class ModelConfig:
     """
 
     preset: str = "fast"
-    pattern_shape: tuple[int, int] = (200, 200)
+    geometry: Geometry = Geometry()
     num_bases: int = 1
     rotation_mode: str = "prior"
-    symmetry: int = 6
     scale_limit: float = 0.05
     shear_limit: float = 0.1
     rotation_limit: float = 0.1
     translation_limit: float = 0.15
     translation: bool = True
-    center: tuple[float, float] | None = None
-    prior_radii: tuple[float, float] = (20.0, 90.0)
     intensity_scale: float = 1.0
     interpolate: bool = False
     up_size: int = 800
@@ -96,9 +93,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.preset must be 'fast' or 'reference', got {self.preset!r}")
         if self.rotation_mode not in ("prior", "relu", "bounded"):
             raise ValueError(f"ModelConfig.rotation_mode must be prior/relu/bounded, got {self.rotation_mode!r}")
+        if not isinstance(self.geometry, Geometry):
+            raise ValueError(f"ModelConfig.geometry must be a Geometry, got {type(self.geometry).__name__}")
         h, w = self.pattern_shape
-        if h != w:
-            raise ValueError(f"ModelConfig.pattern_shape must be square (crop the patterns), got {self.pattern_shape}")
+        if self.num_bases < 1:
+            raise ValueError(f"ModelConfig.num_bases must be >= 1, got {self.num_bases}")
         if self.preset == "reference" and h % math.prod(self.pool_list):
             raise ValueError(
                 f"reference preset: pattern size {h} must be divisible by prod(pool_list)={math.prod(self.pool_list)}")
@@ -124,9 +123,24 @@ class ModelConfig:
         return cls(**base)
 
     @property
+    def pattern_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the patterns (from the geometry)."""
+        return tuple(self.geometry.pattern_shape)
+
+    @property
     def center_px(self) -> tuple[float, float]:
-        h, w = self.pattern_shape
-        return (float(h // 2), float(w // 2)) if self.center is None else tuple(map(float, self.center))
+        """The zero beam ``(row, col)`` in pixels about which rotation and scale act (from the geometry)."""
+        return tuple(map(float, self.geometry.center))
+
+    @property
+    def symmetry(self) -> int:
+        """Rotational order of the lattice (from the geometry)."""
+        return int(self.geometry.symmetry)
+
+    @property
+    def prior_radii(self) -> tuple[float, float]:
+        """``(inner, outer)`` of the spot ring the rotation prior and the encoder look at (the geometry's ring)."""
+        return tuple(map(float, self.geometry.ring))
 
     @property
     def compute_dtype(self):
@@ -138,10 +152,16 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         fields = {f.name for f in dataclasses.fields(cls)}
+        moved = sorted(set(d) & {"pattern_shape", "symmetry", "center", "prior_radii"})
+        if moved:
+            raise ValueError(f"ModelConfig: {moved} are measured from the data now (the geometry); written by an "
+                             "older ccstae-jax? retrain, or set them with --symmetry/--ring")
         unknown = set(d) - fields
         if unknown:
             raise ValueError(f"ModelConfig: unknown keys {sorted(unknown)}")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        if isinstance(kw.get("geometry"), dict):
+            kw["geometry"] = Geometry.from_dict(kw["geometry"])
         return cls(**kw)
 
 
@@ -157,16 +177,19 @@ def harmonic_weights(cfg: ModelConfig) -> np.ndarray:
 
     ``phi = atan2(v, u)`` with ``u`` along columns and ``v`` along rows, about the pattern centre.
     """
+    return angular_weights(cfg, cfg.symmetry)
+
+
+def angular_weights(cfg: ModelConfig, order: int) -> np.ndarray:
+    """``(2, H, W)`` float32 ``ring * cos(n phi)``, ``ring * sin(n phi)`` for angular order ``n = order`` over the
+    prior ring about the pattern centre; ``phi = atan2(v, u)``, ``u`` along columns, ``v`` along rows."""
     h, w = cfg.pattern_shape
     cr, cc = cfg.center_px
     v, u = np.mgrid[:h, :w].astype(np.float64)
     v, u = v - cr, u - cc
-    r = np.hypot(u, v)
-    inner, outer = cfg.prior_radii
-    ring = (r > inner) & (r <= outer)
     phi = np.arctan2(v, u)
-    n = cfg.symmetry
-    return np.stack([ring * np.cos(n * phi), ring * np.sin(n * phi)]).astype(np.float32)
+    ring = prior_ring(cfg)
+    return np.stack([ring * np.cos(order * phi), ring * np.sin(order * phi)]).astype(np.float32)
 
 
 def harmonic_rotation(images: jax.Array, weights: jax.Array, symmetry: int) -> jax.Array:
@@ -189,6 +212,36 @@ def about_center(theta: jax.Array, cfg: ModelConfig) -> jax.Array:
     shift = jnp.array([[1.0, 0.0, cu], [0.0, 1.0, cv]], theta.dtype)
     unshift = jnp.array([[1.0, 0.0, -cu], [0.0, 1.0, -cv]], theta.dtype)
     return affine.compose(shift, affine.compose(theta, unshift))
+
+
+def shift_warp(offset: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """``(B, 2)`` pixel offsets (rows, cols) -> ``(B, 2, 3)`` warps translating the output by them: pulling with it
+    moves content found ``offset`` away from the centre onto the centre."""
+    h, w = cfg.pattern_shape
+    tu = offset[:, 1] * (2.0 / w)
+    tv = offset[:, 0] * (2.0 / h)
+    one, zero = jnp.ones_like(tu), jnp.zeros_like(tu)
+    return jnp.stack([jnp.stack([one, zero, tu], -1), jnp.stack([zero, one, tv], -1)], -2)
+
+
+def recentred(x: jax.Array, offset: jax.Array) -> jax.Array:
+    """Patterns ``(B, H, W)`` rolled by whole pixels so that a feature at ``centre + offset`` (``(B, 2)`` px) lands
+    within half a pixel of the centre; no interpolation (pixels wrap around the frame edge)."""
+    shift = -jnp.round(offset).astype(jnp.int32)
+    return jax.vmap(lambda img, s: jnp.roll(img, (s[0], s[1]), axis=(0, 1)))(x, shift)
+
+
+def encoder_ring(cfg: ModelConfig) -> np.ndarray:
+    """``(H / d, W / d)`` bool: the prior ring on the fast encoder's down-sampled canonical grid (``d`` =
+    ``encoder_downsample``; each coarse pixel at the full-resolution position of its centre)."""
+    d = cfg.encoder_downsample
+    h, w = cfg.pattern_shape
+    cr, cc = cfg.center_px
+    inner, outer = cfg.prior_radii
+    rows = np.arange(h // d) * d + (d - 1) / 2
+    cols = np.arange(w // d) * d + (d - 1) / 2
+    r = np.hypot(rows[:, None] - cr, cols[None, :] - cc)
+    return (r > inner) & (r <= outer)
 
 
 def symmetrize(bases: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -343,21 +396,37 @@ class CCSTAE(nn.Module):
             bases = self.bases
         return symmetrize(bases, self.cfg) if self.cfg.symmetrize_bases else bases
 
-    def __call__(self, images: jax.Array, points: np.ndarray | None = None) -> dict[str, jax.Array]:
+    def encode(self, images: jax.Array) -> dict[str, jax.Array]:
+        """The encoder alone: each pattern's warp and base, without warping anything.
+
+        Each pattern's zero beam is measured (`ccstae_jax.geometry.zero_beam`); in the fast preset the prior warp
+        moves it onto the base's centre (descan) and turns the lattice to its canonical orientation (`harmonic_rotation`, computed on
+        the pattern shifted by whole pixels onto the centre); the encoder reads the residual affine from the
+        canonical pattern.
+
+        Returns a dict: ``inputs`` ``(B, H, W)`` (the scaled patterns), ``zero_beam`` ``(B, 2)`` (row, col px),
+        ``theta`` ``(B, 2, 3)``, ``classes`` ``(B, num_bases)`` one-hot, ``scale_x``, ``scale_y``, ``shear``,
+        ``rotation`` (prior + residual, radians), ``translation`` ``(B, 2)``.
+        """
         cfg = self.cfg
         x = images.astype(jnp.float32) * cfg.intensity_scale
         b, h, w = x.shape
+        beam = zero_beam(x)
+        if cfg.preset == "fast":
+            offset = beam - jnp.asarray(cfg.center_px, jnp.float32)  # (B, 2) rows, cols
+        else:  # the reference network sees the patterns as they are
+            offset = jnp.zeros_like(beam)
         if cfg.rotation_mode == "prior":
-            rot0 = harmonic_rotation(x, self.prior_weights, cfg.symmetry)
+            rot0 = harmonic_rotation(recentred(x, offset), self.prior_weights, cfg.symmetry)
         else:
             rot0 = jnp.zeros((b,), jnp.float32)
-        pre = about_center(affine.warp_matrix(rotation=rot0), cfg)
+        pre = affine.compose(shift_warp(offset, cfg), about_center(affine.warp_matrix(rotation=rot0), cfg))
         if cfg.preset == "fast":
             # The encoder sees only the spot ring: the central beam is ~1000x brighter than the spots and would
             # drown their (sub-pixel) displacements in its activations.
             d = cfg.encoder_downsample
-            ring = jnp.asarray(prior_ring(cfg), jnp.float32)
-            enc_in = warp.affine_warp((x * ring)[..., None], pre, out_size=(h // d, w // d))
+            enc_in = warp.affine_warp(x[..., None], pre, out_size=(h // d, w // d))
+            enc_in = enc_in * jnp.asarray(encoder_ring(cfg), jnp.float32)[None, ..., None]
         else:
             enc_in = x[..., None]
         feats = self.encoder(enc_in.astype(cfg.compute_dtype)).astype(jnp.float32)
@@ -378,8 +447,22 @@ class CCSTAE(nn.Module):
         else:
             trans = jnp.zeros((b, 2), jnp.float32)
         theta_enc = about_center(affine.warp_matrix(scale_x, scale_y, shear, rot, trans), cfg)
-        theta = affine.compose(pre, theta_enc)
+        return {
+            "inputs": x,
+            "zero_beam": beam,
+            "theta": affine.compose(pre, theta_enc),
+            "classes": classes,
+            "scale_x": scale_x,
+            "scale_y": scale_y,
+            "shear": shear,
+            "rotation": rot0 + rot,
+            "translation": trans,
+        }
 
+    def __call__(self, images: jax.Array, points: np.ndarray | None = None) -> dict[str, jax.Array]:
+        cfg = self.cfg
+        enc = self.encode(images)
+        x, theta, classes = enc["inputs"], enc["theta"], enc["classes"]
         bases = self.dictionary()
         base = jnp.einsum("bk,khw->bhw", classes, bases, precision=jax.lax.Precision.HIGHEST)
         data_img, base_img = x, base
@@ -396,18 +479,12 @@ class CCSTAE(nn.Module):
             rows, cols = points[:, 0], points[:, 1]
             base_img, data_img = base_img[:, rows, cols], data_img[:, rows, cols]
         return {
-            "theta": theta,
+            **enc,
             "warped_input": warped,
             "base": base_img,
             "bases": bases,
             "reconstruction": recon,
             "inputs": data_img,
-            "classes": classes,
-            "scale_x": scale_x,
-            "scale_y": scale_y,
-            "shear": shear,
-            "rotation": rot0 + rot,
-            "translation": trans,
         }
 
 

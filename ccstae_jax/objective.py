@@ -2,7 +2,7 @@
 
 `CCSTAETask` implements the protocol the training engine (`ccstae_jax.train`) expects:
 ``init_params(key, images)`` and ``loss(params, images, weights, epoch) -> (loss, metrics)``.
-`configure` reads ring radii and the intensity scale from a sample of the scan.
+`configure` sizes them from a sample of the scan: its geometry (`ccstae_jax.geometry`) and intensity scale.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccstae_jax import affine, masks, warp
+from ccstae_jax.geometry import Geometry, measure_geometry
 from ccstae_jax.losses import LossConfig, ccstae_loss
 from ccstae_jax.models import CCSTAE, ModelConfig, about_center, harmonic_rotation, harmonic_weights
 
@@ -21,7 +22,9 @@ def configure(
     sample_images: np.ndarray,
     *,
     preset: str = "fast",
+    geometry: Geometry | None = None,
     ring: tuple[float, float] | str = "auto",
+    symmetry: int | None = None,
     model_overrides: dict | None = None,
     loss_overrides: dict | None = None,
 ) -> tuple[ModelConfig, LossConfig]:
@@ -30,8 +33,9 @@ def configure(
     Args:
       sample_images: ``(N, H, W)`` patterns (a few hundred spread over the scan is plenty).
       preset: ``"fast"`` or ``"reference"``.
-      ring: ``(inner, outer)`` pixel radii of the loss/prior ring, or ``"auto"`` to read them from the radial
-        profile of the mean pattern (`ccstae_jax.masks.auto_ring_radii`).
+      geometry: the patterns' geometry; None = measured from ``sample_images`` (`ccstae_jax.geometry`).
+      ring: ``(inner, outer)`` pixel radii of the loss/prior ring, overriding the measured one, or ``"auto"``.
+      symmetry: the lattice's rotational order, overriding the measured one.
 
     The intensity scale makes the 99.9th percentile of in-ring pixels of the mean pattern equal to 1.
     """
@@ -39,23 +43,19 @@ def configure(
     if sample_images.ndim != 3:
         raise ValueError(f"configure: expected sample patterns (N, H, W), got shape {sample_images.shape}")
     h, w = sample_images.shape[1:]
+    if geometry is None:
+        geometry = measure_geometry(sample_images, symmetry=symmetry, ring=None if ring == "auto" else
+                                    tuple(float(v) for v in ring))
+    inner, outer = geometry.ring
     mean = sample_images.mean(0)
-    if ring == "auto":
-        inner, outer = masks.auto_ring_radii(mean)
-    else:
-        inner, outer = map(float, ring)
-    if not 0 <= inner < outer:
-        raise ValueError(f"ring radii must satisfy 0 <= inner < outer, got ({inner}, {outer})")
-    if inner >= min(h, w) / 2:
-        raise ValueError(f"ring inner radius {inner} px is larger than the pattern ({h}x{w}) half-width {min(h, w) / 2}")
-    ring_px = np.asarray(masks.ring_mask((h, w), inner, outer))
+    ring_px = masks.static_ring_mask((h, w), inner, outer, center=geometry.center)
     level = float(np.percentile(mean[ring_px], 99.9)) if ring_px.any() else 0.0
     if not np.isfinite(level) or level <= 0:
         raise ValueError("configure: the patterns carry no intensity inside the ring; check the ring radii and the data")
-    overrides = dict(pattern_shape=(h, w), prior_radii=(inner, outer), intensity_scale=1.0 / level)
+    overrides = dict(geometry=geometry, intensity_scale=1.0 / level)
     overrides.update(model_overrides or {})
     model_cfg = ModelConfig.preset_config(preset, **overrides)
-    loss_cfg = LossConfig(**{"ring_inner": inner, "ring_outer": outer, **(loss_overrides or {})})
+    loss_cfg = LossConfig(**(loss_overrides or {}))
     return model_cfg, loss_cfg
 
 
@@ -65,6 +65,10 @@ class CCSTAETask:
 
     model_cfg: ModelConfig
     loss_cfg: LossConfig
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.model_cfg.geometry
 
     @property
     def model(self) -> CCSTAE:
@@ -95,16 +99,16 @@ class CCSTAETask:
           as in the reference, the masks are built at the pattern resolution, bicubic up-sampled and thresholded at
           0.5 (16x less work than building them on the up-sampled bases).
         """
-        cfg, lc = self.model_cfg, self.loss_cfg
+        cfg, lc, geo = self.model_cfg, self.loss_cfg, self.geometry
         h, w = bases.shape[-2:]
-        ring = masks.ring_mask((h, w), lc.ring_inner, lc.ring_outer, center=cfg.center_px)
+        ring = masks.ring_mask((h, w), *geo.ring, center=cfg.center_px)
         ringf = jnp.broadcast_to(ring.astype(jnp.float32), bases.shape)
         if lc.use_spot_mask:
-            sched = masks.MaskSchedule(lc.ring_inner, lc.ring_outer, lc.shrink_start, lc.shrink_epochs,
-                                       lc.spot_radius_start, lc.spot_radius_end, lc.spot_threshold)
+            start_r, end_r = geo.spot_radius
+            sched = masks.MaskSchedule(lc.shrink_start, lc.shrink_epochs, start_r, end_r)
             radius = sched.spot_radius(epoch)
             spots = jax.vmap(lambda b: masks.spot_mask(b, ring, radius, threshold=lc.spot_threshold,
-                                                       max_radius=int(np.ceil(lc.spot_radius_start))))(bases)
+                                                       max_radius=int(np.ceil(start_r))))(bases)
             out = jnp.where(jnp.asarray(epoch) >= lc.shrink_start, spots, ringf)
         else:
             out = ringf
@@ -124,14 +128,15 @@ class CCSTAETask:
         the largest scale change, so both the base-frame ring and its image in every data frame are inside. On the
         up-sampled (interpolate) path the pixels are those of the ``up_size`` grid (the ring scaled with it): the
         loss equals the whole-image loss of the reference, which is zero outside the ring, at about half the cost."""
-        cfg, lc = self.model_cfg, self.loss_cfg
+        cfg = self.model_cfg
+        inner, outer = self.geometry.ring
         h, w = cfg.pattern_shape
         f = cfg.up_size / h if cfg.interpolate else 1.0
-        margin = 2.0 + lc.ring_outer * 1.5 * cfg.scale_limit
+        margin = 2.0 + outer * 1.5 * cfg.scale_limit + self.geometry.drift
         cr, cc = cfg.center_px
         cr, cc = cr * f + (f - 1) / 2, cc * f + (f - 1) / 2
         n_r, n_c = round(h * f), round(w * f)
-        sel = masks.static_ring_mask((n_r, n_c), (lc.ring_inner - margin) * f, (lc.ring_outer + margin) * f,
+        sel = masks.static_ring_mask((n_r, n_c), (inner - margin) * f, (outer + margin) * f,
                                      center=(cr, cc))
         return np.argwhere(sel).astype(np.int32)
 

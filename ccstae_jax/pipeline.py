@@ -11,13 +11,34 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
+
+from ccstae_jax import atomic, plots
+from ccstae_jax.data.readers import DataError, load_labels, open_scan, reference_region_from_file
+from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
+from ccstae_jax.evaluate import error_table, format_table, referenced_labels
+from ccstae_jax.frames import frame_attrs, image_frame_maps
+from ccstae_jax.geometry import SYMMETRIES, GeometryError, measure_geometry
+from ccstae_jax.losses import LossConfig, data_frame_mask
+from ccstae_jax.mapping.predict import MapConfig, map_scan, subset_rows
+from ccstae_jax.mapping.reference import region_mask, strain_maps
+from ccstae_jax.models import ModelConfig
+from ccstae_jax.objective import CCSTAETask, configure
+from ccstae_jax.parallel import is_main_process
+from ccstae_jax.report.files import read_strain_h5, write_strain_h5
+from ccstae_jax.train import TrainConfig, fit, load_checkpoint
 
 MODEL_FILE = "model.json"
 
-# Training defaults per preset (learning rates tuned on simulated WS2 scans).
+#: Patterns a default training shows the network (`default_epochs`).
+TRAINING_PATTERNS = 12_000
+
+# Training defaults per preset (learning rates tuned on simulated WS2 scans); epochs None = `default_epochs`.
 PRESET_TRAINING = {
-    "fast": dict(learning_rate=1e-3, batch_size=16, epochs=20, schedule="cosine", min_lr_ratio=0.05),
+    "fast": dict(learning_rate=1e-3, batch_size=16, epochs=None, schedule="cosine", min_lr_ratio=0.05),
     "reference": dict(learning_rate=3e-5, batch_size=4, epochs=20, schedule="bold_driver"),
 }
 
@@ -41,7 +62,6 @@ class DataOptions:
     scan_shape: tuple[int, int] | None = None
 
     def open(self, path, *, check_finite: bool = True):
-        from ccstae_jax.data.readers import open_scan
 
         return open_scan(path, key=self.key, transpose=self.transpose, crop=self.crop, binning=self.binning,
                          check_finite=check_finite, format=self.format, scan_shape=self.scan_shape)
@@ -77,7 +97,6 @@ def check_values(scan, *, allow_negative: bool = False) -> dict[str, int]:
     Returns:
       ``{"n_positions", "n_blank", "n_negative"}`` (patterns that are all zero; negative values found).
     """
-    from ccstae_jax.data.readers import DataError
 
     where = f"{scan.path}: key {scan.key!r}" if scan.key else f"{scan.path}"
     rx, ry = scan.scan_shape
@@ -134,18 +153,22 @@ def _check_data(data: "DataOptions", data_path) -> None:
         check_values(scan, allow_negative=data.allow_negative)
 
 
-def sample_patterns(scan, n: int = 256) -> np.ndarray:
-    """``n`` patterns spread evenly over the scan, ``(n, H, W)`` float32 (reads ``n`` single patterns)."""
+def sample_patterns(scan, n: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """About ``n`` patterns spread over the scan, read as whole scan rows (the files are chunked by row): rows evenly
+    spaced, every ``k``-th pattern of each. Returns ``(patterns (N, H, W) float32, positions (N, 2) scan row/col)``."""
+    rx, ry = scan.scan_shape
     n = max(1, min(n, scan.n_positions))
-    idx = np.unique(np.linspace(0, scan.n_positions - 1, n).round().astype(int))
-    return np.stack([scan.read(int(i), int(i) + 1)[0] for i in idx]).astype(np.float32)
+    n_rows = min(rx, max(1, int(np.ceil(np.sqrt(n * rx / ry)))))
+    rows = np.unique(np.linspace(0, rx - 1, n_rows).round().astype(int))
+    step = max(1, int(np.ceil(len(rows) * ry / n)))
+    cols = np.arange(0, ry, step)
+    images = np.concatenate([scan.read(int(r) * ry, (int(r) + 1) * ry)[cols] for r in rows]).astype(np.float32)
+    positions = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
+    return images, positions
 
 
 def load_run(run_dir: str | os.PathLike):
     """``(task, data_options, saved dict)`` of a run directory written by `train`."""
-    from ccstae_jax.losses import LossConfig
-    from ccstae_jax.models import ModelConfig
-    from ccstae_jax.objective import CCSTAETask
 
     run_dir = Path(run_dir)
     path = run_dir / MODEL_FILE
@@ -169,6 +192,7 @@ def train(
     preset: str = "fast",
     data: DataOptions = DataOptions(),
     ring: tuple[float, float] | str = "auto",
+    symmetry: int | None = None,
     model_overrides: dict | None = None,
     loss_overrides: dict | None = None,
     train_overrides: dict | None = None,
@@ -176,15 +200,16 @@ def train(
 ):
     """Trains (or resumes) a CC-ST-AE run on a scan; returns the training engine's `FitResult`.
 
-    The model is sized from 256 patterns spread over the scan (ring radii, intensity scale). Rerunning the same
-    command with the same ``run_dir`` resumes from its latest checkpoint; a different model configuration (preset,
-    ``ring``, model/loss overrides, data options) is refused. Before anything is written, the whole scan is checked
+    The model is sized from about a thousand patterns spread over the scan: their geometry (zero beam and descan,
+    disk radius, spot spacing, lattice symmetry and the radii derived from them, `ccstae_jax.geometry`; ``ring`` and
+    ``symmetry`` override the measured ones) and intensity scale; a scan with no measurable lattice is refused. The
+    number of epochs defaults to what `default_epochs` gives the scan's size. Rerunning the same command with the
+    same ``run_dir`` resumes from its latest checkpoint; a different model configuration (preset, ``ring``,
+    ``symmetry``, model/loss overrides, data options) is refused. Before anything is written, the whole scan is checked
     once (`check_values`: no NaN/Inf, no negative values unless ``data.allow_negative``, not all blank), an explicit
     ``ring`` must fit the patterns, and ``run_dir`` must be creatable. With ``progress`` it prints what was read
     (`describe_scan`) and reports each epoch (a bar on a terminal, else one line per epoch).
     """
-    from ccstae_jax.objective import CCSTAETask, configure
-    from ccstae_jax.train import TrainConfig, fit, write_json_atomic
 
     run_dir = Path(run_dir)
     _check_run_dir_target(run_dir)
@@ -199,30 +224,42 @@ def train(
             if task.model_cfg.preset != preset:
                 raise ValueError(f"{run_dir} holds a '{task.model_cfg.preset}' run, not '{preset}'; "
                                  "use another --out directory")
-            _check_same_settings(run_dir, task, ring=ring, model_overrides=model_overrides,
+            _check_same_settings(run_dir, task, ring=ring, symmetry=symmetry, model_overrides=model_overrides,
                                  loss_overrides=loss_overrides)
             _check_data(data, data_path)
-            sample = sample_patterns(scan)
+            sample, _ = sample_patterns(scan)
         else:
             if ring != "auto":
                 _check_ring(ring, scan.pattern_shape, data_path)
+            if symmetry is not None and int(symmetry) not in SYMMETRIES:
+                raise ValueError(f"--symmetry {symmetry}: expected one of {SYMMETRIES}")
             _check_data(data, data_path)
-            sample = sample_patterns(scan)
-            model_cfg, loss_cfg = configure(sample, preset=preset, ring=ring, model_overrides=model_overrides,
-                                            loss_overrides=loss_overrides)
+            sample, positions = sample_patterns(scan)
+            try:
+                geometry = measure_geometry(sample, positions=positions, scan_shape=scan.scan_shape,
+                                            symmetry=symmetry, ring=None if ring == "auto" else ring)
+            except GeometryError as e:
+                raise GeometryError(f"{data_path}: {e}") from None
+            epochs = (train_overrides or {}).get("epochs", PRESET_TRAINING.get(preset, {}).get("epochs"))
+            loss_overrides = {**_short_schedule(epochs or default_epochs(scan.n_positions)),
+                              **(loss_overrides or {})}
+            model_cfg, loss_cfg = configure(sample, preset=preset, geometry=geometry,
+                                            model_overrides=model_overrides, loss_overrides=loss_overrides)
             task = CCSTAETask(model_cfg, loss_cfg)
+        if progress:
+            _say(f"geometry: {task.geometry.describe()}")
         if tuple(scan.pattern_shape) != tuple(task.model_cfg.pattern_shape):
             raise ValueError(f"{data_path}: patterns are {scan.pattern_shape}, the run's model expects "
                              f"{task.model_cfg.pattern_shape}")
         tdict = dict(PRESET_TRAINING.get(preset, {}))
         tdict.update(train_overrides or {})
+        if tdict.get("epochs") is None:
+            tdict["epochs"] = default_epochs(scan.n_positions)
         tcfg = TrainConfig(**tdict)
         run_dir.mkdir(parents=True, exist_ok=True)
         record = {**task.config_dict(), "data": data.to_dict(), "data_path": os.path.abspath(data_path)}
         if not (run_dir / MODEL_FILE).exists():
-            write_json_atomic(run_dir / MODEL_FILE, record)
-        import jax
-
+            atomic.write_json(run_dir / MODEL_FILE, record)
         n_proc, proc = jax.process_count(), jax.process_index()
         if tcfg.batch_size % n_proc:
             raise ValueError(f"--batch-size {tcfg.batch_size} must be divisible by the process count {n_proc}")
@@ -233,8 +270,29 @@ def train(
             return scan.batches(per_process, shuffle=True, seed=tcfg.seed, epoch=epoch, pad=True,
                                 process_index=proc, process_count=n_proc)
 
-        return fit(task, batches, tcfg, run_dir, steps_per_epoch=steps, sample_images=sample[: tcfg.batch_size],
+        return fit(task, batches, tcfg, run_dir, steps_per_epoch=steps, sample_images=_spread(sample, tcfg.batch_size),
                    task_config=task.config_dict(), progress=progress)
+
+
+def default_epochs(n_positions: int) -> int:
+    """Epochs of a default training: enough passes to show the network about `TRAINING_PATTERNS` patterns, between 3
+    and 20 (a small scan is seen 20 times; a 256 x 256 scan 3 times). The map's per-pattern fit, not the encoder,
+    sets the accuracy, so long trainings buy little."""
+    return int(np.clip(np.ceil(TRAINING_PATTERNS / max(n_positions, 1)), 3, 20))
+
+
+def _short_schedule(epochs: int) -> dict:
+    """Mask-schedule settings that fit a short training: the ring alone for the first epoch (or none of a 3-epoch
+    training), the spot disks fully shrunk by the last epoch."""
+    lc = LossConfig()
+    start = float(min(lc.shrink_start, max(epochs - 2, 0)))
+    return {"shrink_start": start, "shrink_epochs": float(min(lc.shrink_epochs, max(epochs - 1 - start, 1)))}
+
+
+def _spread(images: np.ndarray, n: int) -> np.ndarray:
+    """``n`` of the patterns, evenly spread (the sample is in scan order)."""
+    idx = np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(int))
+    return images[idx]
 
 
 def _check_run_dir_target(run_dir: Path) -> None:
@@ -268,12 +326,14 @@ def _norm(value):
     return json.loads(json.dumps(value))
 
 
-def _check_same_settings(run_dir: Path, task, *, ring, model_overrides, loss_overrides) -> None:
+def _check_same_settings(run_dir: Path, task, *, ring, symmetry=None, model_overrides, loss_overrides) -> None:
     """Refuses explicit model settings (``--ring``, ``[model]``/``[loss]`` config, ``--dtype``) that differ from the
     existing run's, instead of silently resuming with the saved ones."""
     problems = []
+    if symmetry is not None and int(symmetry) != task.geometry.symmetry:
+        problems.append(f"--symmetry {symmetry} (the run uses {task.geometry.symmetry})")
     if ring != "auto":
-        saved = (task.loss_cfg.ring_inner, task.loss_cfg.ring_outer)
+        saved = task.geometry.ring
         if tuple(float(v) for v in ring) != tuple(float(v) for v in saved):
             problems.append(f"--ring {float(ring[0]):g} {float(ring[1]):g} (the run uses {saved[0]:g} {saved[1]:g})")
     for name, saved_cfg, over in (("model", task.model_cfg.to_dict(), model_overrides),
@@ -303,54 +363,36 @@ def _check_output_file(out_path: Path, data_path) -> None:
         raise OSError(f"--out {out_path} is the input data file {data_path}; choose another output name")
 
 
-def _remove_stale_tmp(out_path: Path) -> None:
-    """Deletes ``<out>.tmp-<pid>`` files left by a killed writer (`write_strain_h5`) whose process is gone."""
-    for tmp in out_path.absolute().parent.glob(out_path.name + ".tmp-*"):
-        pid = tmp.name.rsplit(".tmp-", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # a live process (maybe another map writing the same name): leave it
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):
-            continue
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-
-
 def map_strain(
     run_dir: str | os.PathLike,
     data_path: str | os.PathLike,
     out_path: str | os.PathLike,
     *,
     reference_region: tuple[int, int, int, int] | None = None,
-    batch_size: int = 256,
+    batch_size: int = MapConfig.batch_size,
     which: str = "latest",
     data: DataOptions | None = None,
     figures: str | os.PathLike | None = None,
-    refine_steps: int = 10,
-    base_update: bool = True,
-    interpolation: str = "cubic",
+    refine_steps: int = MapConfig.steps,
+    base_update: bool = MapConfig.base_update,
+    interpolation: str = MapConfig.interpolation,
     allow_negative: bool | None = None,
     scan_rotation: float | None = None,
+    correct_distortion: bool | None = None,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Maps strain over a scan with a trained run and writes ``out_path`` (HDF5, atomic). Returns the maps.
 
+    Each pattern's warp is fitted (``refine_steps`` Levenberg-Marquardt iterations of the Poisson forward model,
+    `ccstae_jax.mapping.fit`; 0 = the encoder's warps as they are) against bases re-estimated from the aligned
+    patterns of a subset of the scan (``base_update``; else the learned bases), interpolated with ``interpolation``
+    (``"cubic"``, Keys, or ``"bilinear"``); see `ccstae_jax.mapping.predict`. The map records each position's 1-sigma
+    error (``/uncertainty``, with a fit) and validity.
+
     The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan
-    (median lattice). ``refine_steps`` Levenberg-Marquardt iterations fit each pattern's affine: the learned
-    base (spots warped, radial background fixed) against the observed pixels, Poisson-weighted
-    (`ccstae_jax.refine.refine_theta_forward`; 0 = the encoder's output as is). With ``base_update`` (and
-    refinement, on models without the up-sampled path) the scan is read twice: the first pass's refined warps
-    re-estimate each base as the symmetrised mean of its aligned patterns (`ccstae_jax.strain.reestimate_bases`), and
-    the second pass refines again against it over a wider annulus, out to the pattern's corners. ``interpolation``
-    is how both passes warp the base and pull the patterns (`ccstae_jax.warp`: ``"cubic"``, Keys' third-order
-    kernel, or ``"bilinear"``, ~2.4x faster on CPUs, a few % less accurate). ``allow_negative`` (None = the run's data
-    option) accepts negative values in the scan.
+    (median lattice). ``correct_distortion`` removes an elliptical detector distortion measured on the reference
+    region (`ccstae_jax.mapping.reference`; None = when the bases are symmetrised over 4 or 6 rotations).
+    ``allow_negative`` (None = the run's data option) accepts negative values in the scan.
 
     Maps are in the detector frame. ``scan_rotation`` (degrees, `ccstae_jax.frames`: counter-clockwise from the
     scan's row axis to the image direction of detector +Qx) also writes them turned into the image frame under
@@ -359,20 +401,15 @@ def map_strain(
 
     Bad input is refused before the checkpoint is loaded: an output path that cannot be written (or is the input),
     a reference region outside the scan, and values `check_values` refuses (NaN/Inf, negative, all blank). The
-    output is written to ``<out>.tmp-<pid>`` and renamed, so ``out_path`` never holds a partial file; temporary
-    files left by killed earlier runs are removed.
+    output is written under a temporary name and renamed (`ccstae_jax.atomic`), so ``out_path`` never holds a
+    partial file; temporary files left by killed earlier runs are removed.
     """
-    from ccstae_jax.data.readers import reference_region_from_file
-    from ccstae_jax.refine import check_interpolation
-    from ccstae_jax.strain import predict_scan, strain_maps, write_strain_h5
-    from ccstae_jax.train import load_checkpoint
-
     out_path = Path(out_path)
-    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
-    if isinstance(refine_steps, bool) or int(refine_steps) != refine_steps or refine_steps < 0:
-        raise ValueError(f"--refine-steps {refine_steps}: expected an integer >= 0")
-    check_interpolation(interpolation, "--interpolation")
+    try:
+        config = MapConfig(steps=refine_steps, base_update=base_update, interpolation=interpolation,
+                           batch_size=batch_size)
+    except ValueError as e:
+        raise ValueError(f"map: {e}") from None
     if scan_rotation is not None and not np.isfinite(float(scan_rotation)):
         raise ValueError(f"--scan-rotation {scan_rotation}: expected a finite angle in degrees")
     _check_output_file(out_path, data_path)
@@ -380,19 +417,20 @@ def map_strain(
     data = saved_data if data is None else data
     if allow_negative is not None:
         data = dataclasses.replace(data, allow_negative=bool(allow_negative))
+    cfg = task.model_cfg
+    if correct_distortion is None:
+        correct_distortion = cfg.symmetrize_bases and cfg.symmetry >= 4
     with data.open(data_path) as scan:
         if progress:
             _say(describe_scan(scan))
-        if tuple(scan.pattern_shape) != tuple(task.model_cfg.pattern_shape):
+        if tuple(scan.pattern_shape) != tuple(cfg.pattern_shape):
             raise ValueError(f"{data_path}: patterns are {scan.pattern_shape} (after crop/binning) but the run in "
-                             f"{run_dir} was trained on {task.model_cfg.pattern_shape}")
+                             f"{run_dir} was trained on {cfg.pattern_shape}")
         region_from = "--reference-region"
         if reference_region is None:
             reference_region = reference_region_from_file(data_path)
             region_from = f"the reference_region attribute of {data_path}"
         if reference_region is not None:
-            from ccstae_jax.strain import region_mask
-
             try:
                 region_mask(scan.scan_shape, reference_region)  # validates before the long inference
             except ValueError as e:
@@ -400,31 +438,19 @@ def map_strain(
         _check_data(data, data_path)
         sample = scan.read(0, 1)
         state = load_checkpoint(run_dir, task, np.repeat(sample, 2, 0), which=which)
+        update = bool(config.base_update and config.steps)
+        n_subset = min(scan.n_positions, len(subset_rows(scan.scan_shape, config.subset)) * scan.scan_shape[1])
+        bases_bar = _progress(n_subset, "map: bases", progress) if update else None
         bar = _progress(scan.n_positions, "map", progress)
         try:
-            # In scan order a buffer of one batch suffices: memory does not grow with the scan.
-            batches = scan.batches(batch_size, shuffle=False, pad=True, buffer_size=batch_size)
-            update = bool(base_update and refine_steps and not task.model_cfg.interpolate)
-            preds = predict_scan(task, state.params, batches, scan.n_positions, progress=bar,
-                                 refine_steps=refine_steps, accumulate=update, interpolation=interpolation)
-            if update:
-                from ccstae_jax.strain import reestimate_bases
-
-                bases = reestimate_bases(task, state.params, preds.pop("base_sums"), preds.pop("base_coverage"),
-                                         preds.pop("base_counts"))
-                if bar is not None:
-                    bar.close()
-                    bar = _progress(scan.n_positions, "map (updated base)", progress)
-                batches = scan.batches(batch_size, shuffle=False, pad=True, buffer_size=batch_size)
-                preds = predict_scan(task, state.params, batches, scan.n_positions, progress=bar,
-                                     refine_steps=refine_steps, bases=bases, theta0=preds["theta"],
-                                     interpolation=interpolation)
+            preds = map_scan(task, state.params, scan, config, progress=bar, bases_progress=bases_bar)
         finally:
-            if bar is not None:
-                bar.close()
+            for b in (bases_bar, bar):
+                if b is not None:
+                    b.close()
         try:
             maps = strain_maps(preds, scan.scan_shape, scan.pattern_shape, reference_region=reference_region,
-                               symmetry=task.model_cfg.symmetry)
+                               symmetry=cfg.symmetry, correct_distortion=correct_distortion)
         except ValueError as e:
             if "no valid positions" not in str(e):
                 raise
@@ -432,32 +458,49 @@ def map_strain(
             raise ValueError(f"{data_path}: cannot reference the strain to {where}: {e} (its patterns are blank, "
                              "carry no lattice signal or gave non-finite predictions); choose another "
                              "--reference-region") from None
+        distortion = maps.pop("distortion")
         attrs = {
-            "method": f"ccstae-jax {task.model_cfg.preset}",
+            "method": f"ccstae-jax {cfg.preset}",
             "run_dir": os.path.abspath(run_dir),
             "data_path": os.path.abspath(data_path),
             "reference_region": list(reference_region) if reference_region is not None else "whole-scan median",
-            "symmetry": task.model_cfg.symmetry,
+            "symmetry": cfg.symmetry,
             "checkpoint": which,
-            "refine_steps": refine_steps,
+            "refine_steps": config.steps,
             "base_update": update,
-            "interpolation": interpolation if refine_steps else "none",
+            "interpolation": config.interpolation if config.steps else "none",
             "strain_reference": "relative",
+            "geometry": json.dumps(cfg.geometry.to_dict()),
+            "distortion_corrected": bool(correct_distortion),
+            "distortion_ellipticity": distortion.ellipticity,
+            "distortion_angle": distortion.angle,
         }
-        # Frames and calibration: the root maps stay in the detector frame (ccstae_jax.frames).
-        from ccstae_jax.frames import frame_attrs, image_frame_maps
-
+        if progress:
+            _report_map(maps, distortion, correct_distortion)
         attrs.update(frame_attrs(scan_rotation, scan.calibration))
         written = maps if scan_rotation is None else {**maps, **image_frame_maps(maps, scan_rotation)}
-        _remove_stale_tmp(out_path)
+        atomic.remove_stale(out_path)
         write_strain_h5(out_path, written, attrs=attrs)
         if figures is not None:
             save_run_figures(figures, run_dir, data_path, task, state, scan, maps, reference_region=reference_region)
             if scan_rotation is not None:
-                from ccstae_jax import plots
-
                 plots.plot_strain_frames(maps, Path(figures) / "strain_frames.png", scan_rotation=scan_rotation)
     return maps
+
+
+def _report_map(maps: dict, distortion, corrected: bool) -> None:
+    """Console summary of a map: valid share, median 1-sigma errors, detector distortion removed."""
+    valid = maps["valid"]
+    line = f"map: {int(valid.sum())} of {valid.size} positions valid ({100 * valid.mean():.1f} %)"
+    if "uncertainty_strain_xx" in maps and valid.any():
+        med = {k: float(np.nanmedian(maps[f"uncertainty_{k}"])) for k in ("strain_xx", "strain_yy", "shear_xy",
+                                                                             "rotation")}
+        line += (f"; median 1-sigma strain_xx/yy/shear {100 * med['strain_xx']:.3f}/{100 * med['strain_yy']:.3f}/"
+                 f"{100 * med['shear_xy']:.3f} %, rotation {np.degrees(med['rotation']):.3f} deg")
+    if corrected and distortion.ellipticity > 0:
+        line += (f"; detector ellipticity {100 * distortion.ellipticity:.2f} % at "
+                 f"{np.degrees(distortion.angle):.0f} deg removed (measured on the reference region)")
+    _say(line)
 
 
 def evaluate(strain_path, labels_path, *, reference_region=None, reference_predictions: bool | None = None) -> dict:
@@ -469,9 +512,6 @@ def evaluate(strain_path, labels_path, *, reference_region=None, reference_predi
     (``reference_predictions=None``, the default; True/False forces it), so every method is scored on the same
     relative quantity.
     """
-    from ccstae_jax.data.readers import load_labels, reference_region_from_file
-    from ccstae_jax.evaluate import error_table
-    from ccstae_jax.strain import read_strain_h5
 
     maps, attrs = read_strain_h5(strain_path)
     labels = load_labels(labels_path, shape=np.shape(maps["strain_xx"]))
@@ -529,14 +569,12 @@ class _Bar:
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
 
     return _Bar(tqdm(total=total, desc=desc, unit="pattern", dynamic_ncols=True))
 
 
 def _say(line: str) -> None:
     """Prints a progress line on process 0 (flushed, so batch-job logs show it at once)."""
-    from ccstae_jax.parallel import is_main_process
 
     if is_main_process():
         print(line, flush=True)
@@ -588,10 +626,7 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
       The paths written. The pattern figure shows the pattern at the centre of the scan (else the first valid
       position) with the training loss mask of the run's last epoch, carried onto the pattern by its fitted affine.
     """
-    import jax.numpy as jnp
 
-    from ccstae_jax import plots
-    from ccstae_jax.losses import data_frame_mask
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     r, c = _shown_position(np.asarray(maps["valid"], bool))
@@ -629,9 +664,6 @@ def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: floa
     Writes ``simulated.h5``, ``run/``, ``strain.h5``, ``figures/*.png`` and ``results.json`` under ``out_dir``; returns
     the error table.
     """
-    from ccstae_jax.data.readers import load_labels
-    from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
-    from ccstae_jax.evaluate import format_table, referenced_labels
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -645,8 +677,6 @@ def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: floa
     labels = load_labels(data_path, shape=(scan, scan))
     region = sim.reference_bounds  # the map's reference: the reference_region attribute of the simulated file
     ref_labels = referenced_labels(labels, reference_region=region)
-    from ccstae_jax.data.readers import open_scan
-    from ccstae_jax.train import load_checkpoint, write_json_atomic
 
     task, _, _ = load_run(out / "run")
     with open_scan(data_path) as s:
@@ -654,7 +684,7 @@ def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: floa
         paths = save_run_figures(out / "figures", out / "run", data_path, task, state, s, maps, labels=ref_labels,
                                  reference_region=region)
     result = {"simulation": json.loads(sim.to_json()), "errors": table, "figures": [str(p) for p in paths]}
-    write_json_atomic(out / "results.json", result)
+    atomic.write_json(out / "results.json", result)
     r0, r1, c0, c1 = region
     print(f"Error of the CC-ST-AE map against the simulation's labels, both referenced to the region rows {r0}:{r1}, "
           f"columns {c0}:{c1} (0-based, end excluded); MAE over all valid positions, strain in %, rotation in "

@@ -5,7 +5,7 @@ Every function draws on a fresh :class:`matplotlib.figure.Figure` (no pyplot, no
 close, safe without a display), writes one PNG at a fixed pixel size (``figsize * dpi``, no tight bounding box) and
 returns the path as ``str``. matplotlib is imported inside the functions, so importing this module stays cheap.
 
-Conventions (the same as `ccstae_jax.strain`): maps are ``(Rx, Ry)`` and drawn with scan row ``Rx`` downwards and
+Conventions (the same as `ccstae_jax.mapping.reference`): maps are ``(Rx, Ry)`` and drawn with scan row ``Rx`` downwards and
 scan column ``Ry`` to the right. x = detector Qx = pattern rows (axis 2 of the 4D data), y = Qy = pattern columns
 (axis 3). ``strain_xx``, ``strain_yy``: real-space lattice strain along x, y (positive = lattice stretched = spots move
 inward); ``shear_xy``: tensor shear; ``rotation``: radians counter-clockwise from +Qx toward +Qy, relative to the
@@ -14,7 +14,7 @@ stay dimensionless / radians). NaN (and positions with ``valid == False``) are d
 
 Example::
 
-    from ccstae_jax.strain import read_strain_h5
+    from ccstae_jax.report.files import read_strain_h5
     from ccstae_jax import plots
 
     maps, _ = read_strain_h5("run/strain.h5")
@@ -304,7 +304,7 @@ def plot_strain_maps(
     """Maps of strain_xx, strain_yy, shear_xy and rotation; one row per method (labels, CC-ST-AE, baseline).
 
     Args:
-      maps: CC-ST-AE maps as from `ccstae_jax.strain.read_strain_h5`: ``strain_xx``, ``strain_yy``, ``shear_xy``
+      maps: CC-ST-AE maps as from `ccstae_jax.report.files.read_strain_h5`: ``strain_xx``, ``strain_yy``, ``shear_xy``
         (dimensionless) and ``rotation`` (radians), each ``(Rx, Ry)``; NaN where invalid; optional bool ``valid``.
       path: output PNG.
       labels: ground truth, same keys and shape, referenced like ``maps``; drawn as the first row.
@@ -934,7 +934,7 @@ def _error_figure(maps, *, dpi=DEFAULT_DPI):
     cb.ax.tick_params(labelsize=8)
     axes[0].set_title("reconstruction error per position (high = worse fit)", fontsize=10)
 
-    from ccstae_jax.strain import INVALID_REASONS  # noqa: PLC0415 (keeps the module import cheap)
+    from ccstae_jax.mapping.reference import INVALID_REASONS  # noqa: PLC0415 (keeps the module import cheap)
 
     if reason is None:
         codes, names = np.where(valid, 0, 1), ["valid", "invalid"]
@@ -963,7 +963,7 @@ def plot_error_map(maps: Mapping[str, Any], path: str | os.PathLike, *, dpi: int
       maps: needs ``reconstruction_error`` ``(Rx, Ry)``: the masked mean squared difference between each pattern
         and its base over the mask, intensities multiplied by the run's ``intensity_scale`` (1 / the 99.9th
         percentile of the mean training pattern inside the ring), so dimensionless; uses ``valid`` and
-        ``invalid_reason`` (codes of `ccstae_jax.strain.INVALID_REASONS`) when present, else validity = finite
+        ``invalid_reason`` (codes of `ccstae_jax.mapping.reference.INVALID_REASONS`) when present, else validity = finite
         ``strain_xx``.
       path: output PNG.
       dpi: resolution of the PNG.

@@ -280,7 +280,7 @@ def test_map_of_patterns_of_another_size_is_refused(chain, good, tmp_path, capsy
 
 
 def test_evaluate_with_labels_of_another_scan_shape_is_refused(chain, tmp_path, capsys):
-    from ccstae_jax.strain import write_strain_h5
+    from ccstae_jax.report.files import write_strain_h5
 
     strain = tmp_path / "strain_4x4.h5"
     maps = {q: np.zeros((4, 4), np.float32) for q in ("strain_xx", "strain_yy", "shear_xy", "rotation")}

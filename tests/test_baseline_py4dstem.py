@@ -185,7 +185,7 @@ def test_write_strain_h5_refuses_maps_without_strain_keys(tmp_path):
 
 
 def test_strain_file_is_readable_by_the_project_reader(tmp_path):
-    strain = pytest.importorskip("ccstae_jax.strain")
+    strain = pytest.importorskip("ccstae_jax.report.files")
     path = p4d.write_strain_h5(tmp_path / "s.h5", _fake_maps(), attrs={})
     maps, attrs = strain.read_strain_h5(path)
     assert maps["strain_yy"].shape == (3, 4) and "parameters" in attrs

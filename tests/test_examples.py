@@ -38,7 +38,7 @@ def test_tutorial_error_table_is_finite(ran):
 
 def test_tutorial_saves_maps_and_results(ran):
     out, result = ran
-    from ccstae_jax.strain import read_strain_h5
+    from ccstae_jax.report.files import read_strain_h5
 
     maps, _ = read_strain_h5(out / "strain.h5")
     assert maps["strain_xx"].shape == (8, 8)

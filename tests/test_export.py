@@ -8,7 +8,7 @@ import pytest
 
 from ccstae_jax.export import check_export, export_strain
 from ccstae_jax.frames import frame_attrs, image_frame_maps
-from ccstae_jax.strain import write_strain_h5
+from ccstae_jax.report.files import write_strain_h5
 from test_formats import without_rsciio
 
 NAMES = ["rotation", "shear_xy", "strain_xx", "strain_yy", "valid", "image_frame_shear_xy", "image_frame_strain_xx",

@@ -1182,7 +1182,7 @@ def _detection_kwargs(config: "Py4DSTEMConfig", res: Mapping[str, Any]) -> dict[
 
 
 def write_strain_h5(path, maps: Mapping[str, Any], *, attrs: Mapping[str, Any]) -> str:
-    """Write baseline strain maps in the project's strain-map layout (`ccstae_jax.strain.write_strain_h5`).
+    """Write baseline strain maps in the project's strain-map layout (`ccstae_jax.report.files.write_strain_h5`).
 
     Every array of ``maps`` (``strain_xx`` ... ``rotation`` float32, ``valid``, ``n_peaks``, ``origin`` ...) becomes a
     root dataset, string entries (``parameters``, JSON) and ``attrs`` root attributes; ``method`` defaults to
@@ -1192,7 +1192,7 @@ def write_strain_h5(path, maps: Mapping[str, Any], *, attrs: Mapping[str, Any]) 
     Returns:
         The path written, as a string.
     """
-    from ccstae_jax.strain import write_strain_h5 as write
+    from ccstae_jax.report.files import write_strain_h5 as write
 
     return write(path, dict(maps), attrs={"method": "py4dstem", "strain_reference": "absolute", **attrs})
 

@@ -1,0 +1,427 @@
+"""Pattern geometry measured from the data: zero beam, descan, disk radius, spot spacing, lattice symmetry.
+
+Every radius the pipeline uses (the loss ring, the spot masks, the rotation prior's ring, the pixels the map fits) is
+derived here from a handful of measured numbers, so the same code serves spots of 1.5 px and disks of 20 px,
+128-px and 256-px detectors, any camera length and hexagonal, square or rectangular lattices. `measure_geometry`
+reads them from a few hundred patterns spread over the scan, once, when a run is created; the result is a
+`Geometry`, saved with the run.
+
+Measurements (pixels, pattern frame: rows = Qx, columns = Qy):
+
+* **zero beam** of each pattern (`zero_beam`): the centroid of the part of the (3x3-smoothed) pattern above half its
+  maximum, i.e. of the central disk, which holds most of the intensity. Its median over the sample is ``center``;
+  its spread is the descan ``drift``, and a plane fitted to it over the scan positions gives the descan gradient.
+* **spot spacing and disk radius** from `spot_profile`, the radial profile of the patterns' even angular harmonics
+  above their odd ones (patterns shifted by whole pixels onto a common zero beam first): its bumps are the rings of
+  spots, free of any radially symmetric background and of the noise. The first bump sits at the first-order spacing
+  ``spot_spacing``; its half width at half maximum is ``1/sqrt(2)`` of the disk radius for flat disks (a squared
+  chord profile) and about the radius for small spots; ``disk_radius`` is the half width times ``sqrt(2)``. The
+  central disk itself is not used: a diffuse glow around the zero beam (noise, inelastic scattering) hides its
+  edge.
+* **symmetry** from the angular harmonics of each pattern in the annulus of the first-order spots: a hexagonal
+  lattice has only multiples of 6, a square one of 4, a rectangular one of 2 (Friedel symmetry removes the odd
+  ones, which therefore measure the noise).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: Half width at half maximum of the squared chord profile of a flat disk (the radial profile of a ring of disks in
+#: `spot_profile`), as a fraction of the disk radius: ``r^2 - rho^2 = r^2 / 2``.
+_CHORD_HWHM = math.sqrt(0.5)
+#: Symmetry orders recognised, from the most to the least symmetric.
+SYMMETRIES = (6, 4, 2)
+#: Angular orders no 2-, 3-, 4- or 6-fold lattice has (coprime to 12): their power in a ring is noise. (Odd orders
+#: are not: a crystal without inversion symmetry, e.g. 1H-WS2 under dynamical scattering, breaks Friedel's law and
+#: has a 3rd harmonic.)
+NOISE_ORDERS = (1, 5, 7, 11)
+
+
+class GeometryError(ValueError):
+    """The patterns show no diffraction lattice that the pipeline can measure (message: what was measured)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """The measured geometry of a scan's patterns and the radii derived from it (pixels, pattern frame).
+
+    Attributes:
+      pattern_shape: ``(H, W)`` of a (cropped, binned) pattern.
+      center: ``(row, col)`` median zero-beam position.
+      disk_radius: radius of the diffraction disks (convergence semi-angle in pixels).
+      spot_spacing: distance of the first-order spots from the zero beam.
+      symmetry: rotational order of the lattice (6 hexagonal, 4 square, 2 otherwise).
+      ring: ``(inner, outer)`` radii of the ring of spots the network looks at and is trained on: from just inside
+        the first-order disks to just outside the outermost ring of the mean pattern, within the pattern.
+      drift: largest distance of a sampled pattern's zero beam from ``center`` (descan).
+      descan: ``(2, 2)`` zero-beam shift in pixels per scan extent, rows ``(d row, d col)`` of the zero beam and
+        columns along the scan's rows and columns (a plane fitted to the sampled zero beams); None if not measured.
+      harmonics: excess power of the angular harmonics of orders 2, 4 and 6 in the first-order annulus over the
+        noise power (`detect_symmetry`).
+    """
+
+    pattern_shape: tuple[int, int] = (200, 200)
+    center: tuple[float, float] = (100.0, 100.0)
+    disk_radius: float = 3.7
+    spot_spacing: float = 38.1
+    symmetry: int = 6
+    ring: tuple[float, float] = (32.0, 73.0)
+    drift: float = 0.0
+    descan: tuple[tuple[float, float], tuple[float, float]] | None = None
+    harmonics: tuple[float, float, float] | None = None
+
+    def __post_init__(self):
+        h, w = self.pattern_shape
+        if h != w:
+            raise ValueError(f"patterns must be square (crop them), got {self.pattern_shape}")
+        if self.symmetry not in SYMMETRIES:
+            raise ValueError(f"lattice symmetry must be one of {SYMMETRIES}, got {self.symmetry}")
+        inner, outer = self.ring
+        if not 0 <= inner < outer:
+            raise ValueError(f"ring radii must satisfy 0 <= inner < outer, got ({inner:g}, {outer:g})")
+        if inner >= min(h, w) / 2:
+            raise ValueError(f"ring inner radius {inner:g} px is larger than the pattern ({h}x{w}) half-width "
+                             f"{min(h, w) / 2:g}")
+        if not self.disk_radius > 0 or not self.spot_spacing > 0:
+            raise ValueError(f"disk radius and spot spacing must be > 0, got {self.disk_radius}, {self.spot_spacing}")
+
+    # ----- derived radii (one place) -----
+    @property
+    def spot_radius(self) -> tuple[float, float]:
+        """``(start, end)`` radius of the disks around each spot of the base that the training mask shrinks to: the
+        disk radius plus a margin, so the disk *edges*, which carry the position, stay inside."""
+        end = self.disk_radius + 2.5
+        return (end + 3.0, end)
+
+    @property
+    def fit_min_radius(self) -> float:
+        """Pixels closer than this to the zero beam are never fitted by the map: the central disk and its edge belong
+        to the background, which does not move with the lattice. Halfway to the first-order spots, or just outside
+        the central disk when disks overlap."""
+        return max(0.5 * self.spot_spacing, self.disk_radius + 1.0)
+
+    def describe(self) -> str:
+        """One line for people: what was measured and the radii derived from it."""
+        drift = f", drifting <= {self.drift:.1f} px over the scan" if self.drift >= 0.5 else ""
+        inner, outer = self.ring
+        names = {6: "6-fold (hexagonal)", 4: "4-fold (square)", 2: "2-fold"}
+        return (f"zero beam at ({self.center[0]:.1f}, {self.center[1]:.1f}) px{drift}; disk radius "
+                f"{self.disk_radius:.1f} px; first-order spots at {self.spot_spacing:.1f} px; "
+                f"{names[self.symmetry]} lattice; loss ring {inner:.0f}-{outer:.0f} px; spot mask radius "
+                f"{self.spot_radius[1]:.1f} px")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"Geometry: unknown keys {sorted(unknown)}")
+
+        def tup(v):
+            return tuple(tup(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+        return cls(**{k: tup(v) for k, v in d.items()})
+
+
+# --------------------------------------------------------------------------------------------- zero beam
+def zero_beam(images: jax.Array) -> jax.Array:
+    """Zero-beam position of each pattern, ``(B, H, W)`` -> ``(B, 2)`` (row, col) pixels, float32.
+
+    The centroid of ``max(s - s_max / 2, 0)``, ``s`` the pattern smoothed by a 3x3 box (so one hot pixel cannot set
+    the threshold): the central disk, which in a thin specimen is by far the brightest feature. Jittable.
+    """
+    x = jnp.asarray(images, jnp.float32)
+    s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 3, 3), (1, 1, 1), "SAME") / 9.0
+    top = jnp.max(s, axis=(-2, -1), keepdims=True)
+    wgt = jnp.maximum(s - 0.5 * top, 0.0)
+    total = jnp.maximum(jnp.sum(wgt, axis=(-2, -1)), 1e-30)
+    h, w = x.shape[-2:]
+    rows = jnp.arange(h, dtype=jnp.float32)
+    cols = jnp.arange(w, dtype=jnp.float32)
+    r = jnp.einsum("bhw,h->b", wgt, rows, precision=jax.lax.Precision.HIGHEST) / total
+    c = jnp.einsum("bhw,w->b", wgt, cols, precision=jax.lax.Precision.HIGHEST) / total
+    return jnp.stack([r, c], -1)
+
+
+def recentre(images: np.ndarray, beams: np.ndarray, center: tuple[float, float]) -> np.ndarray:
+    """Shifts each pattern by whole pixels so its zero beam lands within half a pixel of ``center`` (no
+    interpolation; pixels shifted in are 0). ``(N, H, W)``, ``(N, 2)`` -> ``(N, H, W)``."""
+    out = np.zeros_like(images)
+    h, w = images.shape[-2:]
+    shifts = np.rint(np.asarray(center)[None] - beams).astype(int)
+    for i, (dr, dc) in enumerate(shifts):
+        src_r, dst_r = slice(max(0, -dr), min(h, h - dr)), slice(max(0, dr), min(h, h + dr))
+        src_c, dst_c = slice(max(0, -dc), min(w, w - dc)), slice(max(0, dc), min(w, w + dc))
+        out[i, dst_r, dst_c] = images[i, src_r, src_c]
+    return out
+
+
+# --------------------------------------------------------------------------------------------- radial profile
+def radial_mean(pattern: np.ndarray, center: tuple[float, float], *, step: float = 0.5) -> np.ndarray:
+    """Mean of ``pattern`` ``(H, W)`` in annuli of width ``step`` about ``center``: value ``i`` covers
+    ``i * step <= r < (i + 1) * step``; empty annuli are NaN."""
+    h, w = pattern.shape
+    r = np.hypot(np.arange(h)[:, None] - center[0], np.arange(w)[None, :] - center[1])
+    bins = np.floor(r / step).astype(int).ravel()
+    total = np.bincount(bins, pattern.ravel().astype(np.float64))
+    count = np.bincount(bins)
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float], core: float, r_max: float,
+                 disk_radius: float) -> tuple[float, float, float]:
+    """``(first, last, spacing)``: the radii where the lattice first and last shows (`spot_profile`), and the
+    first-order spot distance.
+
+    The lattice shows at radius ``r`` when, for one even angular order, the annuli from ``r`` over half a disk
+    diameter are together more than 4 standard errors above the noise (the significance of each annulus summed over
+    the window and divided by its square root: wide, faint disks are found from their many annuli) and their mean
+    profile is above 2 % of its largest value (in noise-free data every annulus is "significant"). Orders 2, 6 and 10
+    are looked at from just outside the central disk; when they show nothing (a square lattice), orders 4, 8 and 12
+    from 3 pixels farther out, past the grid aliasing of the zero beam. The first radius is the inner edge of the
+    first-order disks; the first-order distance is the peak of the showing order's profile within a disk diameter
+    beyond it, at least a disk radius beyond it (the middle of a wide disk carries little angular structure).
+    ``profiles``, ``z``: `spot_profile` in 1-pixel annuli."""
+    n = int(r_max)
+    radii = np.arange(n) + 0.5
+    width = max(1, int(round(disk_radius)))
+    kernel = np.ones(width)
+    for rows, start in (((0, 2, 4), core + 1.0), ((1, 3, 5), core + 3.0)):
+        inside = radii >= start
+        shows = np.zeros(n, bool)
+        best, best_z = rows[0], -np.inf
+        for i in rows:
+            zi = np.where(inside, z[i, :n], 0.0)
+            vi = np.where(inside & np.isfinite(profiles[i, :n]), profiles[i, :n], 0.0)
+            zw = np.convolve(zi, kernel[::-1], mode="full")[width - 1: width - 1 + n] / np.sqrt(width)
+            vw = np.convolve(vi, kernel[::-1], mode="full")[width - 1: width - 1 + n] / width
+            here = inside & (zw > 4.0) & (vw > 0.02 * max(vw.max(), 0.0))
+            if here.any() and (not shows.any() or np.argmax(here) <= np.argmax(shows)) and zw[here].max() > best_z:
+                best, best_z = i, zw[here].max()
+            shows |= here
+        if shows.any():
+            idx = np.nonzero(shows)[0]
+            first = float(radii[idx[0]] - 0.5)
+            window = slice(idx[0], min(n, idx[0] + width + 4))
+            value = np.where(np.isfinite(profiles[best, :n]), profiles[best, :n], 0.0)
+            peak = float(radii[window][np.argmax(value[window])])
+            return first, float(min(r_max, radii[idx[-1]] + width)), max(peak, first + disk_radius)
+    raise GeometryError(
+        f"no diffraction spots found outside the central disk (zero beam at ({center[0]:.1f}, {center[1]:.1f}) px, "
+        f"central disk and glow out to ~{core:.1f} px): no radius within {r_max:.0f} px shows a significant "
+        "lattice-like angular structure; check --crop/--key/--transpose, or pass --ring INNER OUTER")
+
+
+# --------------------------------------------------------------------------------------------- harmonics
+def angular_harmonics(images: np.ndarray, center: tuple[float, float], inner: float, outer: float,
+                      orders: tuple[int, ...]) -> np.ndarray:
+    """``|sum_q I(q) exp(-i n phi(q))| / sum_q I(q)`` over the annulus ``inner < r <= outer`` about ``center``, for
+    each pattern and each order ``n``: ``(N, H, W)`` -> ``(N, len(orders))``."""
+    h, w = images.shape[-2:]
+    rr, cc = np.mgrid[:h, :w].astype(np.float64)
+    dr, dc = rr - center[0], cc - center[1]
+    r = np.hypot(dr, dc)
+    ring = (r > inner) & (r <= outer)
+    phi = np.arctan2(dr, dc)[ring]
+    vals = images[:, ring].astype(np.float64)
+    total = np.maximum(np.abs(vals.sum(1)), 1e-30)
+    out = []
+    for n in orders:
+        z = vals @ np.exp(-1j * n * phi)
+        out.append(np.abs(z) / total)
+    return np.stack(out, -1)
+
+
+def detect_symmetry(profiles: np.ndarray, z: np.ndarray, radii: np.ndarray, lo: float, hi: float
+                    ) -> tuple[int | None, tuple[float, float, float]]:
+    """Lattice symmetry from `spot_profile`'s per-order profiles (orders 2, 4, ..., 12) over the first-order ring,
+    the annuli from ``lo`` to ``hi`` (farther out, strains displace the spots enough to add order 2 to any lattice).
+
+    The strength ``s_n`` of order ``n`` is its profile summed over the annuli where it is more than 3 standard errors
+    above the noise, relative to the strongest of orders 2, 4 and 6. A rectangular lattice has every
+    even order, a square one only multiples of 4, a hexagonal one only multiples of 6 (small strains or a detector
+    ellipticity leak a little into the others): order 2 holding a tenth of the strongest means 2-fold; else order 4
+    without a comparable order 6 means 4-fold; else order 6 means 6-fold.
+
+    Returns ``(order, (s2, s4, s6))``; ``order`` is None when none of the three shows anywhere (no lattice).
+    """
+    inside = (radii >= lo) & (radii <= hi)
+    strength = []
+    for i in range(3):  # orders 2, 4, 6
+        shows = inside & (z[i] > 3.0) & np.isfinite(profiles[i])
+        strength.append(float(np.sum(np.where(shows, profiles[i], 0.0))))
+    top = max(strength)
+    if top <= 0:
+        return None, (0.0, 0.0, 0.0)
+    s2, s4, s6 = (v / top for v in strength)
+    if s2 >= 0.1:
+        order = 2
+    elif s4 >= 0.1 and s6 < 0.1:
+        order = 4
+    elif s6 >= 0.1:
+        order = 6
+    else:
+        order = 4
+    return order, (s2, s4, s6)
+
+
+def spot_profile(images: np.ndarray, center: tuple[float, float], *, step: float = 1.0,
+                 orders: tuple[int, ...] = (2, 4, 6, 8, 10, 12)) -> tuple[np.ndarray, np.ndarray]:
+    """Radial profiles of a lattice's angular structure, one per even order, and their significance.
+
+    In each annulus of width ``step`` about ``center``: the power of angular harmonic ``n`` minus the mean power of
+    the harmonics no lattice has (`NOISE_ORDERS`), averaged over the patterns and divided by the squared pixel count of the
+    annulus. A centrosymmetric lattice puts power only into even orders; noise puts the same power into every order,
+    and a radially symmetric background (central disk, glow, amorphous halo) into none, so the profiles show the
+    spots alone whatever the background's slope and the counting statistics. (A steep radial background sampled on
+    the square pixel grid has 4-fold structure: orders 4, 8, 12 near the zero beam are not the lattice's.)
+
+    Returns:
+      ``(profiles, z)``, each ``(len(orders), n_bins)``: the profiles (NaN for empty annuli) and their ratios to their
+      standard errors over the patterns.
+    """
+    images = np.asarray(images, np.float32)
+    n, h, w = images.shape
+    rr, cc = np.mgrid[:h, :w].astype(np.float64)
+    dr, dc = rr - center[0], cc - center[1]
+    radius = np.hypot(dr, dc).ravel()
+    bins = np.floor(radius / step).astype(np.int64)
+    phi = np.arctan2(dr, dc).ravel()
+    order = np.argsort(bins, kind="stable")
+    counts = np.bincount(bins)
+    nonempty = counts > 0
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])[nonempty]
+    # Each pattern minus its radial mean interpolated at the exact pixel radii (removes most of the grid aliasing of
+    # a steep background).
+    x = images.reshape(n, -1)[:, order]
+    centres = (np.nonzero(nonempty)[0] + 0.5) * step
+    means = np.add.reduceat(x, starts, axis=1, dtype=np.float64) / counts[nonempty]
+    r_sorted = radius[order]
+    x = x - np.stack([np.interp(r_sorted, centres, m) for m in means]).astype(np.float32)
+    phi = phi[order]
+
+    def power(k):
+        z = np.add.reduceat(x * np.exp(-1j * k * phi).astype(np.complex64), starts, axis=1)
+        return np.abs(z) ** 2  # (N, n_nonempty)
+
+    noise = np.mean([power(k) for k in NOISE_ORDERS], 0)
+    profiles = np.full((len(orders), counts.size), np.nan)
+    z = np.zeros((len(orders), counts.size))
+    for i, k in enumerate(orders):
+        diff = power(k) - noise
+        mean = diff.mean(0)
+        profiles[i, nonempty] = mean / counts[nonempty] ** 2
+        z[i, nonempty] = mean / (diff.std(0) / np.sqrt(n) + 1e-300)
+    return profiles, z
+
+
+def central_disk_radius(mean_pattern: np.ndarray, center: tuple[float, float], *, step: float = 0.25) -> float:
+    """Radius of the central disk of a (zero-beam-centred) mean pattern: where its radial profile starts to fall
+    steeply, i.e. the first radius whose logarithmic slope ``d ln I / dr`` is below half the steepest one found
+    within half the pattern. A diffuse glow around the zero beam falls at most ~0.5 per pixel (a Lorentzian), a disk
+    edge much faster, so the glow does not hide the disk."""
+    p = radial_mean(mean_pattern, center, step=step)
+    r = (np.arange(p.size) + 0.5) * step
+    ok = np.isfinite(p) & (p > 0)
+    r, p = r[ok], p[ok]
+    if r.size < 4:
+        return 1.0
+    slope = np.gradient(np.log(p), r)
+    sel = (r >= 0.75) & (r <= r.max() / 2)
+    if not sel.any():
+        return 1.0
+    steepest = slope[sel].min()
+    return float(r[np.nonzero(sel & (slope <= 0.5 * steepest))[0][0]])
+
+
+# --------------------------------------------------------------------------------------------- measurement
+def _fit_descan(beams: np.ndarray, positions: np.ndarray, scan_shape: tuple[int, int]) -> tuple:
+    """Least-squares plane of the zero beam over the scan: ``(2, 2)`` pixels per scan extent (rows: d row,
+    d col of the beam; columns: along scan rows, scan columns)."""
+    rx, ry = scan_shape
+    a = np.column_stack([positions[:, 0] / max(rx - 1, 1), positions[:, 1] / max(ry - 1, 1),
+                         np.ones(len(positions))])
+    coef, *_ = np.linalg.lstsq(a, beams, rcond=None)
+    j = coef[:2].T  # (2 beam coords, 2 scan axes)
+    return tuple(tuple(float(v) for v in row) for row in j)
+
+
+def measure_geometry(
+    sample: np.ndarray,
+    *,
+    positions: np.ndarray | None = None,
+    scan_shape: tuple[int, int] | None = None,
+    symmetry: int | None = None,
+    ring: tuple[float, float] | None = None,
+) -> Geometry:
+    """Measures the geometry of a scan from a sample of its patterns (module docstring).
+
+    Args:
+      sample: ``(N, H, W)`` patterns spread over the scan (a few hundred).
+      positions: ``(N, 2)`` their scan (row, col), to fit the descan plane (optional).
+      scan_shape: ``(Rx, Ry)``, with ``positions``.
+      symmetry: the lattice's rotational order, to override the measured one.
+      ring: ``(inner, outer)`` loss ring radii, to override the derived ones.
+
+    Raises:
+      GeometryError: no lattice is visible (no ring of spots outside the central disk), with the numbers measured.
+    """
+    sample = np.asarray(sample, np.float32)
+    if sample.ndim != 3:
+        raise ValueError(f"measure_geometry: expected patterns (N, H, W), got shape {sample.shape}")
+    n, h, w = sample.shape
+    if h != w:
+        raise ValueError(f"patterns must be square (crop them), got {h}x{w}")
+    if h < 16:
+        raise GeometryError(f"patterns of {h}x{w} pixels are too small to hold a lattice (need at least 16x16)")
+    beams = np.asarray(zero_beam(sample))
+    center = tuple(float(v) for v in np.median(beams, 0))
+    drift = float(np.max(np.hypot(*(beams - np.asarray(center)).T)))
+    descan = None
+    if positions is not None and scan_shape is not None and n >= 3:
+        descan = _fit_descan(beams, np.asarray(positions, np.float64), scan_shape)
+    aligned = recentre(sample, beams, center)
+    step = 0.5
+    r_max = min(h / 2 - 1, h - 1 - center[0], center[0], w - 1 - center[1], center[1])
+    mean_profile = radial_mean(aligned.mean(0), center, step=step)[: int(r_max / step)]
+    if mean_profile.size < 8 or not np.isfinite(mean_profile).any() or np.nanmax(mean_profile) <= 0:
+        raise GeometryError(f"the mean pattern ({h}x{w}) has no usable radial profile: blank patterns or a zero "
+                            f"beam at ({center[0]:.1f}, {center[1]:.1f}) px too close to the edge")
+    # The central disk and its glow: from the centre until the profile first drops below 5 % of its centre value.
+    centre_level = np.nanmax(mean_profile[:4])
+    below = np.nonzero(mean_profile < 0.05 * centre_level)[0]
+    core = float(below[0]) * step if below.size else 2.0
+    disk_radius = central_disk_radius(aligned.mean(0), center)
+    core = max(core, disk_radius)
+    profiles, z = spot_profile(aligned, center, step=1.0)
+    first, last, spacing = _ring_extent(profiles, z, center, core, r_max, disk_radius)
+    margin = max(2.0, 0.5 * disk_radius)
+    if symmetry is None:
+        n = profiles.shape[1]
+        order, harm = detect_symmetry(profiles, z, np.arange(n) + 0.5, max(first, core + 3.0),
+                                      first + 2 * disk_radius + 2.0)
+        if order is None:
+            raise GeometryError(
+                f"no lattice found: rings from {first:.1f} px from the zero beam ({center[0]:.1f}, {center[1]:.1f}) "
+                "px, but no angular harmonic of order 2, 4 or 6 stands out of the noise: an amorphous or too noisy "
+                "specimen, or a wrong --crop/--transpose (pass --symmetry to force an order)")
+    else:
+        order, harm = int(symmetry), None
+    if ring is None:
+        inner = max(disk_radius + 2.0, first - margin, core)
+        outer = min(float(r_max), last + margin)
+        if outer <= inner:
+            outer = float(r_max)
+        ring = (float(inner), float(outer))
+    return Geometry(pattern_shape=(h, w), center=center, disk_radius=round(disk_radius, 2),
+                    spot_spacing=round(spacing, 2), symmetry=order, ring=tuple(round(v, 1) for v in ring),
+                    drift=round(drift, 2), descan=descan, harmonics=harm)

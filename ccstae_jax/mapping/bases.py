@@ -1,0 +1,61 @@
+"""Re-estimating the dictionary from the aligned patterns (one expectation-maximisation step).
+
+The learned bases are trained through the network's masks and blurred by the spread of its early warps. Given each
+pattern's fitted warp, the mean of the patterns of a class pulled onto the base frame is the maximum-likelihood base
+for that alignment; `make_accumulator` sums them batch by batch and `reestimate` divides.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ccstae_jax import warp
+from ccstae_jax.models import symmetrize
+
+_HP = jax.lax.Precision.HIGHEST
+
+
+class UpdatedBases(NamedTuple):
+    """`reestimate` output: ``bases`` ``(K, H, W)`` and ``support`` ``(K, H, W)`` bool, the pixels the aligned
+    patterns covered often enough to trust their mean (a rotated pattern leaves the base frame's corners unseen)."""
+
+    bases: jax.Array
+    support: jax.Array
+
+
+def make_accumulator(task, *, interpolation: str = "cubic") -> Callable:
+    """A jitted ``(images (B, H, W), theta (B, 2, 3), class_index (B,), weights (B,))`` ->
+    ``(sums (K, H, W), coverage (K, H, W), counts (K,))``: each class's patterns (scaled as the model scales them)
+    pulled onto the base frame by their warps and summed, the same sum of an all-ones image (how much of each base
+    pixel the patterns saw: a pull from outside the detector adds nothing), and how many patterns there were
+    (``weights`` 0 for padding). ``interpolation`` is the pull's kernel (``"cubic"``: Keys, or ``"bilinear"``)."""
+    cfg = task.model_cfg
+    mode = "cubic" if interpolation == "cubic" else "bilinear"
+
+    def accumulate(images, theta, class_index, weights):
+        x = images.astype(jnp.float32) * cfg.intensity_scale
+        pulled = warp.affine_warp(jnp.stack([x, jnp.ones_like(x)], -1), theta, mode=mode)
+        onehot = jax.nn.one_hot(class_index, cfg.num_bases, dtype=jnp.float32) * weights[:, None]
+        sums = jnp.einsum("bk,bhwc->ckhw", onehot, pulled, precision=_HP)
+        return sums[0], sums[1], jnp.sum(onehot, 0)
+
+    return jax.jit(accumulate)
+
+
+def reestimate(task, params, sums, coverage, counts, *, min_support: float = 0.25) -> UpdatedBases:
+    """The bases from `make_accumulator` sums: each pixel averaged over the patterns that covered it (``sums /
+    coverage``, both symmetrised first when the model symmetrises its bases); a pixel is ``support`` when that
+    coverage is at least ``min_support`` times the class's pattern count. A class with no pattern keeps its learned
+    base (all of it supported)."""
+    cfg = task.model_cfg
+    learned = task.model.apply({"params": params}, method=lambda m: m.dictionary())
+    counts = jnp.asarray(counts, jnp.float32)
+    sums, coverage = jnp.asarray(sums, jnp.float32), jnp.asarray(coverage, jnp.float32)
+    if cfg.symmetrize_bases:
+        sums, coverage = symmetrize(sums, cfg), symmetrize(coverage, cfg)
+    seen = coverage >= min_support * jnp.maximum(counts, 1.0)[:, None, None]
+    mean = jnp.where(seen, sums / jnp.where(seen, coverage, 1.0), 0.0)
+    used = (counts > 0)[:, None, None]
+    return UpdatedBases(jnp.where(used, mean, learned), jnp.where(used, seen, True))

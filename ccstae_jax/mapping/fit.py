@@ -1,0 +1,394 @@
+"""Per-pattern forward-model fit of an affine warp, on the pixels that carry position information.
+
+The model of one observed pattern ``x`` (data frame, pixels ``q``) is its base pushed into the data frame,
+
+    mu(q) = bg(|q - z|) + spots(phi q),        phi = theta^{-1}  (normalised coordinates, `ccstae_jax.affine`),
+
+with ``spots`` the part of the base that moves with the lattice, ``bg`` its radially symmetric part (the central disk
+and the diffuse glow, which stay centred on the zero beam ``z`` of that pattern) and ``phi`` six free numbers. The
+fit is Fisher scoring of the Poisson likelihood (iteratively reweighted least squares with weights ``1 / mu``) with
+Levenberg-Marquardt damping, one independent problem per pattern, vectorised over the batch.
+
+Speed comes from two choices:
+
+* **Pixel lists.** Only the pixels where the base's spots have a gradient carry information about ``phi`` (a spot's
+  edge, not a flat disk interior or the empty space between spots). `information_mask` ranks the base-frame pixels
+  by their Fisher information and keeps those holding a fixed share of it; each pattern compares only the data
+  pixels whose pre-image under its starting warp falls there (a fixed-size list, gathered once).
+* **A tabulated interpolant.** The base is interpolated with Keys' cubic kernel (``A = -0.5``, third-order accurate:
+  it moves a spot's centroid exactly) tabulated once on a grid `FINE` times finer than the detector, together with
+  its two derivatives; each iteration reads value and gradient by bilinear interpolation of that table. No
+  interpolation of the noisy data ever enters the fit.
+
+A step is accepted only if it lowers the weighted squared residual under the weights of the last accepted point, so
+the fit never ends worse than it started.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccstae_jax import affine, warp
+
+#: Sub-pixel factor of the tabulated interpolant (value and derivatives of the cubic base on a grid this much finer).
+FINE = 4
+#: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
+INTERPOLATIONS = ("cubic", "bilinear")
+_HP = jax.lax.Precision.HIGHEST
+
+
+class BaseTable(NamedTuple):
+    """The dictionary prepared for fitting (see `prepare_bases`).
+
+    Attributes:
+      table: ``(K, FINE * (H + 1) + 1, FINE * (W + 1) + 1, 3)`` float32: the cubic interpolant of each base's spots
+        and its derivatives along rows and columns (per detector pixel), sampled at detector coordinates
+        ``row = i / FINE - 1``, ``col = j / FINE - 1`` (zero beyond the base's frame).
+      profile: ``(K, n_bins)`` float32 radial background of each base, value at radius ``i + 0.5`` pixels.
+      mask: ``(K, H, W)`` bool, the base-frame pixels fitted (`information_mask`).
+      n_points: static length of each pattern's pixel list (enough for the largest mask plus margin).
+    """
+
+    table: jax.Array
+    profile: jax.Array
+    mask: jax.Array
+    n_points: int
+
+
+class FitResult(NamedTuple):
+    """`fit_patterns` output, per pattern.
+
+    Attributes:
+      theta: ``(B, 2, 3)`` fitted pull warps (base frame -> data frame).
+      fisher: ``(B, 6, 6)`` ``J^T W J`` at the fit, for the six entries of ``phi = theta^{-1}`` (row-major),
+        ``W = 1 / mu`` in the units of the scaled data; its inverse, times ``chi2 / dof``, estimates their covariance.
+      chi2: ``(B,)`` weighted squared residual ``sum W (mu - x)^2`` at the fit.
+      dof: ``(B,)`` number of pixels compared minus 6.
+    """
+
+    theta: jax.Array
+    fisher: jax.Array
+    chi2: jax.Array
+    dof: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------- base preparation
+def radial_profile(images: jax.Array, center: tuple[float, float]) -> jax.Array:
+    """Median of each 1-pixel radius bin about ``center`` (row, col): ``(..., H, W)`` -> ``(..., n_bins)``.
+
+    Spots fill a small fraction of every circle about the centre, so the bin median is the diffuse background (the
+    central disk, its tails and the glow) without them. Bin ``i`` holds the pixels with ``i <= r < i + 1``.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    h, w = images.shape[-2:]
+    r = np.hypot(np.arange(h)[:, None] - center[0], np.arange(w)[None, :] - center[1])
+    ring = np.floor(r).astype(np.int64).ravel()
+    nbins = int(ring.max()) + 1
+    counts = np.bincount(ring, minlength=nbins)
+    order = np.argsort(ring, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slot = np.arange(ring.size) - np.repeat(starts, counts)
+    table = np.full((nbins, int(counts.max())), ring.size, np.int64)  # ring.size -> the NaN pad
+    table[ring[order], slot] = order
+    flat = images.reshape(images.shape[:-2] + (h * w,))
+    padded = jnp.concatenate([flat, jnp.full(flat.shape[:-1] + (1,), jnp.nan, jnp.float32)], -1)
+    return jnp.nanmedian(padded[..., table], axis=-1)
+
+
+def profile_at(profile: jax.Array, radius: jax.Array) -> jax.Array:
+    """A radial profile (`radial_profile`, bin centres at ``i + 0.5``) evaluated at radii, linear in between."""
+    n = profile.shape[-1]
+    pos = jnp.clip(jnp.asarray(radius, jnp.float32) - 0.5, 0.0, n - 1.0)
+    i = jnp.minimum(jnp.floor(pos).astype(jnp.int32), n - 2)
+    t = pos - i
+    return profile[..., i] * (1 - t) + profile[..., i + 1] * t
+
+
+def _radius_image(shape: tuple[int, int], center: tuple[float, float]) -> np.ndarray:
+    h, w = shape
+    return np.hypot(np.arange(h)[:, None] - center[0], np.arange(w)[None, :] - center[1]).astype(np.float32)
+
+
+def _kernel_matrices(n: int, interpolation: str = "cubic") -> tuple[np.ndarray, np.ndarray]:
+    """Interpolation matrices ``(FINE * (n + 1) + 1, n)`` (values and d/dcoordinate) at coordinates ``i / FINE - 1``
+    with zero padding beyond the ``n`` samples: Keys' cubic kernel (taps at offsets -1..2 from ``floor``) or the
+    linear one (taps 0, 1)."""
+    coords = np.arange(FINE * (n + 1) + 1) / FINE - 1.0
+    fl = np.floor(coords)
+    t = coords - fl
+    d = np.stack([t + 1, t, 1 - t, 2 - t], -1)  # distances to the taps at -1, 0, 1, 2
+    sign = np.array([1.0, 1.0, -1.0, -1.0])  # d(distance)/dt
+    if interpolation == "cubic":
+        a = warp.KEYS_A
+        near = ((a + 2) * d - (a + 3)) * d * d + 1
+        far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        wts = np.where(d <= 1, near, far)
+        dnear = (3 * (a + 2) * d - 2 * (a + 3)) * d
+        dfar = (3 * a * d - 10 * a) * d + 8 * a
+        dwts = np.where(d <= 1, dnear, dfar) * sign
+    elif interpolation == "bilinear":
+        wts = np.maximum(1.0 - d, 0.0)
+        dwts = np.broadcast_to(np.array([0.0, -1.0, 1.0, 0.0]), d.shape)  # the slope on [floor, floor + 1)
+    else:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    val = np.zeros((coords.size, n))
+    der = np.zeros((coords.size, n))
+    for k in range(4):
+        idx = fl.astype(int) - 1 + k
+        ok = (idx >= 0) & (idx < n)
+        rows = np.nonzero(ok)[0]
+        val[rows, idx[ok]] += wts[ok, k]
+        der[rows, idx[ok]] += dwts[ok, k]
+    return val.astype(np.float32), der.astype(np.float32)
+
+
+def interpolation_table(spots: jax.Array, interpolation: str = "cubic") -> jax.Array:
+    """``(K, H, W)`` -> ``(K, FINE (H + 1) + 1, FINE (W + 1) + 1, 3)``: the interpolant of each image and its row and
+    column derivatives (per pixel), tabulated (separable matrix products)."""
+    h, w = spots.shape[-2:]
+    vr, dr = (jnp.asarray(m) for m in _kernel_matrices(h, interpolation))
+    vc, dc = (jnp.asarray(m) for m in _kernel_matrices(w, interpolation))
+    s = jnp.asarray(spots, jnp.float32)
+    value = jnp.einsum("ih,khw,jw->kij", vr, s, vc, precision=_HP)
+    d_row = jnp.einsum("ih,khw,jw->kij", dr, s, vc, precision=_HP)
+    d_col = jnp.einsum("ih,khw,jw->kij", vr, s, dc, precision=_HP)
+    return jnp.stack([value, d_row, d_col], -1)
+
+
+def information_mask(
+    spots: np.ndarray,
+    background: np.ndarray,
+    *,
+    support: np.ndarray | None = None,
+    share: float = 0.98,
+    max_points: int | None = None,
+    floor: float = 0.3,
+    border: int = 2,
+    center: tuple[float, float] | None = None,
+    min_radius: float = 0.0,
+) -> np.ndarray:
+    """Base-frame pixels that carry a given share of the information about the warp, ``(K, H, W)`` bool.
+
+    Each pixel's Fisher information about the warp under the Poisson model is ``|grad spots|^2 (1 + u^2 + v^2) / mu``
+    (``u, v`` normalised coordinates: the lever arm of the linear part; ``mu = background + spots``, floored at
+    ``floor`` times its largest value as in the fit). Pixels are taken in decreasing order of information until they
+    hold ``share`` of the total (at most ``max_points``), then dilated by one pixel so that a starting warp a
+    fraction of a pixel off still covers the spot edges. Pixels within ``border`` of the frame, or outside
+    ``support``, or closer than ``min_radius`` to ``center`` (the central disk, whose edge is part of the background
+    and says nothing about the lattice), are never taken.
+
+    Args:
+      spots: ``(K, H, W)`` the moving part of each base.
+      background: ``(K, H, W)`` its fixed radial part.
+      support: ``(K, H, W)`` bool pixels where the base is known (None = everywhere).
+
+    Returns:
+      ``(K, H, W)`` bool.
+    """
+    spots = np.asarray(spots, np.float64)
+    background = np.asarray(background, np.float64)
+    k, h, w = spots.shape
+    keep = np.ones((k, h, w), bool) if support is None else np.asarray(support, bool).copy()
+    keep[:, :border], keep[:, h - border:], keep[:, :, :border], keep[:, :, w - border:] = False, False, False, False
+    if min_radius > 0:
+        keep &= _radius_image((h, w), (h // 2, w // 2) if center is None else center)[None] >= min_radius
+    gr, gc = np.gradient(spots, axis=(1, 2))
+    u = (2 * np.arange(w) + 1) / w - 1
+    v = (2 * np.arange(h) + 1) / h - 1
+    lever = 1.0 + u[None, :] ** 2 + v[:, None] ** 2
+    out = np.zeros((k, h, w), bool)
+    for i in range(k):
+        mu = background[i] + spots[i]
+        top = mu[keep[i]].max() if keep[i].any() else 0.0
+        info = np.where(keep[i], (gr[i] ** 2 + gc[i] ** 2) * lever / np.maximum(mu, max(floor * top, 1e-30)), 0.0)
+        order = np.argsort(info.ravel())[::-1]
+        total = info.sum()
+        if total <= 0:
+            continue
+        n = int(np.searchsorted(np.cumsum(info.ravel()[order]), share * total) + 1)
+        if max_points is not None:
+            n = min(n, int(max_points))
+        sel = np.zeros(h * w, bool)
+        sel[order[:n]] = True
+        sel = sel.reshape(h, w)
+        grown = sel.copy()
+        grown[1:] |= sel[:-1]
+        grown[:-1] |= sel[1:]
+        grown[:, 1:] |= sel[:, :-1]
+        grown[:, :-1] |= sel[:, 1:]
+        out[i] = grown & keep[i]
+    return out
+
+
+def prepare_bases(
+    bases: jax.Array,
+    center: tuple[float, float],
+    *,
+    support: np.ndarray | None = None,
+    share: float = 0.98,
+    max_points: int | None = None,
+    floor: float = 0.3,
+    min_radius: float = 0.0,
+    interpolation: str = "cubic",
+) -> BaseTable:
+    """Splits each base into a radial background and spots, tabulates the spots' interpolant and selects the fitted
+    pixels (`information_mask`, beyond ``min_radius`` of the centre). ``bases`` ``(K, H, W)`` (scaled as the model
+    scales patterns); ``center`` the base's zero beam (row, col) in pixels."""
+    bases = jnp.asarray(bases, jnp.float32)
+    profile = radial_profile(bases, center)
+    radius = jnp.asarray(_radius_image(bases.shape[-2:], center))
+    background = jax.vmap(lambda p: profile_at(p, radius))(profile)
+    spots = bases - background
+    mask = information_mask(np.asarray(spots), np.asarray(background), support=support, share=share,
+                            max_points=max_points, floor=floor, center=center,
+                            min_radius=min_radius)
+    n_max = int(mask.reshape(mask.shape[0], -1).sum(1).max())
+    n_points = int(np.ceil(1.1 * n_max / 64) + 1) * 64  # room for a pattern whose warp enlarges the mask
+    return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points)
+
+
+# ----------------------------------------------------------------------------------------------- the fit
+def _pulled_mask(mask: jax.Array, k: jax.Array, phi: jax.Array) -> jax.Array:
+    """Data-frame pixels ``q`` whose nearest base pixel to ``phi q`` is in ``mask[k]`` (``mask`` ``(K, H, W)``):
+    ``(H, W)`` bool."""
+    h, w = mask.shape[-2:]
+    u = (2 * jnp.arange(w, dtype=jnp.float32) + 1) / w - 1
+    v = (2 * jnp.arange(h, dtype=jnp.float32) + 1) / h - 1
+    pu = phi[0] * u[None, :] + phi[1] * v[:, None] + phi[2]
+    pv = phi[3] * u[None, :] + phi[4] * v[:, None] + phi[5]
+    c = jnp.round(((pu + 1) * w - 1) / 2).astype(jnp.int32)
+    r = jnp.round(((pv + 1) * h - 1) / 2).astype(jnp.int32)
+    inside = (c >= 0) & (c < w) & (r >= 0) & (r < h)
+    return inside & mask.reshape(-1)[(k * h + jnp.clip(r, 0, h - 1)) * w + jnp.clip(c, 0, w - 1)]
+
+
+def _compact_host(mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    flat = np.asarray(mask).reshape(-1, mask.shape[-2] * mask.shape[-1])
+    index = np.zeros((flat.shape[0], n), np.int32)
+    count = np.zeros(flat.shape[0], np.int32)
+    for i, row in enumerate(flat):
+        found = np.flatnonzero(row)[:n]
+        index[i, : found.size] = found
+        count[i] = found.size
+    return index.reshape(mask.shape[:-2] + (n,)), count.reshape(mask.shape[:-2])
+
+
+def _compact(mask: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """Flat indices of the first ``n`` True pixels of ``mask`` ``(H, W)`` (zero-padded) and how many there are.
+
+    On the CPU a host callback (NumPy's compaction is ~10x faster there than XLA's scatter); elsewhere
+    ``jnp.nonzero``."""
+    if jax.default_backend() == "cpu":
+        shapes = (jax.ShapeDtypeStruct(mask.shape[:-2] + (n,), jnp.int32),
+                  jax.ShapeDtypeStruct(mask.shape[:-2], jnp.int32))
+        return jax.pure_callback(lambda m: _compact_host(m, n), shapes, mask, vmap_method="broadcast_all")
+    index = jnp.nonzero(mask.reshape(-1), size=n, fill_value=0)[0].astype(jnp.int32)
+    return index, jnp.minimum(jnp.sum(mask), n).astype(jnp.int32)
+
+
+def _sample_table(table: jax.Array, k: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """Bilinear read of the tabulated interpolant ``table[k]`` (``table`` ``(K, Hf, Wf, 3)``) at detector coordinates
+    ``(N,)`` -> ``(N, 3)``. The base index enters the flat index (no per-pattern copy of the table)."""
+    _, hf, wf, _ = table.shape
+    fr = (rows + 1.0) * FINE
+    fc = (cols + 1.0) * FINE
+    fr = jnp.clip(fr, 0.0, hf - 1.001)
+    fc = jnp.clip(fc, 0.0, wf - 1.001)
+    r0, c0 = jnp.floor(fr), jnp.floor(fc)
+    tr, tc = (fr - r0)[:, None], (fc - c0)[:, None]
+    flat = table.reshape(-1, 3)
+    i = (k * hf + r0.astype(jnp.int32)) * wf + c0.astype(jnp.int32)
+    a, b, c, d = flat[i], flat[i + 1], flat[i + wf], flat[i + wf + 1]
+    top = a + tc * (b - a)
+    bottom = c + tc * (d - c)
+    return top + tr * (bottom - top)
+
+
+def fit_patterns(
+    theta0: jax.Array,
+    images: jax.Array,
+    zero_beam: jax.Array,
+    class_index: jax.Array,
+    bases: BaseTable,
+    *,
+    steps: int = 5,
+    damping: float = 1e-3,
+    floor: float = 0.3,
+) -> FitResult:
+    """Fits each pattern's warp by the forward model (module docstring), starting from ``theta0``.
+
+    Args:
+      theta0: ``(B, 2, 3)`` starting pull warps (base frame -> data frame, normalised).
+      images: ``(B, H, W)`` patterns, scaled as the model scales them.
+      zero_beam: ``(B, 2)`` zero-beam position (row, col) of each pattern in pixels: the centre of its background.
+      class_index: ``(B,)`` int, the base of each pattern.
+      bases: `prepare_bases` output.
+      steps: Levenberg-Marquardt iterations (static); each costs one evaluation of the model and its Jacobian.
+      damping: initial damping relative to the diagonal of ``J^T W J``.
+      floor: lower clip of the Poisson model mean, relative to its largest value on the compared pixels (caps the
+        weight of dark pixels, where a base is least accurate).
+
+    Returns:
+      `FitResult`.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    b, h, w = images.shape
+    n = bases.n_points
+    phi0 = affine.invert(jnp.asarray(theta0, jnp.float32)).reshape(b, 6)
+
+    def one(phi_start, x, z, k):
+        # Data pixels whose pre-image under the starting warp is a fitted base pixel (nearest base pixel).
+        flat_index, count = _compact(_pulled_mask(bases.mask, k, phi_start), n)
+        rows, cols = flat_index // w, flat_index % w
+        used = (jnp.arange(n) < count).astype(jnp.float32)
+        xq = x[rows, cols]
+        u = (2 * cols.astype(jnp.float32) + 1) / w - 1
+        v = (2 * rows.astype(jnp.float32) + 1) / h - 1
+        bg = profile_at(bases.profile[k], jnp.hypot(rows - z[0], cols - z[1]))
+
+        def model(phi):
+            pu = phi[0] * u + phi[1] * v + phi[2]
+            pv = phi[3] * u + phi[4] * v + phi[5]
+            s = _sample_table(bases.table, k, ((pv + 1) * h - 1) / 2, ((pu + 1) * w - 1) / 2)
+            mu = bg + s[:, 0]
+            gu, gv = s[:, 2] * (w / 2), s[:, 1] * (h / 2)  # per normalised unit
+            jac = jnp.stack([gu * u, gu * v, gu, gv * u, gv * v, gv], -1)
+            return mu, jac
+
+        def weights(mu):
+            top = jnp.max(jnp.where(used > 0, mu, -jnp.inf))
+            return used / jnp.maximum(mu, jnp.maximum(floor * top, 1e-30))
+
+        def normal_equations(mu, jac, wts):
+            r = mu - xq
+            jw = jac * wts[:, None]
+            return (jnp.einsum("pi,pj->ij", jw, jac, precision=_HP), jnp.einsum("pi,p->i", jw, r, precision=_HP),
+                    jnp.sum(wts * r * r))
+
+        mu, jac = model(phi_start)
+        wts = weights(mu)
+        jtj, jtr, cost = normal_equations(mu, jac, wts)
+        best = (phi_start, wts, jtj, jtr, cost)
+
+        def body(_, carry):
+            best, lam = carry
+            phi, wts, jtj, jtr, cost = best
+            trial = phi - jnp.linalg.solve(jtj + lam * jnp.diag(jnp.diag(jtj) + 1e-30), jtr)
+            mu_t, jac_t = model(trial)
+            r_t = mu_t - xq
+            better = jnp.sum(wts * r_t * r_t) < cost
+            wts_t = weights(mu_t)
+            jtj_t, jtr_t, cost_t = normal_equations(mu_t, jac_t, wts_t)
+            new = jax.tree.map(lambda a, b: jnp.where(better, a, b), (trial, wts_t, jtj_t, jtr_t, cost_t), best)
+            return new, jnp.where(better, lam * 0.5, lam * 4.0)
+
+        best, _ = jax.lax.fori_loop(0, steps, body, (best, jnp.asarray(damping, jnp.float32)))
+        phi, _, jtj, _, cost = best
+        return phi, jtj, cost, jnp.sum(used) - 6.0
+
+    phi, fisher, chi2, dof = jax.vmap(one)(phi0, images, jnp.asarray(zero_beam, jnp.float32),
+                                          jnp.asarray(class_index, jnp.int32))
+    return FitResult(affine.invert(phi.reshape(b, 2, 3)), fisher, chi2, dof)

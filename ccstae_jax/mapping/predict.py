@@ -1,0 +1,241 @@
+"""Maps a scan with a trained run: encode every pattern, fit its warp, re-estimate the bases, fit again.
+
+The map of a scan is made in two reads of the file:
+
+1. **Bases.** A subset of whole scan rows (at most `MapConfig.subset` patterns, spread over the scan) is encoded
+   and each pattern's warp fitted against the learned base (`ccstae_jax.mapping.fit`); the patterns, pulled onto
+   the base frame by their fitted warps, are averaged per base (`ccstae_jax.mapping.bases`). The average of the
+   aligned patterns is the maximum-likelihood base for that alignment, sharper than the network's.
+2. **Map.** Every pattern is encoded and its warp fitted against the re-estimated base, starting from the encoder's
+   warp, over the pixels that carry position information; the fit's Fisher information and misfit come with it.
+
+`map_scan` returns flat per-position arrays; `ccstae_jax.mapping.reference` turns them into strain maps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccstae_jax.geometry import NOISE_ORDERS
+from ccstae_jax.mapping import bases as bases_lib
+from ccstae_jax.mapping import fit as fit_lib
+from ccstae_jax.models import angular_weights, prior_ring, recentred
+
+_HP = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class MapConfig:
+    """How a scan is mapped (the defaults of `ccstae map` and of `ccstae_jax.pipeline.map_strain`).
+
+    Attributes:
+      steps: Levenberg-Marquardt iterations of each pattern's fit (0 = the encoder's warps as they are).
+      base_update: re-estimate the bases from the aligned patterns of a subset of the scan before the final fit.
+      subset: at most this many patterns (whole scan rows, spread over the scan) re-estimate the bases.
+      share: share of the warp's Fisher information the fitted pixels hold (`fit.information_mask`).
+      max_points: at most this many fitted pixels per base (None = as many as ``share`` needs).
+      interpolation: how the fit interpolates a base: ``"cubic"`` (Keys, A = -0.5) or ``"bilinear"``.
+      batch_size: patterns per device batch.
+    """
+
+    steps: int = 5
+    base_update: bool = True
+    subset: int = 2048
+    share: float = 0.98
+    max_points: int | None = None
+    interpolation: str = "cubic"
+    batch_size: int = 256
+
+    def __post_init__(self):
+        for name in ("steps", "subset", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value or value < (0 if name == "steps" else 1):
+                raise ValueError(f"{name} = {value!r}: expected an integer >= {0 if name == 'steps' else 1}")
+        if not 0 < self.share <= 1:
+            raise ValueError(f"share = {self.share!r}: expected 0 < share <= 1")
+        if self.interpolation not in fit_lib.INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {fit_lib.INTERPOLATIONS}, got {self.interpolation!r}")
+
+
+# ----------------------------------------------------------------------------------------------- per-batch steps
+def lattice_signals(task, x: jax.Array, zero_beam: jax.Array) -> dict[str, jax.Array]:
+    """Whether each pattern shows a lattice, ``(B, H, W)`` scaled patterns -> dict of ``(B,)``:
+
+    ``ring_signal`` (intensity in the prior ring), ``lattice_signal`` (rms amplitude of the lattice's ``n``- and
+    ``2n``-fold angular harmonics there, relative to ``ring_signal``; the ``2n``-th keeps a pattern that mixes two
+    grains turned by half a period from cancelling out) and ``lattice_significance`` (that amplitude over the rms
+    amplitude of the orders no lattice has, `ccstae_jax.geometry.NOISE_ORDERS`, which measure the noise). Computed on
+    the patterns shifted by whole pixels onto the centre (descan)."""
+    cfg = task.model_cfg
+    xs = recentred(x, zero_beam - jnp.asarray(cfg.center_px, jnp.float32))
+    ring = jnp.asarray(prior_ring(cfg), jnp.float32)
+    n = cfg.symmetry
+    lattice = jnp.asarray(np.concatenate([angular_weights(cfg, n), angular_weights(cfg, 2 * n)]))
+    noise_w = jnp.asarray(np.concatenate([angular_weights(cfg, k) for k in NOISE_ORDERS]))
+    ring_sum = jnp.einsum("bhw,hw->b", xs, ring, precision=_HP)
+    harm = jnp.sqrt(jnp.mean(jnp.einsum("bhw,khw->bk", xs, lattice, precision=_HP) ** 2, axis=-1) * 2.0)
+    noise_c = jnp.einsum("bhw,khw->bk", xs, noise_w, precision=_HP)
+    noise = jnp.sqrt(jnp.mean(noise_c**2, axis=-1) * 2.0)
+    return {
+        "ring_signal": ring_sum,
+        "lattice_signal": harm / jnp.maximum(jnp.abs(ring_sum), 1e-30),
+        "lattice_significance": harm / jnp.maximum(noise, 1e-30),
+    }
+
+
+def _encode(task, params, images):
+    enc = task.model.apply({"params": params}, images, method=lambda m, x: m.encode(x))
+    return enc, jnp.argmax(enc["classes"], -1).astype(jnp.int32)
+
+
+def make_encode_fn(task) -> Callable:
+    """Jitted ``(params, images (B, H, W)) -> dict``: ``theta``, ``class_index``, ``zero_beam`` and the
+    `lattice_signals` of each pattern (the encoder alone)."""
+
+    def encode(params, images):
+        enc, k = _encode(task, params, images)
+        return {"theta": enc["theta"], "class_index": k, "zero_beam": enc["zero_beam"],
+                **lattice_signals(task, enc["inputs"], enc["zero_beam"])}
+
+    return jax.jit(encode)
+
+
+def make_fit_fn(task, table: fit_lib.BaseTable, steps: int) -> Callable:
+    """Jitted ``(params, images (B, H, W)) -> dict``: `make_encode_fn`'s outputs with ``theta`` fitted against
+    ``table`` by ``steps`` iterations (`fit.fit_patterns`), plus ``theta_encoder``, ``fisher`` ``(B, 6, 6)``,
+    ``chi2`` and ``dof`` ``(B,)``."""
+
+    def run(params, images):
+        enc, k = _encode(task, params, images)
+        res = fit_lib.fit_patterns(enc["theta"], enc["inputs"], enc["zero_beam"], k, table, steps=steps)
+        return {"theta": res.theta, "theta_encoder": enc["theta"], "class_index": k, "zero_beam": enc["zero_beam"],
+                "fisher": res.fisher, "chi2": res.chi2, "dof": res.dof,
+                **lattice_signals(task, enc["inputs"], enc["zero_beam"])}
+
+    return jax.jit(run)
+
+
+# ----------------------------------------------------------------------------------------------- batching
+def _row_batches(scan, rows: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Fixed-size ``(images (B, H, W), index (B,))`` batches of the given scan rows, padded with zeros (index -1)."""
+    ry = scan.scan_shape[1]
+    h, w = scan.pattern_shape
+    images = np.zeros((batch_size, h, w), np.float32)
+    index = np.full(batch_size, -1, np.int64)
+    fill = 0
+    for r in rows:
+        block = scan.read(int(r) * ry, (int(r) + 1) * ry)
+        pos = np.arange(int(r) * ry, (int(r) + 1) * ry)
+        start = 0
+        while start < len(block):
+            take = min(batch_size - fill, len(block) - start)
+            images[fill: fill + take] = block[start: start + take]
+            index[fill: fill + take] = pos[start: start + take]
+            fill += take
+            start += take
+            if fill == batch_size:
+                yield images.copy(), index.copy()
+                images[:] = 0
+                index[:] = -1
+                fill = 0
+    if fill:
+        yield images.copy(), index.copy()
+
+
+def subset_rows(scan_shape: tuple[int, int], max_patterns: int) -> np.ndarray:
+    """Scan rows spread evenly over the scan holding at most ``max_patterns`` patterns (at least one row)."""
+    rx, ry = scan_shape
+    n = max(1, min(rx, max_patterns // max(ry, 1)))
+    return np.unique(np.linspace(0, rx - 1, n).round().astype(int))
+
+
+class _Collector:
+    """Scatters per-batch outputs to flat per-position arrays, one batch behind the device (so the host copies
+    the previous batch while the next one computes)."""
+
+    def __init__(self, n_positions: int, progress=None, skip: tuple[str, ...] = ()):
+        self.n, self.progress, self.skip = n_positions, progress, skip
+        self.results: dict[str, np.ndarray] = {}
+        self.pending = None
+
+    def add(self, out, index):
+        if self.pending is not None:
+            self._collect(*self.pending)
+        self.pending = (out, index)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        if self.pending is not None:
+            self._collect(*self.pending)
+            self.pending = None
+        return self.results
+
+    def _collect(self, out, index):
+        out = jax.device_get({k: v for k, v in out.items() if k not in self.skip})
+        keep = index >= 0
+        for k, v in out.items():
+            if k not in self.results:
+                fill = np.nan if v.dtype.kind == "f" else -1
+                self.results[k] = np.full((self.n,) + v.shape[1:], fill, v.dtype)
+            self.results[k][index[keep]] = v[keep]
+        if self.progress is not None:
+            self.progress.update(int(keep.sum()))
+
+
+# ----------------------------------------------------------------------------------------------- the scan
+def learned_bases(task, params) -> jax.Array:
+    """The dictionary the run learned, ``(K, H, W)``, in the scaled units of the model's inputs."""
+    return task.model.apply({"params": params}, method=lambda m: m.dictionary())
+
+
+def estimate_bases(task, params, scan, config: MapConfig, *, progress=None) -> bases_lib.UpdatedBases:
+    """Step 1 of the module docstring: the bases re-estimated from a subset of whole scan rows, aligned by fits
+    against the learned bases."""
+    cfg = task.model_cfg
+    geometry = cfg.geometry
+    table = fit_lib.prepare_bases(learned_bases(task, params), cfg.center_px, share=config.share,
+                                  max_points=config.max_points, min_radius=geometry.fit_min_radius,
+                                  interpolation=config.interpolation)
+    fit = make_fit_fn(task, table, config.steps)
+    accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation)
+    sums = None
+    for images, index in _row_batches(scan, subset_rows(scan.scan_shape, config.subset), config.batch_size):
+        out = fit(params, images)
+        part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(index >= 0, jnp.float32))
+        sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
+        if progress is not None:
+            progress.update(int((index >= 0).sum()))
+    return bases_lib.reestimate(task, params, *sums)
+
+
+def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, progress=None,
+             bases_progress=None) -> dict[str, np.ndarray]:
+    """Per-position results over the whole scan (module docstring), flat arrays ``(N, ...)`` in scan order:
+    ``theta``, ``theta_encoder`` ``(N, 2, 3)``, ``class_index``, ``zero_beam`` ``(N, 2)``, ``fisher`` ``(N, 6, 6)``,
+    ``chi2``, ``dof``, ``ring_signal``, ``lattice_signal``, ``lattice_significance``; with ``steps == 0`` the
+    encoder's warps and no fit statistics.
+
+    Args:
+      scan: an open `ccstae_jax.data.readers.Scan`.
+      progress, bases_progress: optional tqdm-like objects (``update(n)``) for the map and the base estimate.
+    """
+    cfg = task.model_cfg
+    if config.steps == 0:
+        fn = make_encode_fn(task)
+    else:
+        if config.base_update:
+            upd = estimate_bases(task, params, scan, config, progress=bases_progress)
+            base_images, support = upd.bases, np.asarray(upd.support)
+        else:
+            base_images, support = learned_bases(task, params), None
+        table = fit_lib.prepare_bases(base_images, cfg.center_px, support=support, share=config.share,
+                                      max_points=config.max_points, min_radius=cfg.geometry.fit_min_radius,
+                                      interpolation=config.interpolation)
+        fn = make_fit_fn(task, table, config.steps)
+    collector = _Collector(scan.n_positions, progress)
+    for images, index in _row_batches(scan, np.arange(scan.scan_shape[0]), config.batch_size):
+        collector.add(fn(params, images), index)  # dispatched asynchronously; the previous batch is collected
+    return collector.finish()

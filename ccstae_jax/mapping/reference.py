@@ -1,0 +1,294 @@
+"""From fitted warps to strain maps: validity, referencing to a region, detector distortion, per-position errors.
+
+Conventions (also written into every output file, `ccstae_jax.report.files.CONVENTIONS`): maps are ``(Rx, Ry)``;
+x = detector Qx = axis 2 of the data (rows of a pattern), y = Qy = axis 3 (columns). ``strain_xx``, ``strain_yy``:
+real-space lattice strain along x and y (positive = lattice stretched = spots move inward); ``shear_xy``: tensor
+shear; ``rotation``: radians, counter-clockwise from +Qx toward +Qy. All are relative to a reference:
+``T = M M_ref^{-1} = (I + eps) R(rotation)`` (left polar decomposition), where ``M`` is each pattern's real-space
+lattice deformation relative to the base and ``M_ref`` the reference (median over a scan region, else over the whole
+scan). Rotations are taken modulo the lattice symmetry (``2 pi / symmetry``) around the reference orientation, with
+circular statistics.
+
+**Detector distortion.** An elliptical distortion ``D`` of the projector lenses stretches every pattern alike; with
+grains at different orientations it would read as strain (``D R D^-1`` is not a rotation). When the bases have the
+lattice's full symmetry (hexagonal or square, symmetrised), an undistorted lattice in the reference region would fit
+with an isotropic ``M_ref``; its anisotropic part is taken to be the detector's, and every ``T`` is conjugated by it:
+``T' = S^-1 T S`` with ``S = P_ref / sqrt(det P_ref)``. This assumes the reference region is unstrained in absolute
+terms (what a reference region is for); `referenced_strain` reports the distortion it removed.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccstae_jax import affine
+
+QUANTITIES = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+
+#: Reasons a position has no strain value (stored in /invalid_reason; 0 = valid).
+INVALID_REASONS = {0: "valid", 1: "blank pattern (no intensity in the ring)", 2: "no lattice signal in the ring",
+                   3: "non-finite prediction", 4: "no specimen (vacuum: the central beam alone)"}
+
+
+def region_mask(scan_shape: tuple[int, int], region: tuple[int, int, int, int] | None) -> np.ndarray:
+    """Boolean ``(Rx, Ry)`` mask of scan rows ``r0:r1`` and columns ``c0:c1``; the whole scan when None."""
+    rx, ry = scan_shape
+    if region is None:
+        return np.ones(scan_shape, bool)
+    r0, r1, c0, c1 = (int(v) for v in region)
+    if not (0 <= r0 < r1 <= rx and 0 <= c0 < c1 <= ry):
+        raise ValueError(
+            f"reference region rows {r0}:{r1}, columns {c0}:{c1} lies outside the {rx}x{ry} scan "
+            f"(need 0 <= r0 < r1 <= {rx} and 0 <= c0 < c1 <= {ry})")
+    m = np.zeros(scan_shape, bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+class Distortion(NamedTuple):
+    """The detector distortion removed by `referenced_strain`: ``S`` ``(2, 2)`` (det 1, physics frame),
+    ``ellipticity`` (``2 (s_max - s_min) / (s_max + s_min)`` of its eigenvalues, dimensionless) and ``angle`` of the
+    major axis (radians from +Qx toward +Qy)."""
+
+    matrix: np.ndarray
+    ellipticity: float
+    angle: float
+
+
+def _rot(a: np.ndarray) -> np.ndarray:
+    c, s = np.cos(a), np.sin(a)
+    return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+
+
+def _distortion(p_ref: np.ndarray) -> Distortion:
+    s = p_ref / np.sqrt(np.linalg.det(p_ref))
+    evals, evecs = np.linalg.eigh(s)
+    ell = float(2 * (evals[1] - evals[0]) / (evals[1] + evals[0]))
+    angle = float(np.arctan2(evecs[1, 1], evecs[0, 1]))
+    angle = (angle + np.pi / 2) % np.pi - np.pi / 2
+    return Distortion(s, ell, angle)
+
+
+def referenced_strain(
+    lattice: np.ndarray, reference: np.ndarray, *, symmetry: int = 6, valid: np.ndarray | None = None,
+    correct_distortion: bool = False, return_distortion: bool = False,
+):
+    """Strain/rotation of each lattice deformation relative to the reference positions.
+
+    Args:
+      lattice: ``(..., 2, 2)`` real-space lattice deformations (physics frame), e.g. `affine.lattice_from_warp`.
+      reference: boolean mask over the leading axes of ``lattice`` selecting the reference positions.
+      symmetry: lattice rotational order; rotations are compared modulo ``2 pi / symmetry``.
+      valid: optional boolean mask of positions allowed into the reference statistics.
+      correct_distortion: remove the anisotropic part of the reference's stretch as detector distortion (module
+        docstring); only meaningful when the base has the lattice's full symmetry.
+      return_distortion: also return the `Distortion` removed (identity when not corrected).
+
+    Returns:
+      dict of ``strain_xx``, ``strain_yy``, ``shear_xy``, ``rotation`` (radians, in ``[-pi/n, pi/n)``), shaped like
+      the leading axes of ``lattice``; with ``return_distortion``, ``(dict, Distortion)``.
+
+    Each ``M`` is split as ``P R(phi)``; a lattice with ``n``-fold symmetry is unchanged by ``R(2 pi k / n)``, so
+    ``phi`` is first moved within ``pi/n`` of the reference orientation (the circular mean of ``n * phi`` over the
+    reference, divided by ``n``). ``M_ref = median(P) R(phi_ref)``, elementwise median over the reference positions.
+    """
+    lattice = np.asarray(lattice, np.float64)
+    sel = np.asarray(reference, bool)
+    if valid is not None:
+        sel = sel & np.asarray(valid, bool)
+    if not sel.any():
+        raise ValueError("the reference region holds no valid positions")
+    p, phi = (np.asarray(a) for a in affine.polar_left(jnp.asarray(lattice)))
+    period = 2 * np.pi / symmetry
+    phi_ref = np.angle(np.mean(np.exp(1j * symmetry * phi[sel]))) / symmetry
+    phi_aligned = phi_ref + (phi - phi_ref + period / 2) % period - period / 2
+    p_ref = np.median(p[sel], axis=0)
+    m = p @ _rot(phi_aligned)
+    m_ref = p_ref @ _rot(phi_ref)
+    t = m @ np.linalg.inv(m_ref)
+    distortion = Distortion(np.eye(2), 0.0, 0.0)
+    if correct_distortion:
+        distortion = _distortion(p_ref)
+        s = distortion.matrix
+        t = np.linalg.inv(s) @ t @ s
+    out = {k: np.asarray(v, np.float64) for k, v in affine.strain_from_affine(jnp.asarray(t)).items()}
+    out["rotation"] = (out["rotation"] + period / 2) % period - period / 2
+    return (out, distortion) if return_distortion else out
+
+
+def warp_covariance(fisher: np.ndarray, chi2: np.ndarray, dof: np.ndarray) -> np.ndarray:
+    """Covariance ``(N, 6, 6)`` of each pattern's fitted ``phi = theta^{-1}`` entries: the inverse Fisher
+    information of the Poisson fit scaled by the reduced chi-square ``chi2 / dof`` (the data's unknown gain, and any
+    misfit beyond Poisson noise, inflate it)."""
+    scale = np.asarray(chi2, np.float64) / np.maximum(np.asarray(dof, np.float64), 1.0)
+    cov = np.linalg.pinv(np.asarray(fisher, np.float64))
+    return cov * scale[:, None, None]
+
+
+def lattice_covariance(theta: np.ndarray, cov_phi: np.ndarray, pattern_shape: tuple[int, int]) -> np.ndarray:
+    """Covariance ``(N, 4, 4)`` of the real-space lattice deformation entries (row-major ``L``,
+    `affine.lattice_from_warp`) from that of ``phi = theta^{-1}`` (first-order propagation)."""
+
+    def lattice_of_phi(phi):
+        return affine.lattice_from_warp(affine.invert(phi.reshape(2, 3)), pattern_shape).reshape(4)
+
+    phi = jax.vmap(lambda t: affine.invert(t).reshape(6))(jnp.asarray(theta, jnp.float64 if
+                                                                        jax.config.jax_enable_x64 else jnp.float32))
+    jac = np.asarray(jax.vmap(jax.jacfwd(lattice_of_phi))(phi), np.float64)  # (N, 4, 6)
+    return jac @ np.asarray(cov_phi, np.float64) @ np.swapaxes(jac, -1, -2)
+
+
+def _quantities(lattice, m_ref, turn, correct_distortion: bool):
+    """The four quantities of one position (jnp, differentiable): ``T = S^-1 (L R_turn) M_ref^-1 S``, polar
+    decomposition (`referenced_strain` for a single position, with its symmetry turn fixed)."""
+    t = lattice @ turn @ jnp.linalg.inv(m_ref)
+    if correct_distortion:
+        p_ref, _ = affine.polar_left(m_ref)
+        s = p_ref / jnp.sqrt(jnp.linalg.det(p_ref))
+        t = jnp.linalg.inv(s) @ t @ s
+    q = affine.strain_from_affine(t)
+    return jnp.stack([q["strain_xx"], q["strain_yy"], q["shear_xy"], q["rotation"]])
+
+
+def strain_uncertainty(
+    lattice: np.ndarray, lattice_cov: np.ndarray, reference: np.ndarray, *, symmetry: int = 6,
+    valid: np.ndarray | None = None, correct_distortion: bool = False,
+) -> dict[str, np.ndarray]:
+    """1-sigma errors of `referenced_strain`'s quantities, by first-order propagation.
+
+    Two parts, added in quadrature: each position's own (its lattice covariance through the Jacobian of the
+    referenced quantities), and the reference's, common to all positions (the covariance of ``M_ref``, estimated as
+    ``pi / 2`` times the mean covariance of the reference positions over their number, the variance of a median,
+    through the Jacobian with respect to ``M_ref``).
+
+    Args:
+      lattice: ``(N, 2, 2)`` lattice deformations; ``lattice_cov``: ``(N, 4, 4)`` covariance of their row-major
+        entries (`ccstae_jax.mapping.predict.lattice_covariance`).
+      reference, valid, symmetry, correct_distortion: as in `referenced_strain`.
+
+    Returns:
+      ``{quantity: (N,)}`` for the four `QUANTITIES` (rotation in radians), NaN where the covariance is not finite;
+      also ``"reference_" + quantity`` ``(N,)``: the reference's part alone.
+    """
+    lattice = np.asarray(lattice, np.float64)
+    cov = np.asarray(lattice_cov, np.float64)
+    sel = np.asarray(reference, bool) & (np.ones(len(lattice), bool) if valid is None else np.asarray(valid, bool))
+    sel &= np.isfinite(cov).all(axis=(1, 2))
+    if not sel.any():
+        raise ValueError("the reference region holds no valid positions with a finite covariance")
+    p, phi = (np.asarray(a) for a in affine.polar_left(jnp.asarray(lattice)))
+    period = 2 * np.pi / symmetry
+    phi_ref = np.angle(np.mean(np.exp(1j * symmetry * phi[sel]))) / symmetry
+    turn_angle = (phi - phi_ref + period / 2) % period - period / 2 - (phi - phi_ref)
+    turns = _rot(turn_angle)
+    m_ref = np.median(p[sel], axis=0) @ _rot(phi_ref)
+
+    def per_position(lat, m, turn):
+        return _quantities(lat, m, turn, correct_distortion)
+
+    jac_l, jac_ref = jax.vmap(jax.jacfwd(per_position, argnums=(0, 1)), in_axes=(0, None, 0))(
+        jnp.asarray(lattice), jnp.asarray(m_ref), jnp.asarray(turns))
+    n = len(lattice)
+    jac_l = np.asarray(jac_l, np.float64).reshape(n, 4, 4)
+    jac_ref = np.asarray(jac_ref, np.float64).reshape(n, 4, 4)
+    var_pos = np.einsum("nqi,nij,nqj->nq", jac_l, cov, jac_l)
+    # The reference: each M = L R_turn, so cov(vec M) = (I kron R^T) cov(vec L) (I kron R).
+    kron = np.einsum("ab,ncd->nacbd", np.eye(2), np.swapaxes(turns, -1, -2)).reshape(-1, 4, 4)
+    cov_m = kron[sel] @ cov[sel] @ np.swapaxes(kron[sel], -1, -2)
+    cov_ref = np.pi / 2 * cov_m.mean(0) / sel.sum()
+    var_ref = np.einsum("nqi,ij,nqj->nq", jac_ref, cov_ref, jac_ref)
+    sigma = np.sqrt(np.maximum(var_pos + var_ref, 0.0))
+    out = {k: sigma[:, i] for i, k in enumerate(QUANTITIES)}
+    out.update({f"reference_{k}": np.sqrt(np.maximum(var_ref[:, i], 0.0)) for i, k in enumerate(QUANTITIES)})
+    return out
+
+
+def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *, min_lattice_signal: float = 0.05,
+             min_significance: float = 3.0, vacuum_level: float = 0.8) -> np.ndarray:
+    """``(Rx, Ry)`` uint8 reason codes (`INVALID_REASONS`, 0 = valid) from `ccstae_jax.mapping.predict` outputs.
+
+    A position is invalid when its pattern has no intensity in the ring (1, blank); when its ``n``-fold harmonic is
+    weaker than ``min_lattice_signal`` times the scan's median or not ``min_significance`` times above the noise
+    level of the orders no lattice has (about 4e-3 of pure-noise patterns pass at 3): then 4 (vacuum) if its ring
+    holds less than ``vacuum_level`` of the median ring intensity of the positions with a lattice, else 2 (no
+    lattice); or when the fitted warp is not finite (3).
+    """
+    rx, ry = scan_shape
+    theta = predictions["theta"].reshape(rx, ry, 2, 3)
+    ring_signal = predictions["ring_signal"].reshape(rx, ry)
+    lattice_signal = predictions["lattice_signal"].reshape(rx, ry)
+    reason = np.zeros((rx, ry), np.uint8)
+    reason[~np.isfinite(theta).all(axis=(-2, -1))] = 3
+    lit = ring_signal > 0
+    typical = np.nanmedian(np.where(lit, lattice_signal, np.nan)) if lit.any() else 0.0
+    weak = lattice_signal < min_lattice_signal * typical
+    if "lattice_significance" in predictions:
+        weak |= ~(predictions["lattice_significance"].reshape(rx, ry) >= min_significance)
+    specimen = lit & ~weak
+    level = np.median(ring_signal[specimen]) if specimen.any() else np.inf
+    reason[weak & (reason == 0)] = 2
+    reason[weak & (reason == 2) & (ring_signal < vacuum_level * level)] = 4
+    reason[~lit] = 1
+    return reason
+
+
+def strain_maps(
+    predictions: dict[str, np.ndarray],
+    scan_shape: tuple[int, int],
+    pattern_shape: tuple[int, int],
+    *,
+    reference_region: tuple[int, int, int, int] | None = None,
+    symmetry: int = 6,
+    correct_distortion: bool = False,
+    min_lattice_signal: float = 0.05,
+    min_significance: float = 3.0,
+) -> dict:
+    """Maps ``(Rx, Ry)`` of strain, shear, rotation, fit quality and validity from per-position predictions.
+
+    Returns a dict of arrays: the four `QUANTITIES` (NaN where invalid), ``reconstruction_error`` (the fit's
+    reduced chi-square divided by its median over the valid positions: 1 = a typical fit, larger = the base explains
+    the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`), ``theta``, ``lattice``,
+    ``class_index``; with a fit (``fisher``, ``chi2``, ``dof`` in ``predictions``) ``uncertainty_<quantity>``
+    (`strain_uncertainty`: 1-sigma, rotation in radians, NaN where invalid); and ``distortion`` (a `Distortion`).
+    """
+    rx, ry = scan_shape
+    theta = predictions["theta"].reshape(rx, ry, 2, 3)
+    reason = validity(predictions, scan_shape, min_lattice_signal=min_lattice_signal,
+                      min_significance=min_significance)
+    valid = reason == 0
+    safe_theta = np.where(valid[..., None, None], theta, affine.identity_warp(()))
+    lattice = np.asarray(affine.lattice_from_warp(jnp.asarray(safe_theta), pattern_shape), np.float64)
+    ref = region_mask(scan_shape, reference_region)
+    distortion = Distortion(np.eye(2), 0.0, 0.0)
+    if valid.any():
+        maps, distortion = referenced_strain(lattice, ref, symmetry=symmetry, valid=valid,
+                                             correct_distortion=correct_distortion, return_distortion=True)
+    else:  # nothing to measure anywhere (e.g. pure background): an all-invalid map, not an error
+        maps = {k: np.full(scan_shape, np.nan) for k in QUANTITIES}
+    out = {k: np.where(valid, maps[k], np.nan).astype(np.float32) for k in QUANTITIES}
+    if "chi2" in predictions:
+        red = (predictions["chi2"] / np.maximum(predictions["dof"], 1.0)).reshape(rx, ry)
+        typical = np.median(red[valid]) if valid.any() else np.nan
+        out["reconstruction_error"] = (red / typical).astype(np.float32)
+    else:
+        out["reconstruction_error"] = np.full(scan_shape, np.nan, np.float32)
+    if "fisher" in predictions and valid.any():
+        flat_valid = valid.reshape(-1)
+        cov_phi = warp_covariance(predictions["fisher"], predictions["chi2"], predictions["dof"])
+        cov_l = lattice_covariance(safe_theta.reshape(-1, 2, 3), cov_phi, pattern_shape)
+        sigma = strain_uncertainty(lattice.reshape(-1, 2, 2), cov_l, ref.reshape(-1), symmetry=symmetry,
+                                   valid=flat_valid, correct_distortion=correct_distortion)
+        for k in QUANTITIES:
+            out[f"uncertainty_{k}"] = np.where(valid, sigma[k].reshape(rx, ry), np.nan).astype(np.float32)
+    out["valid"] = valid
+    out["invalid_reason"] = reason
+    out["theta"] = theta.astype(np.float32)
+    out["lattice"] = lattice.astype(np.float32)
+    out["class_index"] = predictions["class_index"].reshape(rx, ry).astype(np.int32)
+    out["distortion"] = distortion
+    return out
+
+

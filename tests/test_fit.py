@@ -1,0 +1,129 @@
+"""Specifications of the per-pattern forward-model fit on pixel lists, and of symmetric bases."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _patterns import hex_geometry, hex_patterns
+from ccstae_jax import affine, masks, warp
+from ccstae_jax.mapping import fit
+from ccstae_jax.models import ModelConfig, about_center, symmetrize
+
+NAMES = ("strain_xx", "strain_yy", "shear_xy")
+
+
+def _strain(theta, size):
+    got = affine.strain_from_affine(affine.lattice_from_warp(jnp.asarray(theta), (size, size)))
+    return np.stack([np.asarray(got[k]) for k in NAMES], -1)
+
+
+@pytest.mark.parametrize("interpolation", fit.INTERPOLATIONS)
+@pytest.mark.parametrize("spot_sigma", [1.2, 3.0])
+def test_fit_recovers_known_strain_against_the_true_base(interpolation, spot_sigma):
+    size, g = 96, 26.0
+    rot = np.full(6, 0.4)
+    data, labels = hex_patterns(6, size=size, g=g, spot_sigma=spot_sigma, rotations=rot, seed=2)
+    base, _ = hex_patterns(1, size=size, g=g, spot_sigma=spot_sigma, rotations=rot[:1], max_strain=0.0)
+    table = fit.prepare_bases(jnp.asarray(base), (size // 2, size // 2), min_radius=g / 2,
+                              interpolation=interpolation)
+    res = fit.fit_patterns(affine.identity_warp((6,)), jnp.asarray(data), jnp.full((6, 2), size // 2.0),
+                           jnp.zeros(6, jnp.int32), table, steps=8)
+    # The warped base stretches its spots with the lattice while the data's spots stay round: a model error of a few
+    # 1e-4 at 2 % strain, whatever the interpolation.
+    err = _strain(res.theta, size) - labels[:, :3]
+    assert np.abs(err).max() < 6e-4 and np.abs(err).mean() < 2.5e-4
+
+
+def test_fit_never_ends_with_a_higher_weighted_misfit_than_its_start():
+    data, _ = hex_patterns(4, size=64, g=18.0, seed=4)
+    base, _ = hex_patterns(1, size=64, g=18.0, rotations=[1.0], max_strain=0.0)  # a poor match on purpose
+    table = fit.prepare_bases(jnp.asarray(base), (32, 32), min_radius=9.0)
+    args = (affine.identity_warp((4,)), jnp.asarray(data), jnp.full((4, 2), 32.0), jnp.zeros(4, jnp.int32), table)
+    start = fit.fit_patterns(*args, steps=0)
+    end = fit.fit_patterns(*args, steps=5)
+    assert (np.asarray(end.chi2) <= np.asarray(start.chi2) * (1 + 1e-6)).all()
+
+
+def test_fitted_pixels_are_the_spot_edges_not_the_centre_nor_flat_disk_interiors():
+    size = 128
+    rr, cc = np.mgrid[:size, :size] - size // 2
+    r_disk, g = 9.0, 40.0
+    spots = np.zeros((size, size))
+    for a in np.arange(6) * np.pi / 3:
+        d = np.hypot(rr - g * np.cos(a), cc - g * np.sin(a))
+        spots += 1.0 / (1.0 + np.exp((d - r_disk) / 0.4))  # flat-topped disks with sharp edges
+    central = 50.0 / (1.0 + np.exp((np.hypot(rr, cc) - r_disk) / 0.4))
+    sel = fit.information_mask(spots[None], central[None], center=(size // 2, size // 2), min_radius=r_disk + 3)[0]
+    d0 = np.hypot(rr - g, cc)
+    assert sel[np.abs(d0 - r_disk) < 0.5].mean() > 0.9  # the edge of the disk at angle 0
+    assert not sel[d0 < r_disk - 3].any()  # its flat interior
+    assert not sel[np.hypot(rr, cc) < r_disk + 3].any()  # the central disk
+
+
+def test_tabulated_interpolant_matches_the_warp_and_its_derivatives():
+    rng = np.random.default_rng(0)
+    noise = np.fft.fft2(rng.normal(size=(24, 24)))
+    k = np.fft.fftfreq(24)
+    smooth = np.exp(-2 * (np.pi * 1.5) ** 2 * (k[:, None] ** 2 + k[None, :] ** 2))  # blurred like a 1.5 px spot
+    img = np.real(np.fft.ifft2(noise * smooth))[None].astype(np.float32)
+    table = fit.interpolation_table(jnp.asarray(img))
+    pts = rng.uniform(2, 21, size=(50, 2)).astype(np.float32)  # (row, col)
+    got = np.asarray(fit._sample_table(table, jnp.int32(0), jnp.asarray(pts[:, 0]), jnp.asarray(pts[:, 1])))
+
+    def value(p):
+        grid = jnp.stack([(2 * p[1] + 1) / 24 - 1, (2 * p[0] + 1) / 24 - 1])[None, None, None]
+        return warp.grid_sample(jnp.asarray(img)[..., None], grid, mode="cubic")[0, 0, 0, 0]
+
+    want = np.asarray(jax.vmap(value)(jnp.asarray(pts)))
+    grads = np.asarray(jax.vmap(jax.grad(value))(jnp.asarray(pts)))
+    scale = np.abs(img).max()
+    np.testing.assert_allclose(got[:, 0], want, atol=0.01 * scale)  # bilinear on a 4x finer table
+    np.testing.assert_allclose(got[:, 1], grads[:, 0], atol=0.05 * scale)
+    np.testing.assert_allclose(got[:, 2], grads[:, 1], atol=0.05 * scale)
+
+
+def test_pixel_lists_are_the_same_on_the_host_and_on_the_device():
+    rng = np.random.default_rng(1)
+    mask = rng.uniform(size=(3, 20, 20)) > 0.7
+    host_idx, host_n = fit._compact_host(mask, 150)
+    for i in range(3):
+        dev = np.asarray(jnp.nonzero(jnp.asarray(mask[i]).reshape(-1), size=150, fill_value=0)[0])
+        assert host_n[i] == mask[i].sum()
+        np.testing.assert_array_equal(host_idx[i, : host_n[i]], dev[: host_n[i]])
+
+
+def test_fit_error_shrinks_as_one_over_the_square_root_of_the_dose():
+    """The covariance from the fit (inverse Fisher information times the reduced chi-square) falls as 1/sqrt(dose)
+    and matches the scatter of the fitted strain over noise realisations."""
+    size, g = 96, 26.0
+    clean, _ = hex_patterns(1, size=size, g=g, spot_sigma=1.8, rotations=[0.3], max_strain=0.0)
+    table = fit.prepare_bases(jnp.asarray(clean), (size // 2, size // 2), min_radius=g / 2)
+    rng = np.random.default_rng(5)
+    sigmas, spreads = [], []
+    for dose in (200.0, 3200.0):
+        x = rng.poisson(np.repeat(clean, 40, 0) * dose).astype(np.float32) / dose
+        res = fit.fit_patterns(affine.identity_warp((40,)), jnp.asarray(x), jnp.full((40, 2), size // 2.0),
+                               jnp.zeros(40, jnp.int32), table, steps=6)
+        from ccstae_jax.mapping.reference import lattice_covariance, warp_covariance
+
+        cov = lattice_covariance(np.asarray(res.theta), warp_covariance(res.fisher, res.chi2, res.dof), (size, size))
+        sigmas.append(np.sqrt(np.median(cov[:, 0, 0])))
+        lat = np.asarray(affine.lattice_from_warp(res.theta, (size, size)))
+        spreads.append(lat[:, 0, 0].std())
+    assert sigmas[0] / sigmas[1] == pytest.approx(4.0, rel=0.15)
+    for s, spread in zip(sigmas, spreads):
+        assert s == pytest.approx(spread, rel=0.35)
+
+
+def test_symmetrized_base_is_invariant_under_lattice_rotations():
+    cfg = ModelConfig(geometry=hex_geometry(64, 18.0))
+    strained, _ = hex_patterns(1, size=64, g=18.0, spot_sigma=2.0, max_strain=0.05, seed=1)  # not 6-fold symmetric
+    base = jnp.asarray(strained)
+    sym = symmetrize(base, cfg)
+    turn = about_center(affine.warp_matrix(rotation=jnp.array([np.pi / 3])), cfg)
+    turned = warp.affine_warp(sym[..., None], turn)
+    inner = np.asarray(masks.ring_mask((64, 64), 6, 24))  # the spots, without the (interpolation-sharp) centre
+    peak = float(jnp.max(sym[0][inner]))
+    np.testing.assert_allclose(np.asarray(turned[0, ..., 0])[inner], np.asarray(sym[0])[inner], atol=0.05 * peak)
+    before = warp.affine_warp(base[..., None], turn)
+    assert np.abs(np.asarray(before[0, ..., 0] - base[0])[inner]).max() > 0.2 * peak  # the input was not symmetric

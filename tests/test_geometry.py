@@ -1,0 +1,104 @@
+"""Specifications of the geometry measured from the data: zero beam and descan, disk radius, spot spacing, symmetry,
+and the radii derived from them, on simulated scans of several geometries."""
+import functools
+
+import numpy as np
+import pytest
+
+from ccstae_jax.data.simulate import SimulationConfig, simulate_scan
+from ccstae_jax.geometry import Geometry, GeometryError, measure_geometry, zero_beam
+
+
+@functools.lru_cache(maxsize=None)
+def _scan(noise=0.25, scan=12, **kw):
+    cfg = SimulationConfig(scan_shape=(scan, scan), n_grains=8, noise_level=noise, seed=3, **dict(kw))
+    data, labels = simulate_scan(cfg)
+    return cfg, data.reshape(-1, *data.shape[2:]), labels
+
+
+def _first_order(cfg: SimulationConfig) -> float:
+    """Distance of the first-order spots from the zero beam, px."""
+    return cfg.spot_spacing
+
+
+def test_zero_beam_follows_a_descan_drift_to_a_tenth_of_a_pixel():
+    cfg, x, labels = _scan(descan=(5.0, 0.0, 0.0, 5.0))
+    got = np.asarray(zero_beam(x))
+    np.testing.assert_allclose(got, labels["zero_beam"].reshape(-1, 2), atol=0.1)
+
+
+def test_geometry_reports_the_descan_drift_and_its_gradient():
+    cfg, x, _ = _scan(descan=(5.0, 0.0, 0.0, 5.0))
+    rx, ry = cfg.scan_shape
+    positions = np.stack(np.meshgrid(np.arange(rx), np.arange(ry), indexing="ij"), -1).reshape(-1, 2)
+    geo = measure_geometry(x, positions=positions, scan_shape=cfg.scan_shape)
+    assert geo.drift == pytest.approx(np.hypot(2.5, 2.5), abs=0.3)
+    np.testing.assert_allclose(geo.descan, [[5.0, 0.0], [0.0, 5.0]], atol=0.3)
+
+
+@pytest.mark.parametrize("radius", [1.5, 3.7, 8.0, 16.0])
+def test_disk_radius_and_spot_spacing_are_measured_for_spots_to_wide_disks(radius):
+    cfg, x, _ = _scan(disk_radius=radius)
+    geo = measure_geometry(x)
+    assert geo.disk_radius == pytest.approx(radius, abs=max(0.5, 0.15 * radius))
+    assert geo.spot_spacing == pytest.approx(_first_order(cfg), abs=max(2.0, 0.5 * radius))
+    assert geo.symmetry == 6
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_geometry_scales_with_the_detector(size):
+    cfg, x, _ = _scan(detector_size=size, crop=(0, size))
+    geo = measure_geometry(x)
+    assert geo.pattern_shape == (size, size)
+    np.testing.assert_allclose(geo.center, (size // 2, size // 2), atol=0.2)
+    assert geo.spot_spacing == pytest.approx(_first_order(cfg), abs=2.0)
+    inner, outer = geo.ring
+    assert inner < _first_order(cfg) - cfg.disk_radius and outer <= size / 2
+
+
+@pytest.mark.parametrize("lattice, order", [("hexagonal", 6), ("square", 4), ("rectangular", 2)])
+def test_lattice_symmetry_is_read_from_the_angular_harmonics(lattice, order):
+    _, x, _ = _scan(lattice=lattice)
+    assert measure_geometry(x).symmetry == order
+
+
+def test_a_given_symmetry_or_ring_overrides_the_measured_one():
+    _, x, _ = _scan()
+    geo = measure_geometry(x, symmetry=4, ring=(20.0, 60.0))
+    assert geo.symmetry == 4 and geo.ring == (20.0, 60.0)
+
+
+def test_the_derived_radii_enclose_the_disk_edges_and_skip_the_central_disk():
+    cfg, x, _ = _scan(disk_radius=8.0)
+    geo = measure_geometry(x)
+    start, end = geo.spot_radius
+    assert end > cfg.disk_radius and start > end
+    assert geo.disk_radius < geo.fit_min_radius < _first_order(cfg) - cfg.disk_radius
+    inner, outer = geo.ring
+    assert inner <= _first_order(cfg) - cfg.disk_radius and outer > _first_order(cfg) + cfg.disk_radius
+
+
+def test_patterns_without_a_lattice_are_refused_with_what_was_measured():
+    rng = np.random.default_rng(0)
+    r = np.hypot(*(np.mgrid[:128, :128] - 64))
+    glow = 400.0 / (1 + (r / 3) ** 2) + 5.0 / (1 + (r / 40) ** 2)  # central beam and an amorphous halo
+    x = rng.poisson(np.broadcast_to(glow, (64, 128, 128))).astype(np.float32)
+    with pytest.raises(GeometryError, match="zero beam at"):
+        measure_geometry(x)
+
+
+def test_geometry_round_trips_through_a_dict_and_rejects_unknown_keys():
+    geo = Geometry(pattern_shape=(128, 128), center=(64.0, 63.5), symmetry=4, ring=(10.0, 50.0),
+                   descan=((1.0, 0.0), (0.0, 1.0)))
+    assert Geometry.from_dict(geo.to_dict()) == geo
+    with pytest.raises(ValueError, match="unknown keys"):
+        Geometry.from_dict({**geo.to_dict(), "radius": 3})
+
+
+def test_geometry_refuses_impossible_values():
+    with pytest.raises(ValueError, match="square"):
+        Geometry(pattern_shape=(64, 32))
+    with pytest.raises(ValueError, match="symmetry"):
+        Geometry(symmetry=3)
+    with pytest.raises(ValueError, match="ring radii"):
+        Geometry(ring=(50.0, 40.0))

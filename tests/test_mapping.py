@@ -1,0 +1,116 @@
+"""Specifications of the map of a scan: lattice signals, base re-estimation, and calibrated per-position errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from _patterns import hex_geometry, hex_patterns
+from ccstae_jax import affine
+from ccstae_jax.data.simulate import SimulationConfig, pattern_function, simulate_scan
+from ccstae_jax.geometry import measure_geometry
+from ccstae_jax.masks import static_ring_mask
+from ccstae_jax.mapping import bases, fit
+from ccstae_jax.mapping.predict import lattice_signals, subset_rows
+from ccstae_jax.mapping.reference import (lattice_covariance, referenced_strain, region_mask, strain_uncertainty,
+                                          warp_covariance)
+from ccstae_jax.models import symmetrize
+from ccstae_jax.objective import CCSTAETask, configure
+
+
+def _fast_task(x, geometry=None, **model_overrides):
+    geometry = hex_geometry(x.shape[-1], 18.0) if geometry is None else geometry
+    mcfg, lcfg = configure(x, preset="fast", geometry=geometry, model_overrides=model_overrides or None)
+    task = CCSTAETask(mcfg, lcfg)
+    return task, task.init_params(jax.random.key(0), x)
+
+
+def test_lattice_significance_separates_a_lattice_from_pure_background():
+    """A lattice pattern stands out of the noise of the orders no lattice has; Poisson background alone does not."""
+    lattice, _ = hex_patterns(4, size=64, g=18.0, seed=3)
+    rng = np.random.default_rng(0)
+    r = np.hypot(*np.mgrid[:64, :64] - 32)
+    glow = 200.0 / (1 + (r / 3) ** 2)
+    background = rng.poisson(np.broadcast_to(glow, (4, 64, 64))).astype(np.float32)
+    noisy_lattice = rng.poisson(lattice * 50 + glow).astype(np.float32)
+    task, _ = _fast_task(lattice)
+    centre = jnp.full((4, 2), 32.0)
+    sig_lattice = np.asarray(lattice_signals(task, jnp.asarray(noisy_lattice), centre)["lattice_significance"])
+    sig_background = np.asarray(lattice_signals(task, jnp.asarray(background), centre)["lattice_significance"])
+    assert (sig_lattice > 4).all(), sig_lattice
+    assert (sig_background < 4).all(), sig_background
+
+
+def test_reestimated_base_is_the_symmetrised_mean_of_the_aligned_patterns_without_padding():
+    x, _ = hex_patterns(3, size=64, g=18.0, seed=5)
+    task, params = _fast_task(x)
+    sums, coverage, counts = bases.make_accumulator(task)(jnp.asarray(x), affine.identity_warp((3,)),
+                                                          jnp.zeros(3, jnp.int32), jnp.array([1.0, 1.0, 0.0]))
+    np.testing.assert_array_equal(np.asarray(counts), [2.0])  # the third pattern is padding
+    got = bases.reestimate(task, params, sums, coverage, counts)
+    scale = task.model_cfg.intensity_scale
+    want = np.asarray(symmetrize(jnp.asarray(x[:2].mean(0) * scale)[None], task.model_cfg))
+    seen = np.asarray(symmetrize(jnp.ones((1, 64, 64)), task.model_cfg)) >= 0.25
+    np.testing.assert_array_equal(np.asarray(got.support), seen)
+    inner = static_ring_mask((64, 64), -1, 20)[None]  # well inside the frame every rotation covers it fully
+    np.testing.assert_allclose(np.asarray(got.bases)[inner], want[inner], rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_reestimated_base_averages_each_pixel_over_the_patterns_that_saw_it():
+    """A pattern pulled from outside the detector adds nothing to a base pixel: the mean is not diluted by padding,
+    and pixels no pattern saw often enough are marked unsupported."""
+    task, params = _fast_task(hex_patterns(2, size=64, g=18.0, seed=5)[0], symmetrize_bases=False)
+    x = np.full((2, 64, 64), 2.0, np.float32)
+    shift = np.asarray(affine.identity_warp((2,))).copy()
+    shift[1, 0, 2] = 1.0  # the second pattern is pulled half a frame to the side: the right half sees nothing
+    sums, coverage, counts = bases.make_accumulator(task)(jnp.asarray(x), jnp.asarray(shift),
+                                                          jnp.zeros(2, jnp.int32), jnp.ones(2))
+    got = bases.reestimate(task, params, sums, coverage, counts, min_support=0.75)
+    want = 2.0 * task.model_cfg.intensity_scale
+    np.testing.assert_allclose(np.asarray(got.bases)[0][np.asarray(got.support)[0]], want, rtol=1e-4)
+    assert np.asarray(got.support)[0, :, :31].all() and not np.asarray(got.support)[0, :, 33:].any()
+
+
+def test_a_class_without_patterns_keeps_its_learned_base():
+    x, _ = hex_patterns(2, size=64, g=18.0, seed=5)
+    task, params = _fast_task(x, num_bases=2)
+    learned = np.asarray(task.model.apply({"params": params}, method=lambda m: m.dictionary()))
+    sums = np.stack([np.full((64, 64), 3.0, np.float32), np.zeros((64, 64), np.float32)])
+    coverage = np.stack([np.ones((64, 64), np.float32), np.zeros((64, 64), np.float32)])
+    got = bases.reestimate(task, params, jnp.asarray(sums), jnp.asarray(coverage), jnp.array([1.0, 0.0]))
+    np.testing.assert_allclose(np.asarray(got.bases)[1], learned[1])
+    assert np.asarray(got.support)[1].all()
+    assert not np.allclose(np.asarray(got.bases)[0], learned[0])
+
+
+def test_subset_rows_spread_over_the_scan_and_respect_the_budget():
+    rows = subset_rows((64, 64), 2048)
+    assert len(rows) == 32 and rows[0] == 0 and rows[-1] == 63
+    assert len(subset_rows((10, 500), 100)) == 1
+
+
+def test_per_position_errors_are_calibrated_on_simulated_noisy_patterns():
+    """Fitting simulated 25 %-noise patterns against their grain's true, unstrained pattern: the errors against the
+    labels, divided by the map's own 1-sigma, scatter with a standard deviation near 1."""
+    cfg = SimulationConfig(scan_shape=(16, 16), detector_size=128, crop=(0, 128), n_grains=2, noise_level=0.25,
+                           boundary_sigma=0.0, max_strain=0.01, seed=7, reference_region=(0, 8, 0, 16))
+    data, labels = simulate_scan(cfg)
+    x = data.reshape(-1, 128, 128)
+    geometry = measure_geometry(x)
+    scale = 1.0 / x.mean()
+    truth = np.asarray(pattern_function(cfg)(jnp.zeros(4))) * cfg.intensity_scale * scale
+    table = fit.prepare_bases(jnp.asarray(truth)[None], geometry.center, min_radius=geometry.fit_min_radius)
+    # start each pattern at its grain's warp, slightly off (the encoder's job)
+    lat = np.asarray(affine.lattice_from_strain(*(labels[k] for k in ("strain_xx", "strain_yy", "shear_xy",
+                                                                        "rotation"))), np.float64).reshape(-1, 2, 2)
+    theta0 = np.asarray(affine.warp_from_lattice(jnp.asarray(lat * 1.002, jnp.float32), (128, 128)))
+    res = fit.fit_patterns(jnp.asarray(theta0), jnp.asarray(x * scale), jnp.full((len(x), 2), 64.0),
+                           jnp.zeros(len(x), jnp.int32), table, steps=6)
+    got_lat = np.asarray(affine.lattice_from_warp(res.theta, (128, 128)), np.float64)
+    cov = lattice_covariance(np.asarray(res.theta), warp_covariance(res.fisher, res.chi2, res.dof), (128, 128))
+    ref = region_mask(cfg.scan_shape, cfg.reference_region).reshape(-1)
+    got = referenced_strain(got_lat, ref)
+    want = referenced_strain(lat, ref)
+    sigma = strain_uncertainty(got_lat, cov, ref)
+    for k in ("strain_xx", "strain_yy", "shear_xy"):
+        z = (got[k] - want[k]) / sigma[k]
+        assert 0.7 < np.std(z) < 1.3, (k, np.std(z))
+        assert np.mean(np.abs(z) <= 2) > 0.88, k

@@ -1,0 +1,202 @@
+"""Specifications of strain referencing, detector distortion, validity, per-position errors, the strain-map file and
+the error table."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ccstae_jax import affine
+from ccstae_jax.evaluate import error_table, referenced_labels
+from ccstae_jax.mapping.reference import (lattice_covariance, referenced_strain, region_mask, strain_maps,
+                                          strain_uncertainty)
+from ccstae_jax.report.files import read_strain_h5, write_strain_h5
+
+
+def _labels(shape=(8, 8), seed=0):
+    rng = np.random.default_rng(seed)
+    lab = {k: rng.uniform(-0.02, 0.02, shape) for k in ("strain_xx", "strain_yy", "shear_xy")}
+    lab["rotation"] = rng.uniform(0, 2 * np.pi, shape)
+    for k in ("strain_xx", "strain_yy", "shear_xy"):
+        lab[k][:2, :2] = 0.0  # unstrained reference corner, one orientation
+    lab["rotation"][:2, :2] = 1.0
+    return lab
+
+
+def test_referencing_recovers_strain_despite_sixty_degree_ambiguity_and_base_rotation():
+    lab = _labels()
+    a = np.asarray(affine.lattice_from_strain(*(lab[k] for k in ("strain_xx", "strain_yy", "shear_xy", "rotation"))))
+    # what a model sees: relative to an arbitrarily rotated base, each pattern's angle known only modulo 60 degrees
+    rng = np.random.default_rng(1)
+    k60 = rng.integers(-3, 3, lab["rotation"].shape)
+    m = a @ np.asarray(affine.rotation_matrix(np.pi / 3 * k60)) @ np.asarray(affine.rotation_matrix(-0.7))
+    got = referenced_strain(m, region_mask((8, 8), (0, 2, 0, 2)))
+    for k in ("strain_xx", "strain_yy", "shear_xy"):
+        np.testing.assert_allclose(got[k], lab[k], atol=2e-6)
+    want_rot = (lab["rotation"] - 1.0 + np.pi / 6) % (np.pi / 3) - np.pi / 6
+    err = (got["rotation"] - want_rot + np.pi / 6) % (np.pi / 3) - np.pi / 6
+    assert np.abs(err).max() < 1e-4
+
+
+def test_region_outside_scan_is_rejected_with_its_bounds():
+    with pytest.raises(ValueError, match="outside the 8x8 scan"):
+        region_mask((8, 8), (0, 9, 0, 2))
+
+
+def test_blank_featureless_and_vacuum_patterns_are_marked_invalid_not_garbage():
+    n = 16
+    preds = {
+        "theta": np.broadcast_to(np.eye(2, 3, dtype=np.float32), (n, 2, 3)).copy(),
+        "ring_signal": np.ones(n, np.float32),
+        "lattice_signal": np.full(n, 0.3, np.float32),
+        "lattice_significance": np.full(n, 10.0, np.float32),
+        "class_index": np.zeros(n, np.int32),
+    }
+    preds["ring_signal"][3] = 0.0  # blank
+    preds["lattice_signal"][5] = 0.001  # diffuse scattering, as bright as the specimen, without a lattice
+    preds["theta"][7] = np.nan
+    preds["lattice_significance"][9] = 1.0  # vacuum: the central beam's glow alone, darker ring, no lattice
+    preds["ring_signal"][9] = 0.4
+    maps = strain_maps(preds, (4, 4), (64, 64))
+    assert maps["valid"].sum() == 12
+    assert maps["invalid_reason"].ravel()[[3, 5, 7, 9]].tolist() == [1, 2, 3, 4]
+    assert np.isnan(maps["strain_xx"].ravel()[[3, 5, 7, 9]]).all()
+    assert np.isfinite(maps["strain_xx"][maps["valid"]]).all()
+
+
+def test_strain_file_round_trips_and_writes_atomically(tmp_path):
+    maps = {k: np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+            for k in ("strain_xx", "strain_yy", "shear_xy", "rotation", "reconstruction_error")}
+    maps["valid"] = np.ones((4, 5), bool)
+    path = write_strain_h5(tmp_path / "s.h5", maps, attrs={"reference_region": [0, 2, 0, 2], "method": "test"})
+    got, attrs = read_strain_h5(path)
+    np.testing.assert_array_equal(got["strain_xx"], maps["strain_xx"])
+    assert attrs["method"] == "test" and "Qx" in attrs["conventions"]
+    assert os.listdir(tmp_path) == ["s.h5"]
+    with pytest.raises(OSError, match="does not exist"):
+        write_strain_h5(tmp_path / "missing_dir" / "s.h5", maps, attrs={})
+
+
+def test_error_table_is_zero_for_perfect_maps_and_excludes_invalid_positions():
+    lab = _labels()
+    ref = referenced_labels(lab, reference_region=(0, 2, 0, 2))
+    pred = {k: ref[k].astype(np.float32) for k in ref}
+    pred["valid"] = np.ones((8, 8), bool)
+    pred["valid"][7, 7] = False
+    pred["strain_xx"][7, 7] = np.nan
+    table = error_table(pred, lab, reference_region=(0, 2, 0, 2), interior=np.ones((8, 8), bool))
+    assert table["strain_xx"]["mae"] < 1e-6 and table["rotation_deg"]["mae"] < 1e-3
+    assert table["strain_xx"]["valid_fraction"] == pytest.approx(63 / 64)
+
+
+def test_error_table_measures_a_known_offset():
+    lab = _labels()
+    ref = referenced_labels(lab, reference_region=(0, 2, 0, 2))
+    pred = {k: ref[k] + (0.001 if k != "rotation" else np.radians(0.5)) for k in ref}
+    table = error_table(pred, lab, reference_region=(0, 2, 0, 2))
+    assert table["strain_yy"]["mae"] == pytest.approx(0.001, rel=1e-3)
+    assert table["rotation_deg"]["mae"] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_labels_of_another_shape_are_rejected():
+    lab = _labels()
+    pred = {k: np.zeros((4, 4)) for k in lab}
+    with pytest.raises(ValueError, match="label strain_xx has shape"):
+        error_table(pred, lab)
+
+
+def test_an_elliptical_detector_distortion_is_removed_using_the_reference_region():
+    """Every pattern stretched alike by the projector (D) looks, for grains turned against the reference, like
+    strain; conjugating by the reference's anisotropy recovers the specimen's strain."""
+    lab = _labels()
+    names = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+    a = np.asarray(affine.lattice_from_strain(*(lab[k] for k in names)), np.float64)
+    e, angle = 0.02, 0.5
+    rot = np.asarray(affine.rotation_matrix(angle), np.float64)
+    d = rot @ np.diag([1 + e / 2, 1 - e / 2]) @ rot.T  # detector distortion of the diffraction pattern
+    seen = np.linalg.inv(d) @ a  # spots at D A^-T g: the fitted real-space lattice is D^-T A = D^-1 A
+    ref = region_mask((8, 8), (0, 2, 0, 2))
+    plain = referenced_strain(seen, ref)
+    corrected, distortion = referenced_strain(seen, ref, correct_distortion=True, return_distortion=True)
+    want = referenced_labels(lab, reference_region=(0, 2, 0, 2))
+    assert max(np.abs(plain[k] - want[k]).max() for k in names[:3]) > 5e-3
+    for k in names[:3]:
+        np.testing.assert_allclose(corrected[k], want[k], atol=2e-6)
+    assert distortion.ellipticity == pytest.approx(e, rel=1e-3)
+    assert np.cos(2 * (distortion.angle - angle)) == pytest.approx(-1.0, abs=1e-6)  # D^-1's major axis
+
+
+def test_strain_uncertainty_is_the_first_order_propagation_of_the_lattice_covariance():
+    """Checked against finite differences of the referencing itself, position by position (a tiny reference
+    covariance isolates the per-position part)."""
+    rng = np.random.default_rng(3)
+    lab = _labels()
+    names = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+    lat = np.asarray(affine.lattice_from_strain(*(lab[k] for k in names)), np.float64).reshape(-1, 2, 2)
+    ref = region_mask((8, 8), (0, 2, 0, 2)).reshape(-1)
+    cov = np.zeros((64, 4, 4))
+    for i in range(64):
+        m = rng.normal(size=(4, 4)) * 1e-4
+        cov[i] = m @ m.T
+    cov[ref] *= 1e-6
+    sigma = strain_uncertainty(lat, cov, ref)
+    h = 1e-4  # central differences; the referencing runs in float32
+    for i in (10, 40, 63):
+        jac = np.zeros((4, 4))
+        for j in range(4):
+            up, down = lat.copy(), lat.copy()
+            up[i].flat[j] += h
+            down[i].flat[j] -= h
+            hi, lo = referenced_strain(up, ref), referenced_strain(down, ref)
+            jac[:, j] = [(hi[k][i] - lo[k][i]) / (2 * h) for k in names]
+        want = np.sqrt(np.diag(jac @ cov[i] @ jac.T))
+        np.testing.assert_allclose([sigma[k][i] for k in names], want, rtol=2e-2)
+
+
+def test_the_reference_region_adds_its_own_uncertainty_to_every_position():
+    lab = _labels()
+    names = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+    lat = np.asarray(affine.lattice_from_strain(*(lab[k] for k in names)), np.float64).reshape(-1, 2, 2)
+    ref = region_mask((8, 8), (0, 2, 0, 2)).reshape(-1)
+    cov = np.broadcast_to(np.eye(4) * 1e-8, (64, 4, 4)).copy()
+    sigma = strain_uncertainty(lat, cov, ref)
+    alone = np.sqrt(np.pi / 2 / ref.sum())  # the median of 4 reference positions, relative to one position
+    assert (sigma["reference_strain_xx"] > 0).all()
+    np.testing.assert_allclose(sigma["reference_strain_xx"][ref], alone * np.sqrt(1e-8), rtol=0.05)
+    assert (sigma["strain_xx"] > sigma["reference_strain_xx"]).all()
+
+
+def test_lattice_covariance_maps_the_warp_covariance_through_the_lattice():
+    theta = np.asarray(affine.warp_from_lattice(jnp.asarray(np.eye(2) * 1.01), (64, 64)))[None]
+    cov_phi = np.eye(6)[None] * 1e-8
+    got = lattice_covariance(theta, cov_phi, (64, 64))
+    phi0 = np.asarray(affine.invert(jnp.asarray(theta[0]))).reshape(6)
+
+    def lat(p):
+        return np.asarray(affine.lattice_from_warp(affine.invert(jnp.asarray(p.reshape(2, 3))), (64, 64))).reshape(4)
+
+    jac = np.stack([(lat(phi0 + 1e-3 * np.eye(6)[j]) - lat(phi0 - 1e-3 * np.eye(6)[j])) / 2e-3 for j in range(6)], 1)
+    np.testing.assert_allclose(got[0], jac @ jac.T * 1e-8, rtol=1e-2, atol=1e-12)
+
+
+def test_error_table_references_absolute_predictions_like_the_labels():
+    """An absolute map (e.g. py4DSTEM's) measured against an unstrained lattice constant 1e-3 off (every lattice
+    scaled alike): scored as it is that is an error; referenced to the region like the labels it cancels."""
+    lab = _labels()
+    names = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+    lattice = 1.001 * np.asarray(affine.lattice_from_strain(*(lab[k] for k in names)))
+    pred = {k: np.asarray(v, np.float64) for k, v in affine.strain_from_affine(lattice).items()}
+    as_is = error_table(pred, lab, reference_region=(0, 2, 0, 2))
+    relative = error_table(pred, lab, reference_region=(0, 2, 0, 2), reference_predictions=True)
+    assert as_is["strain_yy"]["mae"] > 3e-4
+    assert max(relative[k]["mae"] for k in ("strain_xx", "strain_yy", "shear_xy")) < 2e-6
+
+
+def test_strain_files_say_whether_they_are_absolute():
+    from ccstae_jax.pipeline import _is_absolute
+
+    assert _is_absolute({"strain_reference": "absolute"})
+    assert not _is_absolute({"strain_reference": "relative", "method": "py4dstem"})
+    assert _is_absolute({"method": "py4dstem"})  # baseline files written before the attribute
+    assert not _is_absolute({"method": "ccstae-jax fast"})
