@@ -23,6 +23,7 @@ from ccstae_jax.evaluate import error_table, format_table, referenced_labels
 from ccstae_jax.frames import frame_attrs, image_frame_maps
 from ccstae_jax.geometry import SYMMETRIES, GeometryError, measure_geometry
 from ccstae_jax.losses import LossConfig, data_frame_mask
+from ccstae_jax.mapping.fit import INTERPOLATIONS
 from ccstae_jax.mapping.predict import MapConfig, map_scan, subset_rows
 from ccstae_jax.mapping.reference import region_mask, strain_maps
 from ccstae_jax.models import ModelConfig
@@ -405,11 +406,14 @@ def map_strain(
     partial file; temporary files left by killed earlier runs are removed.
     """
     out_path = Path(out_path)
-    try:
-        config = MapConfig(steps=refine_steps, base_update=base_update, interpolation=interpolation,
-                           batch_size=batch_size)
-    except ValueError as e:
-        raise ValueError(f"map: {e}") from None
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: expected a positive integer")
+    if isinstance(refine_steps, bool) or int(refine_steps) != refine_steps or refine_steps < 0:
+        raise ValueError(f"--refine-steps {refine_steps}: expected an integer >= 0")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    config = MapConfig(steps=int(refine_steps), base_update=base_update, interpolation=interpolation,
+                       batch_size=int(batch_size))
     if scan_rotation is not None and not np.isfinite(float(scan_rotation)):
         raise ValueError(f"--scan-rotation {scan_rotation}: expected a finite angle in degrees")
     _check_output_file(out_path, data_path)
@@ -440,7 +444,7 @@ def map_strain(
         state = load_checkpoint(run_dir, task, np.repeat(sample, 2, 0), which=which)
         update = bool(config.base_update and config.steps)
         n_subset = min(scan.n_positions, len(subset_rows(scan.scan_shape, config.subset)) * scan.scan_shape[1])
-        bases_bar = _progress(n_subset, "map: bases", progress) if update else None
+        bases_bar = _progress(n_subset, "map (bases)", progress) if update else None
         bar = _progress(scan.n_positions, "map", progress)
         try:
             preds = map_scan(task, state.params, scan, config, progress=bar, bases_progress=bases_bar)

@@ -315,7 +315,7 @@ def test_map_prints_each_passs_final_progress_line_once(chain, tmp_path):
     assert p.stdout.startswith(f"data {chain['sim']}, key /data: 8 x 8 scan positions")
     assert "64 positions, " in p.stdout and "%)" in p.stdout
     shown = [line.strip() for line in re.split(r"[\r\n]+", p.stderr) if "100%" in line]
-    assert [line.split(":")[0] for line in shown] == ["map", "map (updated base)"], shown
+    assert [line.split(":")[0] for line in shown] == ["map (bases)", "map"], shown
 
 
 def test_evaluate_prints_strain_in_percent_and_valid_as_a_percentage(chain, capsys):

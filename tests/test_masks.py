@@ -1,4 +1,4 @@
-"""Specifications of ring masks, automatic radii and the spot-mask schedule."""
+"""Specifications of ring masks, spot masks and the spot-mask schedule."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,18 +28,6 @@ def test_ring_radii_may_be_traced_without_recompiling():
     assert f._cache_size() == 1
 
 
-def test_auto_ring_radii_bracket_the_spot_ring_and_exclude_the_central_disk():
-    inner, outer = masks.auto_ring_radii(_hex_pattern(g=30.0))
-    assert 12 <= inner < 30 - 3 and 30 + 3 < outer <= 40
-
-
-def test_auto_ring_radii_rejects_blank_pattern():
-    import pytest
-
-    with pytest.raises(ValueError, match="no usable radial profile|no diffraction rings"):
-        masks.auto_ring_radii(np.zeros((64, 64)))
-
-
 def test_spot_mask_keeps_every_spot_not_one_disk():
     base = jnp.asarray(_hex_pattern(g=30.0))
     ring = masks.ring_mask(base.shape, 20, 40)
@@ -57,8 +45,13 @@ def test_spot_mask_keeps_every_spot_not_one_disk():
 
 
 def test_spot_radius_schedule_shrinks_linearly():
-    s = masks.MaskSchedule(inner=10, outer=40, shrink_start=2, shrink_epochs=4, spot_radius_start=8, spot_radius_end=4)
+    s = masks.MaskSchedule(shrink_start=2, shrink_epochs=4, spot_radius_start=8, spot_radius_end=4)
     np.testing.assert_allclose([float(s.spot_radius(e)) for e in (0, 2, 4, 6, 9)], [8, 8, 6, 4, 4])
+
+
+def test_spot_radius_schedule_accepts_fractional_epochs():
+    s = masks.MaskSchedule(shrink_start=0.0, shrink_epochs=1.0, spot_radius_start=8, spot_radius_end=4)
+    np.testing.assert_allclose([float(s.spot_radius(e)) for e in (0.0, 0.5, 1.0)], [8, 6, 4])
 
 
 def test_static_ring_mask_is_the_ring_mask_on_the_host():

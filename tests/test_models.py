@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from _patterns import hex_patterns
+from _patterns import hex_geometry, hex_patterns
 from ccstae_jax import affine
 from ccstae_jax.models import CCSTAE, ModelConfig, count_params, harmonic_rotation, harmonic_weights
 from ccstae_jax.objective import CCSTAETask, canonical_mean, configure
@@ -19,7 +19,7 @@ def test_reference_preset_has_auto4dstem_parameter_count():
 
 
 def test_reference_preset_forward_shapes_on_small_patterns():
-    cfg = ModelConfig.preset_config("reference", pattern_shape=(40, 40), pool_list=(2, 2, 2), conv_size=8,
+    cfg = ModelConfig.preset_config("reference", geometry=hex_geometry(40, 10.0), pool_list=(2, 2, 2), conv_size=8,
                                     num_bases=2)
     model = CCSTAE(cfg)
     x = jax.random.uniform(jax.random.key(1), (3, 40, 40))
@@ -78,10 +78,32 @@ def test_bfloat16_compute_keeps_float32_params_and_warps():
 
 
 def test_invalid_config_is_rejected_with_the_field_name():
-    with pytest.raises(ValueError, match="square"):
-        ModelConfig(pattern_shape=(64, 32))
     with pytest.raises(ValueError, match="preset"):
         ModelConfig.preset_config("slow")
+    with pytest.raises(ValueError, match="num_bases"):
+        ModelConfig(num_bases=0)
+    with pytest.raises(ValueError, match="measured from the data"):
+        ModelConfig.from_dict({"pattern_shape": [64, 64]})
+
+
+def test_model_config_round_trips_with_its_geometry():
+    cfg = ModelConfig(geometry=hex_geometry(64, 18.0, symmetry=4), num_bases=2)
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.symmetry == 4 and again.pattern_shape == (64, 64)
+
+
+def test_the_encoder_recentres_a_descanned_pattern():
+    """A pattern whose zero beam sits 3 px off the centre gets the same warp, up to that shift, as the centred one."""
+    x, _ = hex_patterns(1, size=64, g=18.0, rotations=[0.3], max_strain=0.0)
+    shifted = np.roll(x, (3, -2), axis=(1, 2))
+    cfg, _ = configure(np.concatenate([x, x]), preset="fast", geometry=hex_geometry(64, 18.0))
+    model = CCSTAE(cfg)
+    params = model.init(jax.random.key(0), x)["params"]
+    enc = model.apply({"params": params}, jnp.asarray(np.concatenate([x, shifted])), method=lambda m, v: m.encode(v))
+    np.testing.assert_allclose(np.asarray(enc["zero_beam"][1] - enc["zero_beam"][0]), [3.0, -2.0], atol=0.05)
+    theta = np.asarray(enc["theta"])
+    np.testing.assert_allclose(theta[1, :, :2], theta[0, :, :2], atol=1e-4)
+    np.testing.assert_allclose(theta[1, :, 2] - theta[0, :, 2], [-2.0 * 2 / 64, 3.0 * 2 / 64], atol=2e-3)
 
 
 def test_tiny_model_overfits_a_tiny_batch():

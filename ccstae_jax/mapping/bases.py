@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from ccstae_jax import warp
 from ccstae_jax.models import symmetrize
+from ccstae_jax.parallel import data_sharding, replicated_sharding
 
 _HP = jax.lax.Precision.HIGHEST
 
@@ -25,12 +26,13 @@ class UpdatedBases(NamedTuple):
     support: jax.Array
 
 
-def make_accumulator(task, *, interpolation: str = "cubic") -> Callable:
+def make_accumulator(task, *, interpolation: str = "cubic", mesh=None) -> Callable:
     """A jitted ``(images (B, H, W), theta (B, 2, 3), class_index (B,), weights (B,))`` ->
     ``(sums (K, H, W), coverage (K, H, W), counts (K,))``: each class's patterns (scaled as the model scales them)
     pulled onto the base frame by their warps and summed, the same sum of an all-ones image (how much of each base
     pixel the patterns saw: a pull from outside the detector adds nothing), and how many patterns there were
-    (``weights`` 0 for padding). ``interpolation`` is the pull's kernel (``"cubic"``: Keys, or ``"bilinear"``)."""
+    (``weights`` 0 for padding). ``interpolation`` is the pull's kernel (``"cubic"``: Keys, or ``"bilinear"``). With
+    a ``mesh`` the batch is split over its devices and the sums are replicated."""
     cfg = task.model_cfg
     mode = "cubic" if interpolation == "cubic" else "bilinear"
 
@@ -41,7 +43,10 @@ def make_accumulator(task, *, interpolation: str = "cubic") -> Callable:
         sums = jnp.einsum("bk,bhwc->ckhw", onehot, pulled, precision=_HP)
         return sums[0], sums[1], jnp.sum(onehot, 0)
 
-    return jax.jit(accumulate)
+    if mesh is None:
+        return jax.jit(accumulate)
+    data, repl = data_sharding(mesh), replicated_sharding(mesh)
+    return jax.jit(accumulate, in_shardings=(data, data, data, data), out_shardings=repl)
 
 
 def reestimate(task, params, sums, coverage, counts, *, min_support: float = 0.25) -> UpdatedBases:

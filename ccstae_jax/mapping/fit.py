@@ -276,12 +276,12 @@ def _compact_host(mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return index.reshape(mask.shape[:-2] + (n,)), count.reshape(mask.shape[:-2])
 
 
-def _compact(mask: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+def _compact(mask: jax.Array, n: int, on_host: bool) -> tuple[jax.Array, jax.Array]:
     """Flat indices of the first ``n`` True pixels of ``mask`` ``(H, W)`` (zero-padded) and how many there are.
 
-    On the CPU a host callback (NumPy's compaction is ~10x faster there than XLA's scatter); elsewhere
+    ``on_host``: a host callback (NumPy's compaction is ~10x faster on CPUs than XLA's scatter); else
     ``jnp.nonzero``."""
-    if jax.default_backend() == "cpu":
+    if on_host:
         shapes = (jax.ShapeDtypeStruct(mask.shape[:-2] + (n,), jnp.int32),
                   jax.ShapeDtypeStruct(mask.shape[:-2], jnp.int32))
         return jax.pure_callback(lambda m: _compact_host(m, n), shapes, mask, vmap_method="broadcast_all")
@@ -317,6 +317,7 @@ def fit_patterns(
     steps: int = 5,
     damping: float = 1e-3,
     floor: float = 0.3,
+    host_compaction: bool | None = None,
 ) -> FitResult:
     """Fits each pattern's warp by the forward model (module docstring), starting from ``theta0``.
 
@@ -330,10 +331,13 @@ def fit_patterns(
       damping: initial damping relative to the diagonal of ``J^T W J``.
       floor: lower clip of the Poisson model mean, relative to its largest value on the compared pixels (caps the
         weight of dark pixels, where a base is least accurate).
+      host_compaction: build the pixel lists on the host (None = on CPU backends; not inside computations spread
+        over several devices, whose collectives would wait on the callback).
 
     Returns:
       `FitResult`.
     """
+    on_host = jax.default_backend() == "cpu" if host_compaction is None else bool(host_compaction)
     images = jnp.asarray(images, jnp.float32)
     b, h, w = images.shape
     n = bases.n_points
@@ -341,7 +345,7 @@ def fit_patterns(
 
     def one(phi_start, x, z, k):
         # Data pixels whose pre-image under the starting warp is a fitted base pixel (nearest base pixel).
-        flat_index, count = _compact(_pulled_mask(bases.mask, k, phi_start), n)
+        flat_index, count = _compact(_pulled_mask(bases.mask, k, phi_start), n, on_host)
         rows, cols = flat_index // w, flat_index % w
         used = (jnp.arange(n) < count).astype(jnp.float32)
         xq = x[rows, cols]

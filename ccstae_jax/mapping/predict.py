@@ -24,6 +24,7 @@ from ccstae_jax.geometry import NOISE_ORDERS
 from ccstae_jax.mapping import bases as bases_lib
 from ccstae_jax.mapping import fit as fit_lib
 from ccstae_jax.models import angular_weights, prior_ring, recentred
+from ccstae_jax.parallel import data_sharding, make_mesh, replicated_sharding
 
 _HP = jax.lax.Precision.HIGHEST
 
@@ -92,31 +93,39 @@ def _encode(task, params, images):
     return enc, jnp.argmax(enc["classes"], -1).astype(jnp.int32)
 
 
-def make_encode_fn(task) -> Callable:
+def _jit(fn, mesh):
+    """``jax.jit`` of ``fn(params, images)``: on one device, or with the batch split over ``mesh``'s data axis."""
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, in_shardings=(replicated_sharding(mesh), data_sharding(mesh)), out_shardings=data_sharding(mesh))
+
+
+def make_encode_fn(task, *, mesh=None) -> Callable:
     """Jitted ``(params, images (B, H, W)) -> dict``: ``theta``, ``class_index``, ``zero_beam`` and the
-    `lattice_signals` of each pattern (the encoder alone)."""
+    `lattice_signals` of each pattern (the encoder alone). With a ``mesh`` the batch is split over its devices."""
 
     def encode(params, images):
         enc, k = _encode(task, params, images)
         return {"theta": enc["theta"], "class_index": k, "zero_beam": enc["zero_beam"],
                 **lattice_signals(task, enc["inputs"], enc["zero_beam"])}
 
-    return jax.jit(encode)
+    return _jit(encode, mesh)
 
 
-def make_fit_fn(task, table: fit_lib.BaseTable, steps: int) -> Callable:
+def make_fit_fn(task, table: fit_lib.BaseTable, steps: int, *, mesh=None) -> Callable:
     """Jitted ``(params, images (B, H, W)) -> dict``: `make_encode_fn`'s outputs with ``theta`` fitted against
     ``table`` by ``steps`` iterations (`fit.fit_patterns`), plus ``theta_encoder``, ``fisher`` ``(B, 6, 6)``,
-    ``chi2`` and ``dof`` ``(B,)``."""
+    ``chi2`` and ``dof`` ``(B,)``. With a ``mesh`` the batch is split over its devices."""
 
     def run(params, images):
         enc, k = _encode(task, params, images)
-        res = fit_lib.fit_patterns(enc["theta"], enc["inputs"], enc["zero_beam"], k, table, steps=steps)
+        res = fit_lib.fit_patterns(enc["theta"], enc["inputs"], enc["zero_beam"], k, table, steps=steps,
+                                   host_compaction=False if mesh is not None else None)
         return {"theta": res.theta, "theta_encoder": enc["theta"], "class_index": k, "zero_beam": enc["zero_beam"],
                 "fisher": res.fisher, "chi2": res.chi2, "dof": res.dof,
                 **lattice_signals(task, enc["inputs"], enc["zero_beam"])}
 
-    return jax.jit(run)
+    return _jit(run, mesh)
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -191,7 +200,7 @@ def learned_bases(task, params) -> jax.Array:
     return task.model.apply({"params": params}, method=lambda m: m.dictionary())
 
 
-def estimate_bases(task, params, scan, config: MapConfig, *, progress=None) -> bases_lib.UpdatedBases:
+def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress=None) -> bases_lib.UpdatedBases:
     """Step 1 of the module docstring: the bases re-estimated from a subset of whole scan rows, aligned by fits
     against the learned bases."""
     cfg = task.model_cfg
@@ -199,10 +208,10 @@ def estimate_bases(task, params, scan, config: MapConfig, *, progress=None) -> b
     table = fit_lib.prepare_bases(learned_bases(task, params), cfg.center_px, share=config.share,
                                   max_points=config.max_points, min_radius=geometry.fit_min_radius,
                                   interpolation=config.interpolation)
-    fit = make_fit_fn(task, table, config.steps)
-    accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation)
+    fit = make_fit_fn(task, table, config.steps, mesh=mesh)
+    accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation, mesh=mesh)
     sums = None
-    for images, index in _row_batches(scan, subset_rows(scan.scan_shape, config.subset), config.batch_size):
+    for images, index in _row_batches(scan, subset_rows(scan.scan_shape, config.subset), _batch(config, mesh)):
         out = fit(params, images)
         part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(index >= 0, jnp.float32))
         sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
@@ -211,7 +220,20 @@ def estimate_bases(task, params, scan, config: MapConfig, *, progress=None) -> b
     return bases_lib.reestimate(task, params, *sums)
 
 
-def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, progress=None,
+def default_mesh():
+    """The devices a map runs on: a data-parallel mesh over several accelerators, else None (one device; on CPUs the
+    fit builds its pixel lists on the host, fastest there)."""
+    if jax.default_backend() == "cpu" or jax.device_count() == 1:
+        return None
+    return make_mesh()
+
+
+def _batch(config: MapConfig, mesh) -> int:
+    n = 1 if mesh is None else mesh.devices.size
+    return -(-config.batch_size // n) * n
+
+
+def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto", progress=None,
              bases_progress=None) -> dict[str, np.ndarray]:
     """Per-position results over the whole scan (module docstring), flat arrays ``(N, ...)`` in scan order:
     ``theta``, ``theta_encoder`` ``(N, 2, 3)``, ``class_index``, ``zero_beam`` ``(N, 2)``, ``fisher`` ``(N, 6, 6)``,
@@ -220,22 +242,25 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, progress=No
 
     Args:
       scan: an open `ccstae_jax.data.readers.Scan`.
+      mesh: the devices (`default_mesh` for ``"auto"``; None = the first device).
       progress, bases_progress: optional tqdm-like objects (``update(n)``) for the map and the base estimate.
     """
     cfg = task.model_cfg
+    mesh = default_mesh() if mesh == "auto" else mesh
+    params = jax.device_put(params, jax.devices()[0] if mesh is None else replicated_sharding(mesh))
     if config.steps == 0:
-        fn = make_encode_fn(task)
+        fn = make_encode_fn(task, mesh=mesh)
     else:
         if config.base_update:
-            upd = estimate_bases(task, params, scan, config, progress=bases_progress)
+            upd = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
             base_images, support = upd.bases, np.asarray(upd.support)
         else:
             base_images, support = learned_bases(task, params), None
         table = fit_lib.prepare_bases(base_images, cfg.center_px, support=support, share=config.share,
                                       max_points=config.max_points, min_radius=cfg.geometry.fit_min_radius,
                                       interpolation=config.interpolation)
-        fn = make_fit_fn(task, table, config.steps)
+        fn = make_fit_fn(task, table, config.steps, mesh=mesh)
     collector = _Collector(scan.n_positions, progress)
-    for images, index in _row_batches(scan, np.arange(scan.scan_shape[0]), config.batch_size):
+    for images, index in _row_batches(scan, np.arange(scan.scan_shape[0]), _batch(config, mesh)):
         collector.add(fn(params, images), index)  # dispatched asynchronously; the previous batch is collected
     return collector.finish()
