@@ -60,7 +60,12 @@ def error_table(
     Returns:
       ``{quantity: {"mae", "median_abs", "mae_interior", "std_interior", "valid_fraction"}}`` with strain errors
       dimensionless and rotation errors in degrees (key ``rotation_deg``). MAE is over all valid positions; invalid
-      positions are counted in ``valid_fraction``, never as zero error.
+      positions are counted in ``valid_fraction``, never as zero error. When ``pred`` holds per-position 1-sigma
+      errors (``uncertainty_<quantity>``, as `ccstae map` writes), each row also has ``sigma_median`` (same units)
+      and the calibration of the errors against them: ``z_std`` (standard deviation of error / sigma; 1 when
+      calibrated) and ``z_within_2`` (share of positions with ``|error| <= 2 sigma``; 0.95 for Gaussian errors).
+      Labels with a ``vacuum`` mask leave its positions out of the errors (``valid_fraction`` counts only the
+      specimen) and add a ``"vacuum"`` row: the share of vacuum positions the map flags invalid.
     """
     scan_shape = np.shape(pred["strain_xx"])
     for k in QUANTITIES:
@@ -74,23 +79,36 @@ def error_table(
         pred = _referenced_predictions(pred, valid, reference_region, symmetry)
     if interior is not None and np.shape(interior) != scan_shape:
         raise ValueError(f"interior mask has shape {np.shape(interior)} but the strain map is {scan_shape}")
+    vacuum = np.asarray(labels["vacuum"], bool) if "vacuum" in labels else np.zeros(scan_shape, bool)
+    specimen = ~vacuum
     table = {}
     for k in QUANTITIES:
         p = np.asarray(pred[k], np.float64)
         diff = p - ref_lab[k]
         if k == "rotation":
             diff = np.degrees((diff + period / 2) % period - period / 2)
-        ok = valid & np.isfinite(diff)
+        ok = valid & np.isfinite(diff) & specimen
         row = {
             "mae": float(np.mean(np.abs(diff[ok]))) if ok.any() else float("nan"),
             "median_abs": float(np.median(np.abs(diff[ok]))) if ok.any() else float("nan"),
-            "valid_fraction": float(ok.mean()),
+            "valid_fraction": float(ok.sum() / max(specimen.sum(), 1)),
         }
+        sigma_key = f"uncertainty_{k}"
+        if sigma_key in pred:
+            sigma = np.asarray(pred[sigma_key], np.float64)
+            sigma = np.degrees(sigma) if k == "rotation" else sigma
+            sel = ok & np.isfinite(sigma) & (sigma > 0)
+            z = diff[sel] / sigma[sel]
+            row["sigma_median"] = float(np.median(sigma[sel])) if sel.any() else float("nan")
+            row["z_std"] = float(np.std(z)) if sel.any() else float("nan")
+            row["z_within_2"] = float(np.mean(np.abs(z) <= 2)) if sel.any() else float("nan")
         if interior is not None:
             sel = ok & np.asarray(interior, bool)
             row["mae_interior"] = float(np.mean(np.abs(diff[sel]))) if sel.any() else float("nan")
             row["std_interior"] = float(np.std(diff[sel])) if sel.any() else float("nan")
         table["rotation_deg" if k == "rotation" else k] = row
+    if vacuum.any():
+        table["vacuum"] = {"flagged_fraction": float(np.mean(~valid[vacuum])), "positions": int(vacuum.sum())}
     return table
 
 
@@ -106,11 +124,23 @@ def _referenced_predictions(pred, valid, reference_region, symmetry):
 
 def format_table(table: dict[str, dict[str, float]]) -> str:
     """A short markdown table of `error_table` output: strain errors in %, rotation errors in degrees, the share of
-    valid positions in %."""
-    lines = ["| quantity | MAE | median abs | MAE interior | std interior | valid |", "|---|---|---|---|---|---|"]
-    for k, row in table.items():
+    valid positions in %; with per-position errors, their median and calibration (``std(z)``, ``|z| <= 2``)."""
+    rows = {k: v for k, v in table.items() if k != "vacuum"}
+    calibrated = all("z_std" in row for row in rows.values())
+    head = ["quantity", "MAE", "median abs", "MAE interior", "std interior", "valid"]
+    if calibrated:
+        head += ["median 1-sigma", "std(z)", "|z| <= 2"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, row in rows.items():
         name, scale, digits = ("rotation (deg)", 1.0, 3) if k == "rotation_deg" else (f"{k} (%)", 100.0, 4)
         cells = [f"{row.get(m, float('nan')) * scale:.{digits}f}" for m in ("mae", "median_abs", "mae_interior",
                                                                              "std_interior")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * row['valid_fraction']:.1f} % |")
+        cells.append(f"{100 * row['valid_fraction']:.1f} %")
+        if calibrated:
+            cells += [f"{row['sigma_median'] * scale:.{digits}f}", f"{row['z_std']:.2f}",
+                      f"{100 * row['z_within_2']:.1f} %"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if "vacuum" in table:
+        v = table["vacuum"]
+        lines.append(f"\nvacuum: {100 * v['flagged_fraction']:.1f} % of {v['positions']} positions flagged invalid")
     return "\n".join(lines)

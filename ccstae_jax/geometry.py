@@ -57,8 +57,9 @@ class Geometry:
       spot_spacing: distance of the first-order spots from the zero beam.
       symmetry: rotational order of the lattice (6 hexagonal, 4 square, 2 otherwise).
       ring: ``(inner, outer)`` radii of the ring of spots the network looks at and is trained on: from just inside
-        the first-order disks to just outside the outermost ring of spots, at most twice the first-order distance
-        (the map's fit uses every spot, out to the corners), within the pattern.
+        the first-order disks to just outside the outermost ring of spots, at most the second-order ring of a
+        hexagonal lattice (``sqrt(3)`` times the first-order distance; the map's fit uses every spot, out to the
+        corners), within the pattern.
       drift: largest distance of a sampled pattern's zero beam from ``center`` (descan).
       descan: ``(2, 2)`` zero-beam shift in pixels per scan extent, rows ``(d row, d col)`` of the zero beam and
         columns along the scan's rows and columns (a plane fitted to the sampled zero beams); None if not measured.
@@ -419,7 +420,7 @@ def measure_geometry(
         order, harm = int(symmetry), None
     if ring is None:
         inner = max(disk_radius + 2.0, first - margin, core)
-        outer = min(float(r_max), last + margin, 2.0 * spacing + disk_radius + margin)
+        outer = min(float(r_max), last + margin, np.sqrt(3.0) * spacing + disk_radius + margin)
         if outer <= inner:
             outer = float(r_max)
         ring = (float(inner), float(outer))

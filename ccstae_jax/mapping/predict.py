@@ -37,6 +37,7 @@ class MapConfig:
       steps: Levenberg-Marquardt iterations of each pattern's fit (0 = the encoder's warps as they are).
       base_update: re-estimate the bases from the aligned patterns of a subset of the scan before the final fit.
       subset: at most this many patterns (whole scan rows, spread over the scan) re-estimate the bases.
+      base_rounds: rounds of fitting the subset and re-estimating the bases from it.
       share: share of the warp's Fisher information the fitted pixels hold (`fit.information_mask`).
       max_points: at most this many fitted pixels per base (None = as many as ``share`` needs).
       interpolation: how the fit interpolates a base: ``"cubic"`` (Keys, A = -0.5) or ``"bilinear"``.
@@ -45,14 +46,15 @@ class MapConfig:
 
     steps: int = 5
     base_update: bool = True
-    subset: int = 2048
+    subset: int = 1024
+    base_rounds: int = 2
     share: float = 0.98
     max_points: int | None = None
     interpolation: str = "cubic"
     batch_size: int = 256
 
     def __post_init__(self):
-        for name in ("steps", "subset", "batch_size"):
+        for name in ("steps", "subset", "base_rounds", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < (0 if name == "steps" else 1):
                 raise ValueError(f"{name} = {value!r}: expected an integer >= {0 if name == 'steps' else 1}")
@@ -93,11 +95,13 @@ def _encode(task, params, images):
     return enc, jnp.argmax(enc["classes"], -1).astype(jnp.int32)
 
 
-def _jit(fn, mesh):
-    """``jax.jit`` of ``fn(params, images)``: on one device, or with the batch split over ``mesh``'s data axis."""
+def _jit(fn, mesh, n_batched: int = 1):
+    """``jax.jit`` of ``fn(params, *batched)``: on one device, or with the batched arguments split over ``mesh``'s
+    data axis."""
     if mesh is None:
         return jax.jit(fn)
-    return jax.jit(fn, in_shardings=(replicated_sharding(mesh), data_sharding(mesh)), out_shardings=data_sharding(mesh))
+    data = data_sharding(mesh)
+    return jax.jit(fn, in_shardings=(replicated_sharding(mesh),) + (data,) * n_batched, out_shardings=data)
 
 
 def make_encode_fn(task, *, mesh=None) -> Callable:
@@ -112,20 +116,24 @@ def make_encode_fn(task, *, mesh=None) -> Callable:
     return _jit(encode, mesh)
 
 
-def make_fit_fn(task, table: fit_lib.BaseTable, steps: int, *, mesh=None) -> Callable:
+def make_fit_fn(task, table: fit_lib.BaseTable, steps: int, *, mesh=None, given_start: bool = False) -> Callable:
     """Jitted ``(params, images (B, H, W)) -> dict``: `make_encode_fn`'s outputs with ``theta`` fitted against
-    ``table`` by ``steps`` iterations (`fit.fit_patterns`), plus ``theta_encoder``, ``fisher`` ``(B, 6, 6)``,
-    ``chi2`` and ``dof`` ``(B,)``. With a ``mesh`` the batch is split over its devices."""
+    ``table`` by ``steps`` iterations (`fit.fit_patterns`) from the encoder's warps, plus ``theta_encoder``,
+    ``fisher`` ``(B, 6, 6)``, ``chi2`` and ``dof`` ``(B,)``. With ``given_start`` it takes a third argument, the
+    starting warps ``(B, 2, 3)``. With a ``mesh`` the batch is split over its devices."""
 
-    def run(params, images):
+    def run(params, images, theta0=None):
         enc, k = _encode(task, params, images)
-        res = fit_lib.fit_patterns(enc["theta"], enc["inputs"], enc["zero_beam"], k, table, steps=steps,
+        start = enc["theta"] if theta0 is None else theta0
+        res = fit_lib.fit_patterns(start, enc["inputs"], enc["zero_beam"], k, table, steps=steps,
                                    host_compaction=False if mesh is not None else None)
         return {"theta": res.theta, "theta_encoder": enc["theta"], "class_index": k, "zero_beam": enc["zero_beam"],
                 "fisher": res.fisher, "chi2": res.chi2, "dof": res.dof,
                 **lattice_signals(task, enc["inputs"], enc["zero_beam"])}
 
-    return _jit(run, mesh)
+    if given_start:
+        return _jit(lambda params, images, theta0: run(params, images, theta0), mesh, 2)
+    return _jit(lambda params, images: run(params, images), mesh)
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -201,23 +209,33 @@ def learned_bases(task, params) -> jax.Array:
 
 
 def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress=None) -> bases_lib.UpdatedBases:
-    """Step 1 of the module docstring: the bases re-estimated from a subset of whole scan rows, aligned by fits
-    against the learned bases."""
+    """Step 1 of the module docstring: the bases re-estimated from a subset of whole scan rows. The first round
+    aligns the subset against the learned bases; each further round (`MapConfig.base_rounds`) fits it again, from
+    the previous round's warps, against the bases the previous round estimated."""
     cfg = task.model_cfg
-    geometry = cfg.geometry
-    table = fit_lib.prepare_bases(learned_bases(task, params), cfg.center_px, share=config.share,
-                                  max_points=config.max_points, min_radius=geometry.fit_min_radius,
-                                  interpolation=config.interpolation)
-    fit = make_fit_fn(task, table, config.steps, mesh=mesh)
+    rows = subset_rows(scan.scan_shape, config.subset)
+    ry = scan.scan_shape[1]
+    start = np.full((len(rows) * ry, 2, 3), np.nan, np.float32)  # each subset pattern's warp from the last round
+    local = {int(r): i * ry for i, r in enumerate(rows)}
+    current, support = learned_bases(task, params), None
     accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation, mesh=mesh)
-    sums = None
-    for images, index in _row_batches(scan, subset_rows(scan.scan_shape, config.subset), _batch(config, mesh)):
-        out = fit(params, images)
-        part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(index >= 0, jnp.float32))
-        sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
-        if progress is not None:
-            progress.update(int((index >= 0).sum()))
-    return bases_lib.reestimate(task, params, *sums)
+    for round_ in range(config.base_rounds):
+        table = fit_lib.prepare_bases(current, cfg.center_px, support=support, share=config.share,
+                                      max_points=config.max_points, min_radius=cfg.geometry.fit_min_radius,
+                                      interpolation=config.interpolation)
+        fit = make_fit_fn(task, table, config.steps, mesh=mesh, given_start=round_ > 0)
+        sums = None
+        for images, index in _row_batches(scan, rows, _batch(config, mesh)):
+            slot = np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
+            out = fit(params, images, start[slot]) if round_ > 0 else fit(params, images)
+            part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(index >= 0, jnp.float32))
+            sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
+            start[slot[index >= 0]] = np.asarray(out["theta"])[index >= 0]
+            if progress is not None and round_ == config.base_rounds - 1:
+                progress.update(int((index >= 0).sum()))
+        upd = bases_lib.reestimate(task, params, *sums)
+        current, support = upd.bases, np.asarray(upd.support)
+    return upd
 
 
 def default_mesh():
