@@ -70,7 +70,14 @@ def _per_preset(name: str) -> str:
     """The training default of each preset, e.g. ``fast: 20, reference: 20`` (`ccstae_jax.pipeline.PRESET_TRAINING`)."""
     from ccstae_jax.pipeline import PRESET_TRAINING
 
-    return ", ".join(f"{preset}: {_fmt(values[name])}" for preset, values in PRESET_TRAINING.items() if name in values)
+    from ccstae_jax.pipeline import TRAINING_PATTERNS
+
+    def shown(value):
+        if value is None:  # epochs from the scan size (pipeline.default_epochs)
+            return f"enough to show about {TRAINING_PATTERNS} patterns, 3 to 20"
+        return _fmt(value)
+
+    return ", ".join(f"{preset}: {shown(values[name])}" for preset, values in PRESET_TRAINING.items() if name in values)
 
 
 _REGION_HELP = "scan rows R0:R1 and columns C0:C1 (0-based, R1 and C1 excluded, like Python slices)"
@@ -206,6 +213,8 @@ def cmd_train(args):
     model_over = dict(file_cfg.get("model", {}))
     if args.dtype is not None:  # the model casts only its conv/dense layers; inputs, warps and params stay float32
         model_over["dtype"] = args.dtype
+    if args.num_bases is not None:
+        model_over["num_bases"] = args.num_bases
     ring = "auto" if args.ring is None else tuple(args.ring)
     result = train(args.data, args.out, preset=args.preset, data=data, ring=ring, symmetry=args.symmetry,
                    model_overrides=model_over,
@@ -360,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ring", type=float, nargs=2, metavar=("INNER", "OUTER"),
                    help="radii in detector pixels of the ring of spots the network is trained on (default: derived "
                         "from the geometry measured on the scan: disk radius, first-order spot distance)")
+    _lazy_default(t.add_argument("--num-bases", type=int, metavar="K",
+                                 help="size of the learned dictionary of average patterns: 2 or more for scans of "
+                                      "several phases (each position is assigned one; the map measures every "
+                                      "phase against base 0's lattice, so a lattice mismatch reads as strain) "
+                                      "(default: %(library_default)s)"), "ccstae_jax.models", "ModelConfig",
+                  "num_bases")
     t.add_argument("--symmetry", type=int, choices=[6, 4, 2],
                    help="rotational order of the lattice: 6 hexagonal, 4 square, 2 otherwise (default: measured from "
                         "the angular harmonics of the patterns)")

@@ -7,6 +7,8 @@ to a reference, rotations modulo the lattice symmetry. Strain errors are dimensi
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from ccstae_jax import affine
@@ -65,7 +67,10 @@ def error_table(
       and the calibration of the errors against them: ``z_std`` (standard deviation of error / sigma; 1 when
       calibrated) and ``z_within_2`` (share of positions with ``|error| <= 2 sigma``; 0.95 for Gaussian errors).
       Labels with a ``vacuum`` mask leave its positions out of the errors (``valid_fraction`` counts only the
-      specimen) and add a ``"vacuum"`` row: the share of vacuum positions the map flags invalid.
+      specimen) and add a ``"vacuum"`` row: the share of vacuum positions the map flags invalid. Labels with a
+      ``phase`` map (0, 1, ...; -1 in vacuum) add a ``"phases"`` row: per phase, the MAE and the mean (signed) error
+      of each strain component, and, when ``pred`` has a ``phase`` map, the share of specimen positions whose
+      phase the map assigns right (best one-to-one matching of its bases to the phases).
     """
     scan_shape = np.shape(pred["strain_xx"])
     for k in QUANTITIES:
@@ -109,7 +114,34 @@ def error_table(
         table["rotation_deg" if k == "rotation" else k] = row
     if vacuum.any():
         table["vacuum"] = {"flagged_fraction": float(np.mean(~valid[vacuum])), "positions": int(vacuum.sum())}
+    if "phase" in labels:
+        table["phases"] = _phase_errors(pred, ref_lab, np.asarray(labels["phase"]), valid & specimen)
     return table
+
+
+def _phase_errors(pred, ref_lab, phase, ok) -> dict:
+    """Per-phase strain errors and the phase-assignment accuracy (see `error_table`)."""
+    out: dict = {"per_phase": {}}
+    for p in sorted(int(v) for v in np.unique(phase) if v >= 0):
+        row = {}
+        for k in QUANTITIES[:3]:
+            d = np.asarray(pred[k], np.float64) - ref_lab[k]
+            sel = ok & (phase == p) & np.isfinite(d)
+            row[k] = {"mae": float(np.mean(np.abs(d[sel]))) if sel.any() else float("nan"),
+                      "mean": float(np.mean(d[sel])) if sel.any() else float("nan"), "positions": int(sel.sum())}
+        out["per_phase"][str(p)] = row
+    if "phase" in pred:
+        got = np.asarray(pred["phase"])
+        sel = ok & (phase >= 0) & (got >= 0)
+        if sel.any():
+            labels_ = sorted(set(phase[sel].tolist()))
+            found = sorted(set(got[sel].tolist()))
+            best = 0.0
+            for perm in itertools.permutations(labels_, min(len(labels_), len(found))):
+                mapping = dict(zip(found, perm))
+                best = max(best, float(np.mean([mapping.get(g, -2) == t for g, t in zip(got[sel], phase[sel])])))
+            out["assignment_accuracy"] = best
+    return out
 
 
 def _referenced_predictions(pred, valid, reference_region, symmetry):
@@ -125,7 +157,7 @@ def _referenced_predictions(pred, valid, reference_region, symmetry):
 def format_table(table: dict[str, dict[str, float]]) -> str:
     """A short markdown table of `error_table` output: strain errors in %, rotation errors in degrees, the share of
     valid positions in %; with per-position errors, their median and calibration (``std(z)``, ``|z| <= 2``)."""
-    rows = {k: v for k, v in table.items() if k != "vacuum"}
+    rows = {k: v for k, v in table.items() if k not in ("vacuum", "phases")}
     calibrated = all("z_std" in row for row in rows.values())
     head = ["quantity", "MAE", "median abs", "MAE interior", "std interior", "valid"]
     if calibrated:
@@ -143,4 +175,11 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     if "vacuum" in table:
         v = table["vacuum"]
         lines.append(f"\nvacuum: {100 * v['flagged_fraction']:.1f} % of {v['positions']} positions flagged invalid")
+    if "phases" in table:
+        ph = table["phases"]
+        for p, row in ph["per_phase"].items():
+            cells = ", ".join(f"{k} MAE {100 * r['mae']:.4f} % (mean {100 * r['mean']:+.4f} %)" for k, r in row.items())
+            lines.append(f"phase {p}: {cells}")
+        if "assignment_accuracy" in ph:
+            lines.append(f"phase assignment: {100 * ph['assignment_accuracy']:.1f} % of specimen positions right")
     return "\n".join(lines)

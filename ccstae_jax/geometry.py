@@ -63,8 +63,13 @@ class Geometry:
       drift: largest distance of a sampled pattern's zero beam from ``center`` (descan).
       descan: ``(2, 2)`` zero-beam shift in pixels per scan extent, rows ``(d row, d col)`` of the zero beam and
         columns along the scan's rows and columns (a plane fitted to the sampled zero beams); None if not measured.
-      harmonics: excess power of the angular harmonics of orders 2, 4 and 6 in the first-order annulus over the
-        noise power (`detect_symmetry`).
+      harmonics: relative strength of the angular harmonics of orders 2, 4 and 6 in the first-order ring
+        (`detect_symmetry`).
+      harmonic_phase, harmonic_gain: the lattice's ``symmetry``-th angular harmonic across the ring, per 1-pixel
+        annulus ``i`` (``i <= r < i + 1``): its phase relative to the whole ring's (radians; successive rings of
+        spots differ, e.g. by pi between the first two rings of a hexagonal lattice) and its amplitude over the
+        noise power there (`matched_harmonic`). They weight the rotation prior and the lattice test so that the
+        rings add up instead of cancelling. None = uniform.
     """
 
     pattern_shape: tuple[int, int] = (200, 200)
@@ -76,6 +81,8 @@ class Geometry:
     drift: float = 0.0
     descan: tuple[tuple[float, float], tuple[float, float]] | None = None
     harmonics: tuple[float, float, float] | None = None
+    harmonic_phase: tuple[float, ...] | None = None
+    harmonic_gain: tuple[float, ...] | None = None
 
     def __post_init__(self):
         h, w = self.pattern_shape
@@ -326,6 +333,54 @@ def spot_profile(images: np.ndarray, center: tuple[float, float], *, step: float
     return profiles, z
 
 
+def matched_harmonic(images: np.ndarray, center: tuple[float, float], order: int, ring: tuple[float, float], *,
+                     iterations: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Per 1-pixel annulus, the phase and the gain that add the ``order``-th angular harmonic of every ring of spots
+    coherently (a matched filter across the radius).
+
+    Each pattern's harmonic ``H_p(r) = sum I exp(-i n phi)`` over annulus ``r``; starting from uniform weights, the
+    phase of each pattern's weighted total ``u_p`` is taken as its orientation, ``m(r) = mean_p H_p(r) conj(u_p)``
+    is the annulus's typical harmonic relative to it, and the new weights are ``exp(-i angle m(r))`` with gain
+    ``|m(r)| / N(r)`` (``N`` the noise power of the annulus, from `NOISE_ORDERS`). The relative phases do not depend
+    on the patterns' orientations, so patterns of every grain contribute alike.
+
+    Returns:
+      ``(phase, gain)``, each ``(n_annuli,)`` over annuli ``0 .. outer``; gain 0 outside the ring, normalised to a
+      largest value of 1.
+    """
+    images = np.asarray(images, np.float32)
+    n, h, w = images.shape
+    rr, cc = np.mgrid[:h, :w].astype(np.float64)
+    dr, dc = rr - center[0], cc - center[1]
+    radius = np.hypot(dr, dc).ravel()
+    inner, outer = ring
+    n_bins = int(np.floor(outer)) + 1
+    inside = (radius > inner) & (radius <= outer)
+    bins = np.floor(radius[inside]).astype(np.int64)
+    phi = np.arctan2(dr, dc).ravel()[inside]
+    x = images.reshape(n, -1)[:, inside]
+    order_px = np.argsort(bins, kind="stable")
+    bins, phi, x = bins[order_px], phi[order_px], x[:, order_px]
+    present, starts = np.unique(bins, return_index=True)
+
+    def harmonic(k):
+        return np.add.reduceat(x * np.exp(-1j * k * phi).astype(np.complex64), starts, axis=1)  # (N, n_present)
+
+    hp = harmonic(order)
+    noise = np.mean([np.mean(np.abs(harmonic(k)) ** 2, axis=0) for k in NOISE_ORDERS], axis=0) + 1e-300
+    weights = np.ones(len(present), np.complex128)
+    for _ in range(iterations):
+        total = hp @ weights
+        u = total / np.maximum(np.abs(total), 1e-300)
+        m = np.mean(hp * np.conj(u)[:, None], axis=0)
+        weights = np.conj(m) / noise
+    phase = np.zeros(n_bins)
+    gain = np.zeros(n_bins)
+    phase[present] = -np.angle(weights)
+    gain[present] = np.abs(weights) / np.abs(weights).max()
+    return phase, gain
+
+
 def central_disk_radius(mean_pattern: np.ndarray, center: tuple[float, float], *, step: float = 0.25) -> float:
     """Radius of the central disk of a (zero-beam-centred) mean pattern: where its radial profile starts to fall
     steeply, i.e. the first radius whose logarithmic slope ``d ln I / dr`` is below half the steepest one found
@@ -424,6 +479,9 @@ def measure_geometry(
         if outer <= inner:
             outer = float(r_max)
         ring = (float(inner), float(outer))
+    ring = tuple(round(float(v), 1) for v in ring)
+    phase, gain = matched_harmonic(aligned, center, order, ring)
     return Geometry(pattern_shape=(h, w), center=center, disk_radius=round(disk_radius, 2),
-                    spot_spacing=round(spacing, 2), symmetry=order, ring=tuple(round(v, 1) for v in ring),
-                    drift=round(drift, 2), descan=descan, harmonics=harm)
+                    spot_spacing=round(spacing, 2), symmetry=order, ring=ring, drift=round(drift, 2), descan=descan,
+                    harmonics=harm, harmonic_phase=tuple(np.round(phase, 4).tolist()),
+                    harmonic_gain=tuple(np.round(gain, 4).tolist()))

@@ -181,14 +181,24 @@ def harmonic_weights(cfg: ModelConfig) -> np.ndarray:
 
 
 def angular_weights(cfg: ModelConfig, order: int) -> np.ndarray:
-    """``(2, H, W)`` float32 ``ring * cos(n phi)``, ``ring * sin(n phi)`` for angular order ``n = order`` over the
-    prior ring about the pattern centre; ``phi = atan2(v, u)``, ``u`` along columns, ``v`` along rows."""
+    """``(2, H, W)`` float32 ``g(r) cos(n phi + d(r))``, ``g(r) sin(n phi + d(r))`` for angular order ``n = order``
+    over the prior ring about the pattern centre; ``phi = atan2(v, u)``, ``u`` along columns, ``v`` along rows.
+
+    ``g`` and ``d`` are the geometry's matched gain and phase per annulus (`ccstae_jax.geometry.matched_harmonic`):
+    the lattice's order gets both (its rings add up coherently), every other order the gain alone (the same pixels
+    weighted alike, e.g. the noise orders of the lattice test); without them ``g = 1``, ``d = 0`` on the ring."""
     h, w = cfg.pattern_shape
     cr, cc = cfg.center_px
     v, u = np.mgrid[:h, :w].astype(np.float64)
     v, u = v - cr, u - cc
     phi = np.arctan2(v, u)
-    ring = prior_ring(cfg)
+    ring = prior_ring(cfg).astype(np.float64)
+    geo = cfg.geometry
+    if geo.harmonic_gain is not None:
+        annulus = np.minimum(np.floor(np.hypot(u, v)).astype(int), len(geo.harmonic_gain) - 1)
+        ring = ring * np.asarray(geo.harmonic_gain)[annulus]
+        if order == cfg.symmetry:
+            phi = phi + np.asarray(geo.harmonic_phase)[annulus] / order
     return np.stack([ring * np.cos(order * phi), ring * np.sin(order * phi)]).astype(np.float32)
 
 

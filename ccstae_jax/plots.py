@@ -764,8 +764,7 @@ def _training_figure(metrics_path, *, loss_config=None, dpi=DEFAULT_DPI):
                    label=f"mask: ring -> spot disks (after epoch {start:g})")
         if length > 0:
             ax.axvspan(start, start + length, color="tab:red", alpha=0.07,
-                       label=f"spot disks shrink ({loss_cfg.get('spot_radius_start', '?')} -> "
-                             f"{loss_cfg.get('spot_radius_end', '?')} px)")
+                       label=f"spot disks shrink ({_spot_radii(metrics_path)})")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("weighted loss term (log scale)" if weighted else "loss / term (log scale)")
@@ -928,9 +927,8 @@ def _error_figure(maps, *, dpi=DEFAULT_DPI):
     below[0].set_axis_off()
     cax = below[0].inset_axes((0.1, 0.72, 0.8, 0.28))
     cb = fig.colorbar(im, cax=cax, orientation="horizontal", extend="max")
-    cb.set_label("masked MSE of the pattern against its base, intensities in units of the brightest\n"
-                 f"ring level of the mean pattern (dimensionless); scale 0 to the {COLOUR_PERCENTILE:g}th percentile",
-                 fontsize=8)
+    cb.set_label("reduced chi-square of the pattern's fit, relative to its median over the scan\n"
+                 f"(1 = a typical fit; dimensionless); scale 0 to the {COLOUR_PERCENTILE:g}th percentile", fontsize=8)
     cb.ax.tick_params(labelsize=8)
     axes[0].set_title("reconstruction error per position (high = worse fit)", fontsize=10)
 
@@ -954,6 +952,54 @@ def _error_figure(maps, *, dpi=DEFAULT_DPI):
     for i, ax in enumerate(axes):
         _scan_axes(ax, xlabel=True, ylabel="scan row Rx" if i == 0 else None)
     return fig
+
+
+def _spot_radii(metrics_path) -> str:
+    """``"a -> b px"``: the spot-mask radii of the run beside ``metrics_path`` (from its model geometry)."""
+    geometry = _read_json(os.path.join(os.path.dirname(os.fspath(metrics_path)), "model.json")).get(
+        "model", {}).get("geometry", {})
+    radius = geometry.get("disk_radius")
+    if radius is None:
+        return "? px"
+    end = float(radius) + 2.5  # as ccstae_jax.geometry.Geometry.spot_radius
+    return f"{end + 3.0:.1f} -> {end:.1f} px"
+
+
+def _phase_figure(maps, *, title=None, dpi=DEFAULT_DPI):
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    phase = np.asarray(maps["phase"], np.int64)
+    reason = np.asarray(maps["invalid_reason"]) if "invalid_reason" in maps else np.where(phase >= 0, 0, 2)
+    n_phase = int(phase.max()) + 1 if (phase >= 0).any() else 0
+    codes = np.where(phase >= 0, phase, np.where(reason == 4, n_phase, n_phase + 1))
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    colours = [palette[i % len(palette)] for i in range(n_phase)] + ["#202020", "#c8c8c8"]
+    names = [f"base {i}: {int((phase == i).sum())} positions" for i in range(n_phase)]
+    names += [f"vacuum (no specimen): {int((codes == n_phase).sum())}",
+              f"other invalid: {int((codes == n_phase + 1).sum())}"]
+    cmap = ListedColormap(colours)
+    rx, ry = phase.shape
+    aspect = min(max(rx / ry, 0.4), 2.5)
+    fig = _figure(6.0, 4.6 * aspect + 1.4, dpi, images=True)
+    ax, below = fig.subplots(2, 1, height_ratios=[4.6 * aspect, 1.0])
+    ax.imshow(codes, cmap=cmap, norm=BoundaryNorm(np.arange(len(colours) + 1) - 0.5, len(colours)),
+              interpolation="nearest")
+    _scan_axes(ax, xlabel=True, ylabel="scan row Rx")
+    ax.set_title(title or "phase map: the base (average pattern) each position was assigned", fontsize=10)
+    below.set_axis_off()
+    handles = [Patch(facecolor=c, edgecolor="0.3", label=nm) for c, nm in zip(colours, names)]
+    below.legend(handles=handles, loc="upper center", ncol=2, fontsize=8, frameon=False)
+    return fig
+
+
+def plot_phase_map(maps: Mapping[str, Any], path: str | os.PathLike, *, title: str | None = None,
+                   dpi: int = DEFAULT_DPI) -> str:
+    """The base each valid position was assigned (one colour per base: a phase of a heterostructure), vacuum
+    (invalid reason 4) in black and other invalid positions in grey, with the count of each."""
+    if "phase" not in maps:
+        raise ValueError(f"maps lack 'phase' (have {sorted(maps)})")
+    return _save(_phase_figure(maps, title=title, dpi=_check_dpi(dpi)), path, dpi)
 
 
 def plot_error_map(maps: Mapping[str, Any], path: str | os.PathLike, *, dpi: int = DEFAULT_DPI) -> str:
@@ -1089,6 +1135,7 @@ def save_all_figures(
     Files: ``strain_maps.png`` and ``strain_histograms.png`` (always), ``uncertainty_maps.png`` (when ``maps``
     holds ``uncertainty_strain_xx``, ``uncertainty_strain_yy``, ``uncertainty_shear_xy`` and
     ``uncertainty_rotation``), ``error_map.png`` (when ``maps`` holds ``reconstruction_error``),
+    ``phase_map.png`` (when ``maps`` holds a ``phase`` map with several bases or vacuum),
     ``pattern_mask.png`` (when ``pattern`` is given; ``mask`` optional), ``bases.png`` (when ``bases`` is given;
     with the number of valid positions per base when ``maps`` holds ``class_index``), ``training_curves.png`` (when
     ``metrics_path`` is given).
@@ -1110,6 +1157,8 @@ def save_all_figures(
                                            title=title, reference_region=reference_region, dpi=dpi))
     if "reconstruction_error" in maps:
         paths.append(plot_error_map(maps, j(out_dir, "error_map.png"), dpi=dpi))
+    if "phase" in maps and (np.max(maps["phase"]) > 0 or np.any(np.asarray(maps.get("invalid_reason", 0)) == 4)):
+        paths.append(plot_phase_map(maps, j(out_dir, "phase_map.png"), dpi=dpi))
     if pattern is not None:
         paths.append(plot_pattern_and_mask(pattern, mask, j(out_dir, "pattern_mask.png"), title=pattern_title,
                                            mask_label=mask_label, dpi=dpi))

@@ -145,6 +145,17 @@ def _kernel_matrices(n: int, interpolation: str = "cubic") -> tuple[np.ndarray, 
     return val.astype(np.float32), der.astype(np.float32)
 
 
+def gaussian_blur(images: jax.Array, sigma: float) -> jax.Array:
+    """``(..., H, W)`` smoothed by a Gaussian of ``sigma`` pixels (separable matrix products, zero padding)."""
+    h, w = images.shape[-2:]
+
+    def matrix(n):
+        d = np.arange(n)[:, None] - np.arange(n)[None, :]
+        return jnp.asarray(np.exp(-0.5 * (d / sigma) ** 2) / (np.sqrt(2 * np.pi) * sigma), jnp.float32)
+
+    return jnp.einsum("ih,...hw,jw->...ij", matrix(h), images, matrix(w), precision=_HP)
+
+
 def interpolation_table(spots: jax.Array, interpolation: str = "cubic") -> jax.Array:
     """``(K, H, W)`` -> ``(K, FINE (H + 1) + 1, FINE (W + 1) + 1, 3)``: the interpolant of each image and its row and
     column derivatives (per pixel), tabulated (separable matrix products)."""
@@ -169,6 +180,7 @@ def information_mask(
     border: int = 2,
     center: tuple[float, float] | None = None,
     min_radius: float = 0.0,
+    grow: int = 1,
 ) -> np.ndarray:
     """Base-frame pixels that carry a given share of the information about the warp, ``(K, H, W)`` bool.
 
@@ -213,12 +225,14 @@ def information_mask(
             n = min(n, int(max_points))
         sel = np.zeros(h * w, bool)
         sel[order[:n]] = True
-        sel = sel.reshape(h, w)
-        grown = sel.copy()
-        grown[1:] |= sel[:-1]
-        grown[:-1] |= sel[1:]
-        grown[:, 1:] |= sel[:, :-1]
-        grown[:, :-1] |= sel[:, 1:]
+        grown = sel.reshape(h, w)
+        for _ in range(grow):
+            step = grown.copy()
+            step[1:] |= grown[:-1]
+            step[:-1] |= grown[1:]
+            step[:, 1:] |= grown[:, :-1]
+            step[:, :-1] |= grown[:, 1:]
+            grown = step
         out[i] = grown & keep[i]
     return out
 
@@ -233,18 +247,24 @@ def prepare_bases(
     floor: float = 0.3,
     min_radius: float = 0.0,
     interpolation: str = "cubic",
+    grow: int = 1,
+    blur: float = 0.0,
 ) -> BaseTable:
     """Splits each base into a radial background and spots, tabulates the spots' interpolant and selects the fitted
-    pixels (`information_mask`, beyond ``min_radius`` of the centre). ``bases`` ``(K, H, W)`` (scaled as the model
-    scales patterns); ``center`` the base's zero beam (row, col) in pixels."""
+    pixels (`information_mask`, beyond ``min_radius`` of the centre, grown by ``grow`` pixels). ``bases``
+    ``(K, H, W)`` (scaled as the model scales patterns); ``center`` the base's zero beam (row, col) in pixels.
+    ``blur`` > 0 smooths the spots with a Gaussian of that many pixels first: a coarse model whose basin is wider,
+    for a first fit from a rough start."""
     bases = jnp.asarray(bases, jnp.float32)
     profile = radial_profile(bases, center)
     radius = jnp.asarray(_radius_image(bases.shape[-2:], center))
     background = jax.vmap(lambda p: profile_at(p, radius))(profile)
     spots = bases - background
+    if blur > 0:
+        spots = gaussian_blur(spots, blur)
     mask = information_mask(np.asarray(spots), np.asarray(background), support=support, share=share,
                             max_points=max_points, floor=floor, center=center,
-                            min_radius=min_radius)
+                            min_radius=min_radius, grow=grow)
     n_max = int(mask.reshape(mask.shape[0], -1).sum(1).max())
     n_points = int(np.ceil(1.1 * n_max / 64) + 1) * 64  # room for a pattern whose warp enlarges the mask
     return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points)

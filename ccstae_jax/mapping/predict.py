@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccstae_jax import affine
 from ccstae_jax.geometry import NOISE_ORDERS
 from ccstae_jax.mapping import bases as bases_lib
 from ccstae_jax.mapping import fit as fit_lib
@@ -38,6 +39,7 @@ class MapConfig:
       base_update: re-estimate the bases from the aligned patterns of a subset of the scan before the final fit.
       subset: at most this many patterns (whole scan rows, spread over the scan) re-estimate the bases.
       base_rounds: rounds of fitting the subset and re-estimating the bases from it.
+      coarse_steps: iterations of a first, coarse fit from the encoder's warps (blurred bases, wider pixels).
       share: share of the warp's Fisher information the fitted pixels hold (`fit.information_mask`).
       max_points: at most this many fitted pixels per base (None = as many as ``share`` needs).
       interpolation: how the fit interpolates a base: ``"cubic"`` (Keys, A = -0.5) or ``"bilinear"``.
@@ -49,15 +51,18 @@ class MapConfig:
     subset: int = 1024
     base_rounds: int = 2
     share: float = 0.98
+    grow: int = 1
+    coarse_steps: int = 3
     max_points: int | None = None
     interpolation: str = "cubic"
     batch_size: int = 256
 
     def __post_init__(self):
-        for name in ("steps", "subset", "base_rounds", "batch_size"):
+        for name in ("steps", "subset", "base_rounds", "coarse_steps", "grow", "batch_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < (0 if name == "steps" else 1):
-                raise ValueError(f"{name} = {value!r}: expected an integer >= {0 if name == 'steps' else 1}")
+            low = 0 if name in ("steps", "coarse_steps", "grow") else 1
+            if isinstance(value, bool) or int(value) != value or value < low:
+                raise ValueError(f"{name} = {value!r}: expected an integer >= {low}")
         if not 0 < self.share <= 1:
             raise ValueError(f"share = {self.share!r}: expected 0 < share <= 1")
         if self.interpolation not in fit_lib.INTERPOLATIONS:
@@ -68,11 +73,12 @@ class MapConfig:
 def lattice_signals(task, x: jax.Array, zero_beam: jax.Array) -> dict[str, jax.Array]:
     """Whether each pattern shows a lattice, ``(B, H, W)`` scaled patterns -> dict of ``(B,)``:
 
-    ``ring_signal`` (intensity in the prior ring), ``lattice_signal`` (rms amplitude of the lattice's ``n``- and
-    ``2n``-fold angular harmonics there, relative to ``ring_signal``; the ``2n``-th keeps a pattern that mixes two
-    grains turned by half a period from cancelling out) and ``lattice_significance`` (that amplitude over the rms
-    amplitude of the orders no lattice has, `ccstae_jax.geometry.NOISE_ORDERS`, which measure the noise). Computed on
-    the patterns shifted by whole pixels onto the centre (descan)."""
+    ``ring_signal`` (intensity in the prior ring), ``lattice_signal`` (amplitude of the lattice's ``n``-fold angular
+    harmonic there, relative to ``ring_signal``), ``lattice_significance`` (that amplitude over the rms amplitude of
+    the orders no lattice has, `ccstae_jax.geometry.NOISE_ORDERS`, which measure the noise) and
+    ``double_significance`` (the same for order ``2n``: two grains turned by half a period under the probe cancel
+    each other's ``n``-th harmonic, not their ``2n``-th). Computed on the patterns shifted by whole pixels onto the
+    centre (descan)."""
     cfg = task.model_cfg
     xs = recentred(x, zero_beam - jnp.asarray(cfg.center_px, jnp.float32))
     ring = jnp.asarray(prior_ring(cfg), jnp.float32)
@@ -80,13 +86,15 @@ def lattice_signals(task, x: jax.Array, zero_beam: jax.Array) -> dict[str, jax.A
     lattice = jnp.asarray(np.concatenate([angular_weights(cfg, n), angular_weights(cfg, 2 * n)]))
     noise_w = jnp.asarray(np.concatenate([angular_weights(cfg, k) for k in NOISE_ORDERS]))
     ring_sum = jnp.einsum("bhw,hw->b", xs, ring, precision=_HP)
-    harm = jnp.sqrt(jnp.mean(jnp.einsum("bhw,khw->bk", xs, lattice, precision=_HP) ** 2, axis=-1) * 2.0)
+    c = jnp.einsum("bhw,khw->bk", xs, lattice, precision=_HP)
+    harm, double = jnp.hypot(c[:, 0], c[:, 1]), jnp.hypot(c[:, 2], c[:, 3])
     noise_c = jnp.einsum("bhw,khw->bk", xs, noise_w, precision=_HP)
-    noise = jnp.sqrt(jnp.mean(noise_c**2, axis=-1) * 2.0)
+    noise = jnp.maximum(jnp.sqrt(jnp.mean(noise_c**2, axis=-1) * 2.0), 1e-30)
     return {
         "ring_signal": ring_sum,
         "lattice_signal": harm / jnp.maximum(jnp.abs(ring_sum), 1e-30),
-        "lattice_significance": harm / jnp.maximum(noise, 1e-30),
+        "lattice_significance": harm / noise,
+        "double_significance": double / noise,
     }
 
 
@@ -116,17 +124,26 @@ def make_encode_fn(task, *, mesh=None) -> Callable:
     return _jit(encode, mesh)
 
 
-def make_fit_fn(task, table: fit_lib.BaseTable, steps: int, *, mesh=None, given_start: bool = False) -> Callable:
+def make_fit_fn(task, table: fit_lib.BaseTable, steps: int, *, coarse: fit_lib.BaseTable | None = None,
+                coarse_steps: int = 0, mesh=None, given_start: bool = False) -> Callable:
     """Jitted ``(params, images (B, H, W)) -> dict``: `make_encode_fn`'s outputs with ``theta`` fitted against
-    ``table`` by ``steps`` iterations (`fit.fit_patterns`) from the encoder's warps, plus ``theta_encoder``,
-    ``fisher`` ``(B, 6, 6)``, ``chi2`` and ``dof`` ``(B,)``. With ``given_start`` it takes a third argument, the
-    starting warps ``(B, 2, 3)``. With a ``mesh`` the batch is split over its devices."""
+    ``table`` by ``steps`` iterations (`fit.fit_patterns`), plus ``theta_encoder``, ``fisher`` ``(B, 6, 6)``,
+    ``chi2`` and ``dof`` ``(B,)``. The fit starts from the encoder's warps, first fitted ``coarse_steps`` times
+    against ``coarse`` (a blurred table over wider pixels, `fit.prepare_bases`: a wider basin for a rough start).
+    With ``given_start`` it takes a third argument, starting warps ``(B, 2, 3)`` used as they are where finite (NaN
+    rows: the encoder's, coarse fit first). With a ``mesh`` the batch is split over its devices."""
+    host = False if mesh is not None else None
 
     def run(params, images, theta0=None):
         enc, k = _encode(task, params, images)
-        start = enc["theta"] if theta0 is None else theta0
+        start = enc["theta"]
+        if coarse is not None and coarse_steps:
+            start = fit_lib.fit_patterns(start, enc["inputs"], enc["zero_beam"], k, coarse, steps=coarse_steps,
+                                         host_compaction=host).theta
+        if theta0 is not None:  # a given start where it is finite
+            start = jnp.where(jnp.isfinite(theta0).all(axis=(-2, -1), keepdims=True), theta0, start)
         res = fit_lib.fit_patterns(start, enc["inputs"], enc["zero_beam"], k, table, steps=steps,
-                                   host_compaction=False if mesh is not None else None)
+                                   host_compaction=host)
         return {"theta": res.theta, "theta_encoder": enc["theta"], "class_index": k, "zero_beam": enc["zero_beam"],
                 "fisher": res.fisher, "chi2": res.chi2, "dof": res.dof,
                 **lattice_signals(task, enc["inputs"], enc["zero_beam"])}
@@ -208,11 +225,27 @@ def learned_bases(task, params) -> jax.Array:
     return task.model.apply({"params": params}, method=lambda m: m.dictionary())
 
 
-def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress=None) -> bases_lib.UpdatedBases:
+def _tables(task, bases, support, config: MapConfig) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
+    """The fine table of ``bases`` and, with `MapConfig.coarse_steps`, the coarse one (spots blurred by half a disk
+    radius, pixels grown by a disk radius)."""
+    cfg = task.model_cfg
+    geometry = cfg.geometry
+    kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
+              interpolation=config.interpolation)
+    fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, **kw)
+    coarse = None
+    if config.coarse_steps:
+        coarse = fit_lib.prepare_bases(bases, cfg.center_px, grow=int(np.ceil(geometry.disk_radius)) + 1,
+                                       blur=max(1.0, 0.5 * geometry.disk_radius), **kw)
+    return fine, coarse
+
+
+def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
+                   progress=None) -> tuple[bases_lib.UpdatedBases, np.ndarray]:
     """Step 1 of the module docstring: the bases re-estimated from a subset of whole scan rows. The first round
     aligns the subset against the learned bases; each further round (`MapConfig.base_rounds`) fits it again, from
-    the previous round's warps, against the bases the previous round estimated."""
-    cfg = task.model_cfg
+    the previous round's warps, against the bases the previous round estimated. Returns the bases and the last
+    round's warps ``(N, 2, 3)`` by scan position (NaN outside the subset)."""
     rows = subset_rows(scan.scan_shape, config.subset)
     ry = scan.scan_shape[1]
     start = np.full((len(rows) * ry, 2, 3), np.nan, np.float32)  # each subset pattern's warp from the last round
@@ -220,10 +253,9 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
     current, support = learned_bases(task, params), None
     accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation, mesh=mesh)
     for round_ in range(config.base_rounds):
-        table = fit_lib.prepare_bases(current, cfg.center_px, support=support, share=config.share,
-                                      max_points=config.max_points, min_radius=cfg.geometry.fit_min_radius,
-                                      interpolation=config.interpolation)
-        fit = make_fit_fn(task, table, config.steps, mesh=mesh, given_start=round_ > 0)
+        table, coarse = _tables(task, current, support, config)
+        fit = make_fit_fn(task, table, config.steps, coarse=coarse, coarse_steps=config.coarse_steps, mesh=mesh,
+                          given_start=round_ > 0)
         sums = None
         for images, index in _row_batches(scan, rows, _batch(config, mesh)):
             slot = np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
@@ -235,7 +267,10 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
                 progress.update(int((index >= 0).sum()))
         upd = bases_lib.reestimate(task, params, *sums)
         current, support = upd.bases, np.asarray(upd.support)
-    return upd
+    by_position = np.full((scan.n_positions, 2, 3), np.nan, np.float32)
+    for r in rows:
+        by_position[int(r) * ry:(int(r) + 1) * ry] = start[local[int(r)]: local[int(r)] + ry]
+    return upd, by_position
 
 
 def default_mesh():
@@ -256,7 +291,8 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     """Per-position results over the whole scan (module docstring), flat arrays ``(N, ...)`` in scan order:
     ``theta``, ``theta_encoder`` ``(N, 2, 3)``, ``class_index``, ``zero_beam`` ``(N, 2)``, ``fisher`` ``(N, 6, 6)``,
     ``chi2``, ``dof``, ``ring_signal``, ``lattice_signal``, ``lattice_significance``; with ``steps == 0`` the
-    encoder's warps and no fit statistics.
+    encoder's warps and no fit statistics. With several bases the warps are composed with `register_bases`
+    (``base_registration`` ``(K, 2, 3)``), so every position is measured in base 0's frame.
 
     Args:
       scan: an open `ccstae_jax.data.readers.Scan`.
@@ -266,19 +302,51 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     cfg = task.model_cfg
     mesh = default_mesh() if mesh == "auto" else mesh
     params = jax.device_put(params, jax.devices()[0] if mesh is None else replicated_sharding(mesh))
+    registration, start = None, None
     if config.steps == 0:
         fn = make_encode_fn(task, mesh=mesh)
     else:
         if config.base_update:
-            upd = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
+            upd, start = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
             base_images, support = upd.bases, np.asarray(upd.support)
         else:
             base_images, support = learned_bases(task, params), None
-        table = fit_lib.prepare_bases(base_images, cfg.center_px, support=support, share=config.share,
-                                      max_points=config.max_points, min_radius=cfg.geometry.fit_min_radius,
-                                      interpolation=config.interpolation)
-        fn = make_fit_fn(task, table, config.steps, mesh=mesh)
+        table, coarse = _tables(task, base_images, support, config)
+        fn = make_fit_fn(task, table, config.steps, coarse=coarse, coarse_steps=config.coarse_steps, mesh=mesh,
+                         given_start=start is not None)
+        if cfg.num_bases > 1:
+            registration = register_bases(base_images, table, cfg.center_px)
     collector = _Collector(scan.n_positions, progress)
     for images, index in _row_batches(scan, np.arange(scan.scan_shape[0]), _batch(config, mesh)):
-        collector.add(fn(params, images), index)  # dispatched asynchronously; the previous batch is collected
-    return collector.finish()
+        # dispatched asynchronously; the previous batch is collected meanwhile
+        if start is None:
+            collector.add(fn(params, images), index)
+        else:  # the subset's patterns start from their base-estimate warps
+            collector.add(fn(params, images, np.where(index[:, None, None] >= 0, start[np.maximum(index, 0)], np.nan)),
+                          index)
+    out = collector.finish()
+    if registration is not None:
+        # every warp relative to base 0's frame: a second phase's lattice mismatch becomes strain
+        k = np.clip(out["class_index"], 0, cfg.num_bases - 1)
+        out["theta"] = np.asarray(affine.compose(jnp.asarray(out["theta"]), jnp.asarray(registration[k])))
+        if "fisher" in out:
+            # phi = theta^-1 becomes R^-1 phi: its entries map linearly by kron(B, I_3), B the linear part of R^-1
+            b = np.asarray(affine.invert(jnp.asarray(registration)))[:, :, :2].astype(np.float64)
+            a_inv = np.einsum("kil,jm->kijlm", np.linalg.inv(b), np.eye(3)).reshape(-1, 6, 6)[k]
+            out["fisher"] = np.swapaxes(a_inv, -1, -2) @ out["fisher"] @ a_inv
+        out["base_registration"] = registration
+    return out
+
+
+def register_bases(bases: jax.Array, table: fit_lib.BaseTable, center: tuple[float, float], *,
+                   steps: int = 20) -> np.ndarray:
+    """``(K, 2, 3)`` warps pulling base 0 onto each base (identity for base 0): each base is fitted, like a
+    pattern, against base 0 (`fit.fit_patterns`). Composed with a pattern's warp against its own base, they put
+    every lattice in base 0's frame, so a phase with another lattice constant reads as strain relative to it."""
+    k = bases.shape[0]
+    res = fit_lib.fit_patterns(affine.identity_warp((k,)), jnp.asarray(bases, jnp.float32),
+                               jnp.broadcast_to(jnp.asarray(center, jnp.float32), (k, 2)),
+                               jnp.zeros(k, jnp.int32), table, steps=steps)
+    theta = np.asarray(res.theta)
+    theta[0] = np.asarray(affine.identity_warp(()))
+    return theta

@@ -30,7 +30,8 @@ QUANTITIES = ("strain_xx", "strain_yy", "shear_xy", "rotation")
 
 #: Reasons a position has no strain value (stored in /invalid_reason; 0 = valid).
 INVALID_REASONS = {0: "valid", 1: "blank pattern (no intensity in the ring)", 2: "no lattice signal in the ring",
-                   3: "non-finite prediction", 4: "no specimen (vacuum: the central beam alone)"}
+                   3: "non-finite prediction", 4: "no specimen (vacuum: the central beam alone)",
+                   5: "two lattices under the probe (e.g. a grain boundary)"}
 
 
 def region_mask(scan_shape: tuple[int, int], region: tuple[int, int, int, int] | None) -> np.ndarray:
@@ -212,9 +213,9 @@ def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *,
 
     A position is invalid when its pattern has no intensity in the ring (1, blank); when its ``n``-fold harmonic is
     weaker than ``min_lattice_signal`` times the scan's median or not ``min_significance`` times above the noise
-    level of the orders no lattice has (about 4e-3 of pure-noise patterns pass at 3): then 4 (vacuum) if its ring
-    holds less than ``vacuum_level`` of the median ring intensity of the positions with a lattice, else 2 (no
-    lattice); or when the fitted warp is not finite (3).
+    level of the orders no lattice has (about 4e-3 of pure-noise patterns pass at 3): then 5 (two lattices) if its
+    ``2n``-fold harmonic is significant, else 4 (vacuum) if its ring holds less than ``vacuum_level`` of the median
+    ring intensity of the positions with a lattice, else 2 (no lattice); or when the fitted warp is not finite (3).
     """
     rx, ry = scan_shape
     theta = predictions["theta"].reshape(rx, ry, 2, 3)
@@ -231,6 +232,9 @@ def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *,
     level = np.median(ring_signal[specimen]) if specimen.any() else np.inf
     reason[weak & (reason == 0)] = 2
     reason[weak & (reason == 2) & (ring_signal < vacuum_level * level)] = 4
+    if "double_significance" in predictions:
+        mixed = predictions["double_significance"].reshape(rx, ry) >= min_significance
+        reason[weak & (reason == 2) & mixed] = 5
     reason[~lit] = 1
     return reason
 
@@ -251,7 +255,7 @@ def strain_maps(
     Returns a dict of arrays: the four `QUANTITIES` (NaN where invalid), ``reconstruction_error`` (the fit's
     reduced chi-square divided by its median over the valid positions: 1 = a typical fit, larger = the base explains
     the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`), ``theta``, ``lattice``,
-    ``class_index``; with a fit (``fisher``, ``chi2``, ``dof`` in ``predictions``) ``uncertainty_<quantity>``
+    ``class_index``, ``phase`` (the base of each valid position, -1 where invalid); with a fit (``fisher``, ``chi2``, ``dof`` in ``predictions``) ``uncertainty_<quantity>``
     (`strain_uncertainty`: 1-sigma, rotation in radians, NaN where invalid); and ``distortion`` (a `Distortion`).
     """
     rx, ry = scan_shape
@@ -288,6 +292,7 @@ def strain_maps(
     out["theta"] = theta.astype(np.float32)
     out["lattice"] = lattice.astype(np.float32)
     out["class_index"] = predictions["class_index"].reshape(rx, ry).astype(np.int32)
+    out["phase"] = np.where(valid, out["class_index"], -1).astype(np.int8)
     out["distortion"] = distortion
     return out
 
