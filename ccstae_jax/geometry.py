@@ -341,7 +341,8 @@ def matched_harmonic(images: np.ndarray, center: tuple[float, float], order: int
     Each pattern's harmonic ``H_p(r) = sum I exp(-i n phi)`` over annulus ``r``; starting from uniform weights, the
     phase of each pattern's weighted total ``u_p`` is taken as its orientation, ``m(r) = mean_p H_p(r) conj(u_p)``
     is the annulus's typical harmonic relative to it, and the new weights are ``exp(-i angle m(r))`` with gain
-    ``|m(r)| / N(r)`` (``N`` the noise power of the annulus, from `NOISE_ORDERS`). The relative phases do not depend
+    ``|m(r)| / N(r)`` (``N`` the noise power of the annulus, from `NOISE_ORDERS`, at least 1 % of the strongest
+    ``|m|^2``). The relative phases do not depend
     on the patterns' orientations, so patterns of every grain contribute alike.
 
     Returns:
@@ -367,13 +368,14 @@ def matched_harmonic(images: np.ndarray, center: tuple[float, float], order: int
         return np.add.reduceat(x * np.exp(-1j * k * phi).astype(np.complex64), starts, axis=1)  # (N, n_present)
 
     hp = harmonic(order)
-    noise = np.mean([np.mean(np.abs(harmonic(k)) ** 2, axis=0) for k in NOISE_ORDERS], axis=0) + 1e-300
+    noise = np.mean([np.mean(np.abs(harmonic(k)) ** 2, axis=0) for k in NOISE_ORDERS], axis=0)
     weights = np.ones(len(present), np.complex128)
     for _ in range(iterations):
         total = hp @ weights
         u = total / np.maximum(np.abs(total), 1e-300)
         m = np.mean(hp * np.conj(u)[:, None], axis=0)
-        weights = np.conj(m) / noise
+        # noise-free data have no noise power: a floor of 1 % of the strongest signal power keeps the gain finite
+        weights = np.conj(m) / (noise + 0.01 * np.max(np.abs(m)) ** 2 + 1e-300)
     phase = np.zeros(n_bins)
     gain = np.zeros(n_bins)
     phase[present] = -np.angle(weights)
