@@ -64,6 +64,7 @@ from _common import file_attrs as _file_attrs  # noqa: E402
 from _common import loadavg as _loadavg  # noqa: E402
 from _common import mae_row as _row  # noqa: E402
 from _common import write_json as _write_json  # noqa: E402
+
 METHODS = ("ccstae", "ccstae_encoder_only", "py4dstem", "py4dstem_absolute")
 #: The paper's 13 background-noise levels (0-70 %).
 PAPER_LEVELS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.45, 0.50, 0.60, 0.70)

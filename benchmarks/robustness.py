@@ -312,8 +312,8 @@ def run_case(cfg: RobustnessConfig, case: Case, case_dir: Path, *, baseline_ok: 
              log: Callable[[str], None] = print) -> dict:
     """Simulates, trains, maps, baselines, scores and bounds one case; writes and returns its ``result.json``.
 
-    A failing ``ccstae`` step or baseline is recorded in ``errors``/``notes`` (its method's scores are null) and
-    does not stop the benchmark.
+    A failing ``ccstae`` step or baseline is recorded in ``notes`` (its method's scores are null) and does not stop
+    the benchmark; ``errors`` holds each method's full error table (median, interior MAE, valid fraction).
     """
     from ccstae_jax.baselines import py4dstem
     from ccstae_jax.data.simulate import SimulationConfig

@@ -205,3 +205,23 @@ def test_markdown_bolds_the_lower_of_py4dstem_and_ccstae():
     assert cells[8:10] == ["n/a", "1.00"]
     assert cells[11:13] == ["**0.100**", "0.500"]
     assert cells[14:16] == ["25.0%", "0.0% |"]
+
+
+def test_crb_leaves_vacuum_positions_out(tmp_path):
+    from ccstae_jax.crb import gaussian_mae, strain_crb
+    from ccstae_jax.data.simulate import SimulationConfig
+
+    cfg = SimulationConfig(detector_size=64, disk_radius=2.0)
+    params = np.array([[0.0, 0.0, 0.0, 0.0], [0.01, -0.015, 0.005, 0.4]])
+    index = np.array([[0, 0, -1], [1, -1, -1]], np.int32)  # grain 0: 2 positions, grain 1: 1, vacuum: 3
+    path = tmp_path / "fake.h5"
+    with h5py.File(path, "w") as f:
+        f["grains/params"] = params
+        f["labels/grain_index"] = index
+    got = rb.crb_for_scan(path, cfg, 0.3)
+    mae = gaussian_mae(strain_crb(cfg, w=0.3, params=params).sigma)
+    np.testing.assert_allclose(got["strain_xx"], (2 * mae[0, 0] + mae[1, 0]) / 3, rtol=1e-9)
+    with h5py.File(path, "a") as f:
+        f["labels/grain_index"][...] = -1
+    assert rb.crb_for_scan(path, cfg, 0.3) == dict.fromkeys(MAE_KEYS)
+
