@@ -512,7 +512,8 @@ def format_markdown(results: dict) -> str:
                 lines.append(f"| {c['name']} | {c['noise'] * 100:g}% | {name} | {vf} | {per} | {acc} |")
     s = results.get("settings", {})
     env = results.get("environment", {})
-    notes = sorted({n.splitlines()[0] for c in results["cases"] for n in c.get("notes", [])})
+    notes = [f"{c['name']} {c['noise'] * 100:g}%: {n.splitlines()[0]}" for c in results["cases"]
+             for n in c.get("notes", [])]
     lines += [
         "",
         f"MAE against the labels over the valid specimen positions of each {s.get('scan', '?')}x{s.get('scan', '?')} "
@@ -533,7 +534,7 @@ def format_markdown(results: dict) -> str:
 
 def plot_robustness(results: dict, path) -> str:
     """MAE per case: strain (mean of strain_xx, strain_yy, shear_xy; log scale) and rotation, CC-ST-AE, py4DSTEM and
-    the CRB side by side. Returns the path written."""
+    the CRB side by side; a method without a result (failed, not run) is an x at the top. Returns the path written."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -566,12 +567,22 @@ def plot_robustness(results: dict, path) -> str:
             else:
                 ax.scatter(x + (k - 0.5) * 0.18, y, marker=marker, s=45, color=colour, label=name, zorder=4)
         ax.set_yscale("log")
+        top = ax.get_ylim()[1]
+        labelled = False
+        for k, method in enumerate(("ccstae", "py4dstem")):
+            missing = np.array([c.get(method) is None for c in cases])
+            if missing.any():
+                ax.scatter(x[missing] + (k - 0.5) * 0.18, np.full(missing.sum(), top), marker="x", s=45,
+                           color=style[method][2], clip_on=False, zorder=4,
+                           label=None if labelled else "no result (failed or not run)")
+                labelled = True
+        ax.set_ylim(top=top)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", axis="y", alpha=0.3)
         for b in x[:-1]:
             ax.axvline(b + 0.5, color="0.9", lw=0.8, zorder=0)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="upper right", bbox_to_anchor=(0.99, 0.96), ncol=3, fontsize=9, frameon=False)
+    fig.legend(handles, names, loc="upper right", bbox_to_anchor=(0.99, 0.96), ncol=4, fontsize=9, frameon=False)
     fig.suptitle("MAE per case (CRB: expected MAE at the Cramér-Rao bound)", x=0.02, ha="left", fontsize=11)
     axes[1].set_xticks(x, labels, fontsize=8)
     axes[1].set_xlim(-0.6, len(cases) - 0.4)
