@@ -95,7 +95,6 @@ def run(scan: int, noise: float, work: Path, *, baseline: bool) -> dict:
     res["map_vs_py4dstem"] = None
     if baseline:
         out = work / "py4dstem.h5"
-        t0 = time.perf_counter()
         rss, wall = measured(["baseline", str(data), "--out", str(out), "--quiet"])
         res["py4dstem_s"], res["py4dstem_peak_rss_mb"] = wall, rss
         res["py4dstem_patterns_per_s"] = n / wall

@@ -49,22 +49,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
-import platform
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
+from _common import QUANTITIES, Clock, crb_for_scan  # noqa: E402
+from _common import clean as _clean  # noqa: E402
+from _common import environment as _environment  # noqa: E402
+from _common import file_attrs as _file_attrs  # noqa: E402
+from _common import loadavg as _loadavg  # noqa: E402
+from _common import mae_row as _row  # noqa: E402
+from _common import write_json as _write_json  # noqa: E402
 
 from ccstae_jax.mapping.fit import INTERPOLATIONS
 from ccstae_jax.mapping.predict import MapConfig
 
-QUANTITIES = ("strain_xx", "strain_yy", "shear_xy", "rotation_deg")
 METHODS = ("ccstae", "ccstae_encoder_only", "py4dstem", "py4dstem_absolute")
 #: The paper's 13 background-noise levels (0-70 %).
 PAPER_LEVELS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25, 0.30, 0.35, 0.40, 0.45, 0.50, 0.60, 0.70)
@@ -180,67 +183,6 @@ def _even_batch(n: int, cap: int) -> int:
     return -(-n // nb)
 
 
-def _row(table: dict) -> dict[str, float | None]:
-    """``{quantity: MAE}`` (None for NaN) from an error table of `ccstae_jax.evaluate.error_table`."""
-    out = {}
-    for k in QUANTITIES:
-        v = table[k]["mae"]
-        out[k] = None if v is None or not math.isfinite(v) else float(v)
-    return out
-
-
-def crb_for_scan(data_path, sim_cfg, w: float, *, max_grains: int | None = None) -> dict[str, float]:
-    """Expected MAE at the Cramér-Rao bound over all positions of a simulated scan.
-
-    Each grain's bound comes from `ccstae_jax.crb.strain_crb` at its own (strain, rotation) parameters, read from
-    ``/grains/params`` of the data file; each position counts with its dominant grain (``/labels/grain_index``).
-
-    Returns:
-      ``{"strain_xx", "strain_yy", "shear_xy": dimensionless, "rotation_deg": degrees}`` = ``sqrt(2/pi)`` times the
-      position-weighted bound on the standard deviation.
-    """
-    import h5py
-
-    from ccstae_jax.crb import gaussian_mae, strain_crb
-
-    with h5py.File(data_path, "r") as f:
-        if "grains/params" not in f or "labels/grain_index" not in f:
-            raise ValueError(f"{data_path}: no /grains/params or /labels/grain_index (not a ccstae simulation file)")
-        params = np.asarray(f["grains/params"][()], np.float64)
-        index = np.asarray(f["labels/grain_index"][()]).ravel()
-    grains, counts = np.unique(index, return_counts=True)
-    if max_grains is not None and len(grains) > max_grains:
-        top = np.argsort(-counts, kind="stable")[:max_grains]
-        grains, counts = grains[top], counts[top]
-    res = strain_crb(sim_cfg, w=w, params=params[grains, :4])
-    mae = gaussian_mae(res.sigma)  # (grains, 4)
-    weighted = (counts[:, None] * mae).sum(0) / counts.sum()
-    out = dict(zip(("strain_xx", "strain_yy", "shear_xy"), (float(v) for v in weighted[:3])))
-    out["rotation_deg"] = math.degrees(float(weighted[3]))
-    return out
-
-
-class _Clock:
-    def __init__(self, log: Callable[[str], None], prefix: str):
-        self.times: dict[str, float] = {}
-        self.log, self.prefix = log, prefix
-
-    def part(self, name: str):
-        clock = self
-
-        class _Part:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                dt = time.perf_counter() - self.t0
-                clock.times[name] = round(dt, 2)
-                if exc[0] is None:
-                    clock.log(f"{clock.prefix} {name}: {dt:.1f} s")
-
-        return _Part()
-
-
 def run_level(cfg: SweepConfig, w: float, level_dir: Path, *, baseline_ok: bool = True, progress: bool = False,
               log: Callable[[str], None] = print) -> dict:
     """Simulate, train, map (refined and encoder-only), baseline, evaluate and bound one noise level.
@@ -270,7 +212,7 @@ def run_level(cfg: SweepConfig, w: float, level_dir: Path, *, baseline_ok: bool 
     _write_json(saved, settings)
     sim = cfg.simulation(w)
     data = level_dir / "data.h5"
-    clock = _Clock(log, f"[{w * 100:g} %]")
+    clock = Clock(log, f"[{w * 100:g} %]")
     n = cfg.scan * cfg.scan
 
     with clock.part("simulate"):
@@ -338,38 +280,6 @@ def run_level(cfg: SweepConfig, w: float, level_dir: Path, *, baseline_ok: bool 
     }
     _write_json(level_dir / RESULT_FILE, _clean(result))
     return result
-
-
-def _write_json(path: Path, obj) -> None:
-    """Writes JSON atomically (temporary file in the same folder, then rename)."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def _file_attrs(path) -> dict:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-
-
-def _clean(obj):
-    """JSON-safe copy: NaN/inf -> None, numpy scalars/arrays -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
@@ -450,36 +360,6 @@ def run_sweep(cfg: SweepConfig, out_dir: str | os.PathLike, *, progress: bool = 
         "tables": {m: [r["errors"][m] for r in per_level] for m in METHODS},
     }
     return _clean(results)
-
-
-def _loadavg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _environment(wall: float, load0) -> dict:
-    import jax
-
-    ru_self = resource.getrusage(resource.RUSAGE_SELF)
-    ru_kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    dev = jax.devices()[0]
-    return {
-        "wall_s": round(wall, 1),
-        "cpu_s_self": round(ru_self.ru_utime + ru_self.ru_stime, 1),
-        "cpu_s_children": round(ru_kids.ru_utime + ru_kids.ru_stime, 1),
-        "loadavg_start": load0,
-        "loadavg_end": _loadavg(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jax_backend": jax.default_backend(),
-        "device": getattr(dev, "device_kind", str(dev)),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "baseline_python": os.environ.get("CCSTAE_BASELINE_PYTHON"),
-    }
 
 
 # ------------------------------------------------------------------------------------------------ table

@@ -2,7 +2,6 @@
 the error table."""
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -22,6 +22,22 @@ Pipeline (per pattern, streamed in chunks of ``config.chunk_size`` positions):
    such data; ``method="strainmap"`` runs it, for single-orientation scans).
 5. Strain: EXACT left polar decomposition against the known unstrained lattice (no linearisation).
 
+Scan geometry, set from our simulated file's attributes by :func:`config_from_attrs` and the subprocess entry:
+
+* Disk radius: the template's. For disks large against the lattice spacing s, the central-beam window and the
+  template's trench are capped to end 1 px before the first-order disks (and before the neighbouring disks).
+* Lattice: hexagonal, square or rectangular (``lattice``, ``lattice_aspect``); |g1| from ``lattice_constant`` (of the
+  reference phase) and ``q_pixel``; rotations modulo 60, 90 or 180 deg (the output's ``symmetry`` attribute, which
+  ``ccstae evaluate`` uses).
+* Descan: every pattern has its own origin (its beam centre, refined by the lattice fit), so a drifting zero beam
+  needs nothing else.
+* Several phases: every grain is fitted against the reference phase's lattice, so the lattice mismatch appears as
+  strain (as in the labels); the indexing tolerances widen by the mismatch.
+* Elliptical distortion: calibrated from the Bragg vector map of the whole scan (``Py4DSTEMConfig.ellipse``), not
+  taken from the file; on a strained polycrystal the fit absorbs the grains' mean deviatoric strain.
+* Vacuum: patterns whose diffracted spots are much weaker than the scan's (``Py4DSTEMConfig.vacuum_threshold``) are
+  emptied, so they come out invalid.
+
 Accuracy floor: on our simulator's default disks (tanh edge 0.5 px) the point-sampled disks alias, which biases every
 correlation peak by ~0.02 px (rms; measured 0.018 px with 'multicorr', 0.03 px with 'poly'); the noise-free strain MAE
 is then ~1-2e-4 (8x8 scan, 4 grains: strain_xx / strain_yy / shear_xy 1.6e-4 / 2.3e-4 / 0.6e-4). With a 0.75 px edge
@@ -37,7 +53,7 @@ Conventions (the project's):
   and ``R(theta) = [[cos, -sin], [sin, cos]]``.
 * Positive ``strain_xx``: the lattice is stretched along x, so the spots move inward along Qx.
 * ``rotation`` is in radians, counter-clockwise from +Qx toward +Qy, reported modulo the lattice symmetry
-  (60 deg for hexagonal, 90 deg for square) in [0, period).
+  (60 deg for hexagonal, 90 deg for square, 180 deg for rectangular) in [0, period).
 * Strain is absolute (against the known unstrained |g1|), not referenced to a region. If ``g1_length_px`` is not
   known it is estimated as the scan median of first-shell radii, which makes the strain relative to that median.
 
@@ -73,15 +89,21 @@ __all__ = [
     "INSTALL_HINT",
     "BaselineUnavailable",
     "Py4DSTEMConfig",
+    "VACUUM_THRESHOLD",
     "beam_centres",
+    "canonical_lattice",
     "config_from_attrs",
     "default_g1_angle_deg",
     "g1_length_from_attrs",
+    "lattice_aspect_from_attrs",
+    "lattice_symmetry",
+    "phase_mismatch_from_attrs",
     "py4dstem_available",
     "py4dstem_strain_map",
     "reference_basis",
     "run_baseline_subprocess",
     "run_cli",
+    "shortest_spacing",
     "strain_from_reciprocal_bases",
     "suppress_central_beam",
     "write_strain_h5",
@@ -97,8 +119,12 @@ BASELINE_ENV: dict[str, str] = {
     "TQDM_DISABLE": "1",
 }
 
-#: Angle between the unstrained g1 and g2 (deg) and the rotational symmetry period of the pattern.
-LATTICE_ANGLE_DEG = {"hex": 60.0, "square": 90.0}
+#: Angle between the unstrained g1 and g2 (deg) of each lattice.
+LATTICE_ANGLE_DEG = {"hex": 60.0, "square": 90.0, "rect": 90.0}
+#: Rotational symmetry period of each lattice's pattern (deg): rotations are reported modulo it.
+ROTATION_PERIOD_DEG = {"hex": 60.0, "square": 90.0, "rect": 180.0}
+#: Other spellings of the lattice names (the simulator's ``lattice`` attribute) -> the names used here.
+LATTICE_ALIASES = {"hexagonal": "hex", "rectangular": "rect"}
 
 MAP_KEYS = ("strain_xx", "strain_yy", "shear_xy", "rotation")
 
@@ -134,7 +160,9 @@ class Py4DSTEMConfig:
             disk, within 1.3 radii of its centre, of the scan's mean pattern).
         kernel: ``"sigmoid"`` (disk minus a sine-squared trench: insensitive to smooth background; use for disks) or
             ``"flat"`` (the probe itself; better for Gaussian spots).
-        trench: Inner and outer radius of the ``"sigmoid"`` trench, in units of ``probe_radius_px``.
+        trench: Inner and outer radius of the ``"sigmoid"`` trench, in units of ``probe_radius_px``. The outer
+            radius is capped at ``s - probe_radius_px - 1`` px (``s`` = the shortest unstrained lattice spacing), so
+            for large disks the trench ends before the neighbouring disks begin.
         corr_power: Correlation power (1 = cross-correlation, 0 = phase correlation). Below 1 is much worse here.
         sigma_cc: Gaussian smoothing (px) of the correlation before peak finding (0 = none).
         subpixel: ``"multicorr"`` (DFT upsampling, most accurate), ``"poly"`` (parabola, ~10x faster, about as
@@ -142,6 +170,13 @@ class Py4DSTEMConfig:
         upsample_factor: Upsampling for ``"multicorr"``.
         min_absolute_intensity: Drop correlation maxima below this value (data units).
         min_relative_intensity: Drop maxima dimmer than this fraction of the ``relative_to_peak``-th brightest.
+        vacuum_threshold: Vacuum test after detection. A pattern's spot strength is its brightest maximum at
+            least half the shortest unstrained spacing from its beam centre (a diffracted spot: neither the central
+            beam nor the edge of the central-beam window); a pattern whose strength is below this fraction of the
+            scan median strength is taken as vacuum and all its maxima are dropped, so it comes out invalid (an
+            absolute intensity threshold set from the data, as ``minAbsoluteIntensity`` would be by hand). Assumes
+            most of the scan is specimen. 0 = off (the default); :func:`config_from_attrs` sets
+            ``VACUUM_THRESHOLD`` for a scan with vacuum.
         relative_to_peak: Index of the reference maximum for ``min_relative_intensity``; ``None`` = the brightest
             diffracted spot (0 when the central beam is suppressed, else 1), which makes the threshold independent
             of how much intensity the central beam holds (95 % in our simulations: spots are 300x dimmer).
@@ -169,10 +204,20 @@ class Py4DSTEMConfig:
             takes the origin from the diffracted spots (Friedel pairs). ``"perpattern"`` only (``"strainmap"``
             always keeps the beam).
         central_beam_mask_px: (inner, outer) radii (px) of the window: 0 inside ``inner``, 1 beyond ``outer``,
-            sine-squared between; ``None`` = (probe_radius_px + 3, probe_radius_px + 6).
+            sine-squared between; ``None`` = (probe_radius_px + 3, probe_radius_px + 6), with the outer radius
+            capped at ``s - probe_radius_px - 1`` (``s`` = the shortest unstrained spacing: the window then ends
+            before the first-order disks begin) and the inner at the outer minus 1.5 px.
         origin: ``None`` = each pattern's central-beam centre (intensity centroid around its brightest pixel)
             seeds the origin; or a fixed ``(qx0, qy0)`` in px. Either way the lattice fit refines the origin per
             pattern.
+        ellipse: ``"none"`` (default) or ``"fit"``: calibrate an elliptical distortion of the patterns as
+            py4DSTEM does, by fitting an ellipse (``py4DSTEM.process.calibration.fit_ellipse_1D``) to the
+            first-order ring of the Bragg vector map (every detected peak relative to its pattern's beam centre,
+            weighted by intensity, on a 4x finer grid, within 0.85-1.15 times the shortest unstrained spacing),
+            then correcting each peak about its pattern's beam centre with py4DSTEM's elliptical correction scaled
+            to unit determinant (so the pixel size, hence |g1|, stays valid) before the lattice fit. Needs grains
+            of several orientations; strained grains bias it by their mean deviatoric strain. ``"perpattern"``
+            only.
         method: ``"perpattern"`` (default; any grain orientation) or ``"strainmap"`` (py4DSTEM's ``StrainMap``: one
             basis picked on the Bragg vector map, valid only for single-orientation scans; in-memory input).
         bvm_min_relative_intensity: ``"strainmap"`` only: threshold of the Bragg-vector-map maxima, relative to
@@ -193,6 +238,7 @@ class Py4DSTEMConfig:
     upsample_factor: int = 16
     min_absolute_intensity: float = 0.0
     min_relative_intensity: float = 0.05
+    vacuum_threshold: float = 0.0
     relative_to_peak: int | None = None
     min_peak_spacing_px: float | None = None
     edge_boundary_px: int | None = None
@@ -208,6 +254,7 @@ class Py4DSTEMConfig:
     central_beam: str = "suppress"
     central_beam_mask_px: tuple[float, float] | None = None
     origin: tuple[float, float] | None = None
+    ellipse: str = "none"
     method: str = "perpattern"
     bvm_min_relative_intensity: float = 0.01
     chunk_size: int = 256
@@ -228,6 +275,7 @@ class Py4DSTEMConfig:
             "method": ("perpattern", "strainmap"),
             "central_beam": ("suppress", "keep"),
             "fit_weights": ("intensity", "uniform"),
+            "ellipse": ("none", "fit"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -261,6 +309,10 @@ class Py4DSTEMConfig:
             bad("min_peak_spacing_px", self.min_peak_spacing_px, "None or >= 0 px")
         if self.origin is not None and len(self.origin) != 2:
             bad("origin", self.origin, "None or (qx0, qy0) in px")
+        if not 0.0 <= self.vacuum_threshold < 1.0:
+            bad("vacuum_threshold", self.vacuum_threshold, "a fraction in [0, 1)")
+        if self.ellipse != "none" and self.method != "perpattern":
+            bad("ellipse", self.ellipse, "'none' with method='strainmap' (the ellipse fit is 'perpattern' only)")
         if self.blas_threads is not None and not self.blas_threads >= 1:
             bad("blas_threads", self.blas_threads, "None or an integer >= 1")
 
@@ -281,10 +333,27 @@ class Py4DSTEMConfig:
 
 
 # ----------------------------------------------------------------------------------------------- small pure helpers
+def canonical_lattice(lattice: str) -> str:
+    """``"hex"``, ``"square"`` or ``"rect"`` for any accepted spelling (``"hexagonal"``, ``"rectangular"``)."""
+    name = LATTICE_ALIASES.get(str(lattice).strip().lower(), str(lattice).strip().lower())
+    if name not in LATTICE_ANGLE_DEG:
+        raise ValueError(
+            f"lattice = {lattice!r}: expected one of {tuple(LATTICE_ANGLE_DEG) + tuple(LATTICE_ALIASES)}"
+        )
+    return name
+
+
 def _lattice_angle(lattice: str) -> float:
-    if lattice not in LATTICE_ANGLE_DEG:
-        raise ValueError(f"lattice = {lattice!r}: expected one of {tuple(LATTICE_ANGLE_DEG)}")
-    return LATTICE_ANGLE_DEG[lattice]
+    return LATTICE_ANGLE_DEG[canonical_lattice(lattice)]
+
+
+def _rotation_period(lattice: str) -> float:
+    return ROTATION_PERIOD_DEG[canonical_lattice(lattice)]
+
+
+def lattice_symmetry(lattice: str) -> int:
+    """Rotational order n of the lattice's pattern (6 hex, 4 square, 2 rectangular)."""
+    return int(round(360.0 / _rotation_period(lattice)))
 
 
 def default_g1_angle_deg(lattice: str = "hex") -> float:
@@ -292,27 +361,42 @@ def default_g1_angle_deg(lattice: str = "hex") -> float:
 
     The project's convention (``ccstae_jax.data.simulate``): the real-space basis has a1 = a (1, 0) along +x and,
     for the hexagonal lattice, a2 = a (-1/2, sqrt(3)/2); the reciprocal b1 = (1, 1/sqrt(3)) / a then points at
-    30 deg (hex; spots at 30 + n 60 deg) and at 0 deg for the square lattice.
+    30 deg (hex; spots at 30 + n 60 deg) and at 0 deg for the square and rectangular lattices.
     """
     return 30.0 if _lattice_angle(lattice) == 60.0 else 0.0
 
 
-def reference_basis(g1_length_px: float, lattice: str = "hex", *, g1_angle_deg: float | None = None) -> np.ndarray:
+def reference_basis(
+    g1_length_px: float, lattice: str = "hex", *, g1_angle_deg: float | None = None, aspect: float = 1.0
+) -> np.ndarray:
     """Unstrained reciprocal basis in detector pixels.
 
     Args:
-        g1_length_px: |g1| of the unstrained lattice (px).
-        lattice: ``"hex"`` (g2 at +60 deg from g1) or ``"square"`` (g2 at +90 deg).
+        g1_length_px: |g1| of the unstrained lattice (px): the reciprocal vector b1 of the real-space a1.
+        lattice: ``"hex"`` (g2 at +60 deg from g1), ``"square"`` (g2 at +90 deg) or ``"rect"`` (g2 at +90 deg,
+            ``|g2| = |g1| / aspect``); the simulator's ``"hexagonal"``/``"rectangular"`` are accepted too.
         g1_angle_deg: Direction of g1 at rotation 0, deg from +Qx toward +Qy; ``None`` =
-            :func:`default_g1_angle_deg` (30 deg hex, 0 deg square: real-space a1 along +x).
+            :func:`default_g1_angle_deg` (30 deg hex, 0 deg square and rect: real-space a1 along +x).
+        aspect: ``b / a`` of the rectangular lattice (real-space a2 = b (0, 1)); ignored otherwise.
 
     Returns:
         (2, 2) array, columns g1 (at ``g1_angle_deg``) and g2 (at ``g1_angle_deg`` + 60/90 deg), rows (qx, qy).
     """
     step = _lattice_angle(lattice)
+    if canonical_lattice(lattice) == "rect" and not (float(aspect) > 0 and math.isfinite(float(aspect))):
+        raise ValueError(f"aspect = {aspect!r}: expected b / a > 0 for the rectangular lattice")
+    g2_scale = 1.0 / float(aspect) if canonical_lattice(lattice) == "rect" else 1.0
     a1 = math.radians(default_g1_angle_deg(lattice) if g1_angle_deg is None else float(g1_angle_deg))
     a2 = a1 + math.radians(step)
-    return float(g1_length_px) * np.array([[math.cos(a1), math.cos(a2)], [math.sin(a1), math.sin(a2)]])
+    return float(g1_length_px) * np.array(
+        [[math.cos(a1), g2_scale * math.cos(a2)], [math.sin(a1), g2_scale * math.sin(a2)]]
+    )
+
+
+def shortest_spacing(g_ref: np.ndarray) -> float:
+    """Length of the shortest non-zero lattice vector h g1 + k g2 of a (2, 2) basis (columns g1, g2), px."""
+    hk = np.array([(h, k) for h in range(-2, 3) for k in range(-2, 3) if (h, k) != (0, 0)], np.float64)
+    return float(np.min(np.linalg.norm(hk @ np.asarray(g_ref, np.float64).T, axis=1)))
 
 
 def strain_from_reciprocal_bases(
@@ -360,21 +444,32 @@ def _attr(attrs: Mapping[str, Any], *names: str):
 
 def _lattice_from_attrs(attrs: Mapping[str, Any]) -> str | None:
     lat = _attr(attrs, "lattice")
-    if isinstance(lat, str) and lat in LATTICE_ANGLE_DEG:
-        return lat
+    if isinstance(lat, str):
+        try:
+            return canonical_lattice(lat)
+        except ValueError:
+            pass
     sym = _attr(attrs, "lattice_symmetry")
     if sym is not None:
-        return {6: "hex", 4: "square"}.get(int(np.asarray(sym).item()))
+        return {6: "hex", 4: "square", 2: "rect"}.get(int(np.asarray(sym).item()))
     return None
+
+
+def lattice_aspect_from_attrs(attrs: Mapping[str, Any]) -> float:
+    """``b / a`` of a rectangular lattice from the file attribute ``lattice_aspect`` (1.0 when absent)."""
+    v = _attr(attrs, "lattice_aspect")
+    return 1.0 if v is None else float(v)
 
 
 def g1_length_from_attrs(attrs: Mapping[str, Any], *, lattice: str | None = None) -> float:
     """Unstrained first-order |g1| in detector pixels from our data file's root attributes.
 
-    Uses ``g1_length_px`` if stored; else ``lattice_constant`` a (Å) and ``q_pixel`` (Å^-1 per px):
-    hexagonal |g1| = 2 / (sqrt(3) a) / q_pixel (WS2: a = 3.153 Å, 0.0096 Å^-1/px -> 38.1 px), square 1 / a / q_pixel.
-    The lattice comes from ``lattice`` (argument), else the attrs ``lattice`` / ``lattice_symmetry`` (6 = hex,
-    4 = square), else hexagonal. The attributes describe the stored detector grid (before any reader binning).
+    Uses ``g1_length_px`` if stored; else ``lattice_constant`` a (Å; of the reference phase when the scan holds
+    several) and ``q_pixel`` (Å^-1 per px): hexagonal |g1| = 2 / (sqrt(3) a) / q_pixel (WS2: a = 3.153 Å,
+    0.0096 Å^-1/px -> 38.1 px), square and rectangular 1 / a / q_pixel (g1 is the reciprocal of a1 = a (1, 0); the
+    rectangular g2 is |g1| / ``lattice_aspect``). The lattice comes from ``lattice`` (argument), else the attrs
+    ``lattice`` / ``lattice_symmetry`` (6 = hex, 4 = square, 2 = rect), else hexagonal. The attributes describe the
+    stored detector grid (before any reader binning).
 
     Raises:
         ValueError: naming the missing or invalid attribute and listing those present.
@@ -393,19 +488,48 @@ def g1_length_from_attrs(attrs: Mapping[str, Any], *, lattice: str | None = None
     a, q = float(a), float(q)
     if not (a > 0 and q > 0):
         raise ValueError(f"lattice_constant = {a} Å and q_pixel = {q} 1/Å/px must both be > 0")
-    lattice = lattice or _lattice_from_attrs(attrs) or "hex"
-    _lattice_angle(lattice)
+    lattice = canonical_lattice(lattice or _lattice_from_attrs(attrs) or "hex")
     return (2.0 / (math.sqrt(3.0) * a) if lattice == "hex" else 1.0 / a) / q
 
 
-def config_from_attrs(attrs: Mapping[str, Any], **overrides) -> Py4DSTEMConfig:
-    """A :class:`Py4DSTEMConfig` with the disk geometry from our simulated file's attributes.
+#: ``vacuum_threshold`` that :func:`config_from_attrs` sets for a scan with vacuum: on our simulations a pattern's
+#: spot strength relative to the scan median is >= 0.6 on the specimen and <= 0.4 in vacuum at up to 50 % noise.
+VACUUM_THRESHOLD = 0.5
 
-    Reads ``disk_radius_px`` (-> ``probe_radius_px``) and, if present, ``disk_edge_px`` (the simulator's tanh
-    width w -> ``probe_edge_px = 2 w``). ``overrides`` replace any field.
+
+def phase_mismatch_from_attrs(attrs: Mapping[str, Any]) -> float:
+    """Largest relative lattice-constant difference ``max_p |a_p / a_0 - 1|`` of the file's ``phases`` attribute
+    (a JSON list of ``[name, a]``, the reference phase first); 0 for one phase or none recorded."""
+    raw = _attr(attrs, "phases")
+    if raw is None:
+        return 0.0
+    try:
+        phases = json.loads(raw) if isinstance(raw, str) else list(raw)
+        consts = [float(p[1]) for p in phases]
+    except (TypeError, ValueError, IndexError, json.JSONDecodeError):
+        raise ValueError(f"file attribute phases = {raw!r}: expected a JSON list of [name, a] pairs") from None
+    if len(consts) < 2 or not consts[0] > 0:
+        return 0.0
+    return float(max(abs(a / consts[0] - 1.0) for a in consts))
+
+
+def config_from_attrs(attrs: Mapping[str, Any], **overrides) -> Py4DSTEMConfig:
+    """A :class:`Py4DSTEMConfig` set up, as a careful user would, from what our simulated file's attributes say.
+
+    * ``disk_radius_px`` / ``disk_radius`` -> ``probe_radius_px``; ``disk_edge_px`` / ``disk_edge`` (the
+      simulator's tanh width w) -> ``probe_edge_px = 2 w``.
+    * ``phases`` with several lattice constants (strain is fitted against the reference phase, so another phase
+      appears as a strain of up to m = ``phase_mismatch_from_attrs``): ``max_strain`` and ``shell_tolerance``
+      widen by m, so grains of every phase are indexed.
+    * ``ellipticity`` > 0: ``ellipse = "fit"`` (the elliptical distortion is calibrated from the Bragg vector map
+      of the whole scan, as py4DSTEM does; the true value is not used).
+    * ``vacuum`` > 0: ``vacuum_threshold = VACUUM_THRESHOLD``, so patterns without specimen spots (the central
+      beam and noise) hold no peaks and come out invalid.
+
+    ``overrides`` replace any field.
 
     Raises:
-        ValueError: no disk radius in ``attrs`` and none in ``overrides``.
+        ValueError: no disk radius in ``attrs`` and none in ``overrides``; an unreadable ``phases`` attribute.
     """
     kw: dict[str, Any] = {}
     r = _attr(attrs, "disk_radius_px", "disk_radius")
@@ -414,6 +538,17 @@ def config_from_attrs(attrs: Mapping[str, Any], **overrides) -> Py4DSTEMConfig:
     w = _attr(attrs, "disk_edge_px", "disk_edge")
     if w is not None:
         kw["probe_edge_px"] = 2.0 * float(w)
+    mismatch = phase_mismatch_from_attrs(attrs)
+    if mismatch > 0:
+        defaults = {f.name: f.default for f in dataclasses.fields(Py4DSTEMConfig)}
+        kw["max_strain"] = defaults["max_strain"] + mismatch
+        kw["shell_tolerance"] = defaults["shell_tolerance"] + mismatch
+    e = _attr(attrs, "ellipticity")
+    if e is not None and float(e) > 0:
+        kw["ellipse"] = "fit"
+    v = _attr(attrs, "vacuum")
+    if v is not None and float(v) > 0:
+        kw["vacuum_threshold"] = VACUUM_THRESHOLD
     kw.update(overrides)
     if "probe_radius_px" not in kw:
         raise ValueError(
@@ -632,21 +767,33 @@ class _Source:
         return total / self.n
 
 
-def _resolved(config: Py4DSTEMConfig, g1_length_px: float) -> dict[str, Any]:
+def _resolved(config: Py4DSTEMConfig, spacing_px: float) -> dict[str, Any]:
+    """The parameters left to be derived (``None`` fields), from the disk radius and the shortest spacing (px)."""
     r = float(config.probe_radius_px)
+    s = float(spacing_px)
+    if s < 2.0 * r + 2.0:
+        raise ValueError(
+            f"disks of radius {r:g} px overlap or touch at the shortest lattice spacing {s:.3g} px (need spacing >= "
+            "2 radius + 2 px): correlation disk detection cannot separate them; check probe_radius_px and |g1|"
+        )
     suppress = config.central_beam == "suppress" and config.method == "perpattern"
+    mask = None
+    if suppress:
+        if config.central_beam_mask_px is not None:
+            mask = [float(v) for v in config.central_beam_mask_px]
+        else:
+            outer = min(r + 6.0, s - r - 1.0)
+            mask = [min(r + 3.0, outer - 1.5), outer]
+    trench = [r * config.trench[0], min(r * config.trench[1], s - r - 1.0)]
     return dict(
         central_beam="suppress" if suppress else "keep",
-        central_beam_mask_px=(
-            None
-            if not suppress
-            else list(config.central_beam_mask_px or (r + 3.0, r + 6.0))
-        ),
+        central_beam_mask_px=mask,
+        trench_px=trench if trench[1] > trench[0] else [r * config.trench[0], r * config.trench[1]],
         relative_to_peak=(
             (0 if suppress else 1) if config.relative_to_peak is None else int(config.relative_to_peak)
         ),
         min_peak_spacing_px=(
-            0.45 * g1_length_px if config.min_peak_spacing_px is None else float(config.min_peak_spacing_px)
+            0.45 * s if config.min_peak_spacing_px is None else float(config.min_peak_spacing_px)
         ),
         edge_boundary_px=(
             max(8, int(math.ceil(r + 3.0))) if config.edge_boundary_px is None else int(config.edge_boundary_px)
@@ -654,7 +801,7 @@ def _resolved(config: Py4DSTEMConfig, g1_length_px: float) -> dict[str, Any]:
     )
 
 
-def _make_kernel(p4d, config: Py4DSTEMConfig, pattern_shape, src: _Source) -> tuple[np.ndarray, dict]:
+def _make_kernel(p4d, config: Py4DSTEMConfig, pattern_shape, src: _Source, res) -> tuple[np.ndarray, dict]:
     """Cross-correlation template (H, W) with its centre at the array origin, as py4DSTEM expects."""
     py4DSTEM = p4d["py4DSTEM"]
     r = float(config.probe_radius_px)
@@ -675,7 +822,7 @@ def _make_kernel(p4d, config: Py4DSTEMConfig, pattern_shape, src: _Source) -> tu
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if config.kernel == "sigmoid":
-            kernel = probe.get_kernel(mode="sigmoid", origin=origin, radii=(r * config.trench[0], r * config.trench[1]))
+            kernel = probe.get_kernel(mode="sigmoid", origin=origin, radii=tuple(res["trench_px"]))
         else:
             kernel = probe.get_kernel(mode="flat", origin=origin)
     kernel = np.asarray(getattr(kernel, "data", kernel), dtype=np.float64)
@@ -756,6 +903,7 @@ def _fit_one(p4d, peaks: np.ndarray, seed, g_ref: np.ndarray, config: Py4DSTEMCo
     dx, dy = qx - x0, qy - y0
     weights = inten if config.fit_weights == "intensity" else np.ones_like(inten)
     g = float(np.linalg.norm(g_ref[:, 0]))
+    g_len = np.linalg.norm(g_ref, axis=0)
     best = None
     for phi in _vote_orientations(dx, dy, inten, g_ref, period, config):
         c, s_ = math.cos(math.radians(phi)), math.sin(math.radians(phi))
@@ -783,7 +931,7 @@ def _fit_one(p4d, peaks: np.ndarray, seed, g_ref: np.ndarray, config: Py4DSTEMCo
         if not np.all(np.isfinite(gm)) or abs(np.linalg.det(gm)) < 1e-9 * g * g:
             continue
         # the fitted basis must stay close to the rotated reference basis
-        if np.any(np.abs(np.linalg.norm(gm, axis=0) / g - 1.0) > config.max_strain):
+        if np.any(np.abs(np.linalg.norm(gm, axis=0) / g_len - 1.0) > config.max_strain):
             continue
         n_ok = int(ok.sum())
         if best is None or n_ok > best[-1] or (n_ok == best[-1] and fit[3] < best[3]):
@@ -812,6 +960,90 @@ def _lattice_fit(p4d, qx, qy, weights, h, k, ok, x0, y0, min_num_peaks):
     return float(x0 + fx0), float(y0 + fy0), np.array([[g1x, g2x], [g1y, g2y]], dtype=np.float64), float(err)
 
 
+def _drop_vacuum(peaks: list[np.ndarray], seeds: np.ndarray, fraction: float, min_radius_px: float):
+    """Empties the peak lists of patterns whose spot strength is below ``fraction`` of the scan median.
+
+    Spot strength: the brightest peak at least ``min_radius_px`` from the pattern's beam centre (0 if none).
+    Returns (peaks, threshold in intensity units, number of patterns emptied).
+    """
+    strength = np.zeros(len(peaks))
+    for i, (p, c) in enumerate(zip(peaks, seeds)):
+        if len(p):
+            far = np.hypot(p[:, 0] - c[0], p[:, 1] - c[1]) >= min_radius_px
+            strength[i] = p[far, 2].max(initial=0.0)
+    threshold = float(fraction * np.median(strength)) if len(strength) else 0.0
+    empty = strength < threshold
+    return [p[:0] if e else p for p, e in zip(peaks, empty)], threshold, int(empty.sum())
+
+
+def _fit_ellipse(peaks, seeds, spacing_px: float, *, sampling: int = 4) -> dict[str, Any]:
+    """Elliptical distortion from the first-order ring of the Bragg vector map (py4DSTEM's ``fit_ellipse_1D``).
+
+    The map accumulates every peak at its offset from its pattern's beam centre (bilinear, weighted by intensity)
+    on a grid ``sampling`` times finer than the detector's (as py4DSTEM's ``BraggVectors.histogram(sampling=...)``;
+    coarse bins bias the fitted axes by the bins' spread), centred on a zero offset; the ellipse is fitted to the
+    map within 0.85-1.15 ``spacing_px`` of the centre.
+
+    Returns:
+        dict: ``a``, ``b`` (semi-axes, px), ``theta`` (radians from +Qx toward +Qy of the major axis), ``centre``
+        (offset of the ellipse centre from the beam centres, px), ``ellipticity`` ``(a - b) / ((a + b) / 2)`` and
+        ``correction``: the (2, 2) unit-determinant matrix ``T / sqrt(det T)`` with ``T = I - (1 - b/a) u u^T``
+        (``u`` along the major axis: py4DSTEM's elliptical correction of calibrated Bragg vectors), which maps the
+        fitted ellipse onto a circle of radius ``sqrt(a b)``.
+    """
+    from py4DSTEM.process.calibration import fit_ellipse_1D
+
+    half = int(math.ceil(1.25 * spacing_px * sampling)) + 2
+    size = 2 * half + 1
+    bvm = np.zeros((size, size))
+    for p, c in zip(peaks, seeds):
+        if len(p) == 0:
+            continue
+        x, y = (p[:, 0] - c[0]) * sampling + half, (p[:, 1] - c[1]) * sampling + half
+        ok = (x >= 0) & (y >= 0) & (x < size - 1) & (y < size - 1)
+        x, y, w = x[ok], y[ok], np.clip(p[ok, 2], 0.0, None)
+        x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+        fx, fy = x - x0, y - y0
+        np.add.at(bvm, (x0, y0), w * (1 - fx) * (1 - fy))
+        np.add.at(bvm, (x0 + 1, y0), w * fx * (1 - fy))
+        np.add.at(bvm, (x0, y0 + 1), w * (1 - fx) * fy)
+        np.add.at(bvm, (x0 + 1, y0 + 1), w * fx * fy)
+    radii = (0.85 * spacing_px * sampling, 1.15 * spacing_px * sampling)
+    qx, qy = np.meshgrid(np.arange(size) - half, np.arange(size) - half, indexing="ij")
+    ring = (np.hypot(qx, qy) > radii[0]) & (np.hypot(qx, qy) <= radii[1])
+    if not np.any(bvm[ring] > 0):
+        raise ValueError(
+            f"ellipse fit: the Bragg vector map holds no peak within {0.85 * spacing_px:.1f}-"
+            f"{1.15 * spacing_px:.1f} px of the beam centre (no first-order spots detected); use ellipse='none'"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x0, y0, a, b, theta = fit_ellipse_1D(bvm, center=(half, half), fitradii=radii)
+    a, b, theta = float(a) / sampling, float(b) / sampling, float(theta)
+    if not (np.isfinite([a, b, theta]).all() and 0 < b <= a):
+        raise ValueError(f"ellipse fit failed on the Bragg vector map: semi-axes {a!r}, {b!r}")
+    u = np.array([math.cos(theta), math.sin(theta)])
+    t = np.eye(2) - (1.0 - b / a) * np.outer(u, u)
+    return dict(
+        a=a,
+        b=b,
+        theta=theta,
+        centre=[(float(x0) - half) / sampling, (float(y0) - half) / sampling],
+        ellipticity=(a - b) / (0.5 * (a + b)),
+        correction=t / math.sqrt(np.linalg.det(t)),
+    )
+
+
+def _correct_ellipse(peaks: np.ndarray, centre, correction: np.ndarray) -> np.ndarray:
+    """Peaks (m, 3) with positions mapped to ``centre + C (q - centre)``; intensities kept."""
+    if len(peaks) == 0:
+        return peaks
+    out = peaks.copy()
+    d = peaks[:, :2] - np.asarray(centre, np.float64)
+    out[:, :2] = np.asarray(centre, np.float64) + d @ np.asarray(correction).T
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- public API
 def py4dstem_strain_map(
     patterns_or_scan,
@@ -820,6 +1052,7 @@ def py4dstem_strain_map(
     g1_length_px: float | None = None,
     lattice: str = "hex",
     g1_angle_deg: float | None = None,
+    lattice_aspect: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Strain map of a 4D-STEM scan by py4DSTEM disk detection + per-pattern lattice fit (the baseline).
@@ -832,20 +1065,24 @@ def py4dstem_strain_map(
         g1_length_px: Unstrained first-order |g1| (px); see :func:`g1_length_from_attrs`. ``None``: from the scan's
             ``attrs`` if it has them, else estimated as the scan median first-shell radius (strain then relative
             to that median lattice; recorded as ``g1_length_source = "estimated"``).
-        lattice: ``"hex"`` (rotation period 60 deg) or ``"square"`` (90 deg).
+        lattice: ``"hex"`` (rotation period 60 deg), ``"square"`` (90 deg) or ``"rect"`` (180 deg); the
+            simulator's ``"hexagonal"``/``"rectangular"`` are accepted.
         g1_angle_deg: Direction of an unstrained first-order spot at rotation 0 (deg from +Qx toward +Qy): fixes
             what rotation 0 means. ``None`` = the scan's ``attrs["g1_angle_deg"]`` if present, else
-            :func:`default_g1_angle_deg` (30 deg hex / 0 deg square: real-space a1 along +x, as our simulator).
-            Strain does not depend on it.
+            :func:`default_g1_angle_deg` (30 deg hex / 0 deg square and rect: real-space a1 along +x, as our
+            simulator). Strain does not depend on it.
+        lattice_aspect: ``b / a`` of a rectangular lattice (see :func:`reference_basis`); ``None`` = the scan's
+            ``attrs["lattice_aspect"]``, else 1.
         progress: Show a tqdm progress bar (also honours ``TQDM_DISABLE``).
 
     Returns:
         dict with (Rx, Ry) arrays ``strain_xx``, ``strain_yy``, ``shear_xy`` (float64, dimensionless),
         ``rotation`` (float64 radians in [0, period)), ``valid`` (bool), ``n_peaks`` (int32, peaks used in the
-        fit incl. the central beam), ``n_detected`` (int32), ``fit_error`` (float64 px, intensity-weighted mean
-        residual); (Rx, Ry, 2) ``origin``, ``g1``, ``g2`` (fitted, px, (qx, qy)); and ``parameters`` (JSON string:
-        configuration, resolved values, |g1|, lattice, method, py4DSTEM version, timings). Invalid positions hold
-        NaN. Conventions: see the module docstring (absolute lab-frame strain, x = Qx = rows).
+        fit incl. the central beam), ``n_detected`` (int32; 0 where the vacuum test emptied the pattern),
+        ``fit_error`` (float64 px, intensity-weighted mean residual); (Rx, Ry, 2) ``origin``, ``g1``, ``g2``
+        (fitted, px, (qx, qy)); and ``parameters`` (JSON string: configuration, resolved values, |g1|, lattice,
+        symmetry, the fitted ellipse and the vacuum test when used, method, py4DSTEM version, timings). Invalid
+        positions hold NaN. Conventions: see the module docstring (absolute lab-frame strain, x = Qx = rows).
 
     Raises:
         BaselineUnavailable: py4DSTEM is not installed.
@@ -853,8 +1090,13 @@ def py4dstem_strain_map(
     """
     if not isinstance(config, Py4DSTEMConfig):
         raise TypeError(f"config must be a Py4DSTEMConfig; got {type(config).__name__}")
-    angle = _lattice_angle(lattice)
+    lattice = canonical_lattice(lattice)
+    period = _rotation_period(lattice)
     src = _Source(patterns_or_scan)
+    if lattice_aspect is None:
+        lattice_aspect = lattice_aspect_from_attrs(src.attrs) if src.attrs is not None else 1.0
+    if lattice == "rect" and config.method == "strainmap":
+        raise ValueError("method='strainmap' supports hex and square lattices only; use method='perpattern'")
     if g1_length_px is not None and not float(g1_length_px) > 0:
         raise ValueError(f"g1_length_px = {g1_length_px!r}: expected a positive number of detector pixels")
     if g1_angle_deg is None and src.attrs is not None and _attr(src.attrs, "g1_angle_deg") is not None:
@@ -876,20 +1118,23 @@ def py4dstem_strain_map(
         except ValueError:
             g1_length_px = None
     estimate = g1_length_px is None
+    # shortest unstrained spacing per unit |g1| (1 for hex and square; min(1, 1 / aspect) for rect)
+    unit_spacing = shortest_spacing(reference_basis(1.0, lattice, aspect=lattice_aspect))
     # With |g1| unknown, detection uses a provisional spacing from the probe radius; |g1| is estimated afterwards.
-    res = _resolved(config, g1_length_px if not estimate else 4.0 * config.probe_radius_px / 0.45)
+    spacing = unit_spacing * g1_length_px if not estimate else 4.0 * config.probe_radius_px / 0.45
+    res = _resolved(config, spacing)
     if estimate and config.min_peak_spacing_px is None:
         res["min_peak_spacing_px"] = 4.0 * float(config.probe_radius_px)
     mask_radii = res["central_beam_mask_px"]
-    if mask_radii is not None and not estimate and mask_radii[1] > g1_length_px - config.probe_radius_px - 1.0:
+    if mask_radii is not None and not estimate and mask_radii[1] > spacing - config.probe_radius_px - 1.0:
         raise ValueError(
             f"central_beam_mask_px outer radius {mask_radii[1]:g} px would cut the first-order disks "
-            f"(|g1| = {g1_length_px:.3g} px, disk radius {config.probe_radius_px:g} px); pass a smaller "
+            f"(shortest spacing {spacing:.3g} px, disk radius {config.probe_radius_px:g} px); pass a smaller "
             "central_beam_mask_px or central_beam='keep'"
         )
 
     with _limit_blas(config.blas_threads):
-        kernel, kinfo = _make_kernel(p4d, config, src.pattern_shape, src)
+        kernel, kinfo = _make_kernel(p4d, config, src.pattern_shape, src, res)
         t_kernel = time.perf_counter()
         peaks: list[np.ndarray] = []
         seeds: list[np.ndarray] = []
@@ -917,9 +1162,17 @@ def py4dstem_strain_map(
     t_detect = time.perf_counter()
 
     if estimate:
-        g1_length_px = _estimate_g1(peaks, seed, config)
+        g1_length_px = _estimate_g1(peaks, seed, config) / unit_spacing
         g1_source = "estimated (scan median first-shell radius; strain relative to it)"
-    g_ref = reference_basis(g1_length_px, lattice, g1_angle_deg=g1_angle_deg)
+    g_ref = reference_basis(g1_length_px, lattice, g1_angle_deg=g1_angle_deg, aspect=lattice_aspect)
+    extra: dict[str, Any] = {}
+    if config.vacuum_threshold > 0:
+        peaks, threshold, n_vacuum = _drop_vacuum(peaks, seed, config.vacuum_threshold, 0.5 * shortest_spacing(g_ref))
+        extra["vacuum"] = dict(spot_strength_threshold=threshold, patterns=n_vacuum)
+    if config.ellipse == "fit":
+        ell = _fit_ellipse(peaks, seed, shortest_spacing(g_ref))
+        peaks = [_correct_ellipse(p, c, ell["correction"]) for p, c in zip(peaks, seed)]
+        extra["ellipse"] = {k: (np.asarray(v).tolist() if k == "correction" else v) for k, v in ell.items()}
 
     n = src.n
     gm = np.full((n, 2, 2), np.nan)
@@ -928,7 +1181,7 @@ def py4dstem_strain_map(
     n_used = np.zeros(n, np.int32)
     n_det = np.array([len(p) for p in peaks], np.int32)
     for i, p in enumerate(peaks):
-        fit = _fit_one(p4d, p, seed[i], g_ref, config, angle)
+        fit = _fit_one(p4d, p, seed[i], g_ref, config, period)
         if fit is None:
             continue
         origin[i] = fit[0], fit[1]
@@ -936,7 +1189,7 @@ def py4dstem_strain_map(
     valid = np.all(np.isfinite(gm.reshape(n, 4)), axis=1)
     strain = {k: np.full(n, np.nan) for k in MAP_KEYS}
     if valid.any():
-        s = strain_from_reciprocal_bases(gm[valid], g_ref, period_deg=angle)
+        s = strain_from_reciprocal_bases(gm[valid], g_ref, period_deg=period)
         for k in MAP_KEYS:
             strain[k][valid] = s[k]
     t_fit = time.perf_counter()
@@ -949,9 +1202,12 @@ def py4dstem_strain_map(
         g1_length_px=float(g1_length_px),
         g1_length_source=g1_source,
         lattice=lattice,
-        rotation_period_deg=angle,
+        lattice_aspect=float(lattice_aspect),
+        symmetry=lattice_symmetry(lattice),
+        rotation_period_deg=period,
         g1_angle_deg=float(g1_angle_deg),
         reference_basis_px=g_ref.tolist(),
+        **extra,
         py4dstem_version=str(getattr(p4d["py4DSTEM"], "__version__", "unknown")),
         numpy_version=np.__version__,
         scan_shape=list(shape),
@@ -1051,7 +1307,7 @@ def _strainmap_method(
         with _limit_blas(config.blas_threads), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             dc = py4DSTEM.DataCube(data=np.asarray(data, dtype=np.float32))
-            kernel, kinfo = _make_kernel(p4d, config, src.pattern_shape, src)
+            kernel, kinfo = _make_kernel(p4d, config, src.pattern_shape, src, res)
             t1 = time.perf_counter()
             bv = dc.find_Bragg_disks(template=kernel, sigma=config.sigma_cc, **_detection_kwargs(config, res))
             t2 = time.perf_counter()
@@ -1224,7 +1480,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--binning", type=int, default=1)
     ap.add_argument("--probe-radius", type=float, default=None, help="disk radius, px (default: file attrs)")
     ap.add_argument("--g1-length", type=float, default=None, help="unstrained |g1|, px (default: file attrs)")
-    ap.add_argument("--lattice", choices=tuple(LATTICE_ANGLE_DEG), default=None, help="default: file attrs, else hex")
+    ap.add_argument("--lattice", choices=tuple(LATTICE_ANGLE_DEG) + tuple(LATTICE_ALIASES), default=None,
+                    help="default: file attrs, else hex")
     ap.add_argument("--reference-region", type=int, nargs=4, default=None, metavar=("R0", "R1", "C0", "C1"),
                     help="stored in the output for evaluation (default: the data file's)")
     ap.add_argument("--config-json", default=None, help="JSON object of Py4DSTEMConfig fields (overrides)")
@@ -1242,13 +1499,13 @@ def main(argv: list[str] | None = None) -> int:
     overrides = _tuple_fields(overrides)
     if a.probe_radius is not None:
         overrides["probe_radius_px"] = a.probe_radius
-    geometry = {}
+    geometry = {k: attrs[k] for k in ("phases", "ellipticity", "vacuum") if k in attrs}
     if "disk_radius_px" in attrs or "disk_radius" in attrs:  # file attrs are unbinned detector pixels
         geometry["disk_radius_px"] = float(_attr(attrs, "disk_radius_px", "disk_radius")) / binning
     if "disk_edge_px" in attrs or "disk_edge" in attrs:
         geometry["disk_edge_px"] = float(_attr(attrs, "disk_edge_px", "disk_edge")) / binning
     config = config_from_attrs(geometry, **overrides)
-    lattice = a.lattice or _lattice_from_attrs(attrs) or "hex"
+    lattice = canonical_lattice(a.lattice or _lattice_from_attrs(attrs) or "hex")
     g1 = a.g1_length
     g1_source = "argument"
     if g1 is None:
@@ -1266,13 +1523,15 @@ def main(argv: list[str] | None = None) -> int:
             g1_length_px=g1,
             lattice=lattice,
             g1_angle_deg=None if g1_angle is None else float(g1_angle),
+            lattice_aspect=lattice_aspect_from_attrs(attrs),
             progress=not a.no_progress,
         )
     if g1_source == "file attributes":
         params = json.loads(maps["parameters"])
         params["g1_length_source"] = "file attributes (lattice_constant, q_pixel)"
         maps["parameters"] = json.dumps(params)
-    extra: dict[str, Any] = {"source": os.path.abspath(a.data), "method": "py4dstem"}
+    extra: dict[str, Any] = {"source": os.path.abspath(a.data), "method": "py4dstem",
+                             "symmetry": lattice_symmetry(lattice)}
     region = a.reference_region if a.reference_region is not None else attrs.get("reference_region")
     if region is not None:
         extra["reference_region"] = np.asarray(region, np.int64)
@@ -1324,7 +1583,7 @@ def run_baseline_subprocess(
         config: Parameters; ``None`` = defaults with the disk geometry from the file attributes.
         probe_radius_px: Disk radius (px of the patterns as read); overrides ``config`` and the file attributes.
         g1_length_px: Unstrained |g1| (px as read); ``None`` = from the file attributes (divided by ``binning``).
-        lattice: ``"hex"``/``"square"``; ``None`` = from the file attributes, else hex.
+        lattice: ``"hex"``/``"square"``/``"rect"``; ``None`` = from the file attributes, else hex.
         key, transpose, crop, binning: as ``open_scan`` (``crop`` = ``((q0, q1), (q2, q3))``).
         reference_region: (r0, r1, c0, c1) stored in the output for evaluation (default: the data file's).
         python: Interpreter with py4DSTEM installed; default ``$CCSTAE_BASELINE_PYTHON``, else this one.
