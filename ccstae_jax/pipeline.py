@@ -35,7 +35,7 @@ from ccstae_jax.train import TrainConfig, fit, load_checkpoint
 MODEL_FILE = "model.json"
 
 #: Patterns a default training shows the network (`default_epochs`).
-TRAINING_PATTERNS = 12_000
+TRAINING_PATTERNS = 6_000
 
 # Training defaults per preset (learning rates tuned on simulated WS2 scans); epochs None = `default_epochs`.
 PRESET_TRAINING = {
