@@ -114,7 +114,7 @@ def error_table(
         table["rotation_deg" if k == "rotation" else k] = row
     if vacuum.any():
         table["vacuum"] = {"flagged_fraction": float(np.mean(~valid[vacuum])), "positions": int(vacuum.sum())}
-    if "phase" in labels:
+    if "phase" in labels and len({int(v) for v in np.unique(labels["phase"]) if v >= 0}) > 1:
         table["phases"] = _phase_errors(pred, ref_lab, np.asarray(labels["phase"]), valid & specimen)
     return table
 

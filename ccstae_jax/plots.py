@@ -956,13 +956,14 @@ def _error_figure(maps, *, dpi=DEFAULT_DPI):
 
 def _spot_radii(metrics_path) -> str:
     """``"a -> b px"``: the spot-mask radii of the run beside ``metrics_path`` (from its model geometry)."""
+    from .geometry import Geometry
+
     geometry = _read_json(os.path.join(os.path.dirname(os.fspath(metrics_path)), "model.json")).get(
-        "model", {}).get("geometry", {})
-    radius = geometry.get("disk_radius")
-    if radius is None:
+        "model", {}).get("geometry")
+    if not geometry:
         return "? px"
-    end = float(radius) + 2.5  # as ccstae_jax.geometry.Geometry.spot_radius
-    return f"{end + 3.0:.1f} -> {end:.1f} px"
+    start, end = Geometry.from_dict(geometry).spot_radius
+    return f"{start:.1f} -> {end:.1f} px"
 
 
 def _phase_figure(maps, *, title=None, dpi=DEFAULT_DPI):

@@ -187,7 +187,12 @@ def test_help_shows_the_defaults_the_code_applies():
 
     train = _help("train")
     for preset, values in pipeline.PRESET_TRAINING.items():
-        assert f"{preset}: {values['epochs']}" in train["--epochs"]
+        epochs = values["epochs"]
+        if epochs is None:  # sized to the scan by pipeline.default_epochs
+            epochs = f"enough to show about {pipeline.TRAINING_PATTERNS} patterns"
+            assert pipeline.default_epochs(1) == 20 and pipeline.default_epochs(10**6) == 3
+            assert "3 to 20" in train["--epochs"]
+        assert f"{preset}: {epochs}" in train["--epochs"]
         assert f"{preset}: {values['batch_size']}" in train["--batch-size"]
         assert f"{preset}: {values['learning_rate']:g}" in train["--lr"]
         assert f"{preset}: {values['schedule']}" in train["--schedule"]

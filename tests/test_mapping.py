@@ -131,5 +131,5 @@ def test_a_map_split_over_four_devices_equals_the_one_device_map(tmp_path):
         config = MapConfig(steps=2, batch_size=8, subset=16)
         one = map_scan(task, params, scan, config, mesh=None)
         four = map_scan(task, params, scan, config, mesh=make_mesh())
-    np.testing.assert_allclose(four["theta"], one["theta"], atol=2e-5)
+    np.testing.assert_allclose(four["theta"], one["theta"], atol=1e-4)
     np.testing.assert_array_equal(four["class_index"], one["class_index"])

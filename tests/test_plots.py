@@ -203,9 +203,10 @@ def test_training_curves_plot_every_loss_term_and_the_learning_rate(tmp_path):
 
 def test_training_curves_weight_the_terms_and_mark_the_mask_schedule_from_the_runs_model_json(tmp_path):
     metrics = _metrics_file(tmp_path / "metrics.jsonl")
-    loss = {"cycle_weight": 2.0, "l1_coef": 1e-4, "use_spot_mask": True, "shrink_start": 1, "shrink_epochs": 2,
-            "spot_radius_start": 9.0, "spot_radius_end": 6.0}
-    (tmp_path / "model.json").write_text(json.dumps({"model": {}, "loss": loss}))
+    loss = {"cycle_weight": 2.0, "l1_coef": 1e-4, "use_spot_mask": True, "shrink_start": 1, "shrink_epochs": 2}
+    geometry = {"pattern_shape": [64, 64], "center": [32.0, 32.0], "disk_radius": 3.5, "spot_spacing": 20.0,
+                "ring": [15.0, 30.0]}
+    (tmp_path / "model.json").write_text(json.dumps({"model": {"geometry": geometry}, "loss": loss}))
     fig = plots._training_figure(metrics)
     ax = fig.axes[0]
     lines = {line.get_label(): line for line in ax.get_lines()}
