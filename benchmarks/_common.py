@@ -22,7 +22,7 @@ QUANTITIES = ("strain_xx", "strain_yy", "shear_xy", "rotation_deg")
 
 
 def mae_row(table: dict) -> dict[str, float | None]:
-    """``{quantity: MAE}`` (None for NaN) from an error table of `ccstae_jax.evaluate.error_table`."""
+    """``{quantity: MAE}`` (None for NaN) from an error table of `ccstae_jax.evaluate.metrics.error_table`."""
     out = {}
     for k in QUANTITIES:
         v = table[k]["mae"]
@@ -33,7 +33,7 @@ def mae_row(table: dict) -> dict[str, float | None]:
 def crb_for_scan(data_path, sim_cfg, w: float, *, max_grains: int | None = None) -> dict[str, float | None]:
     """Expected MAE at the Cramér-Rao bound over the specimen positions of a simulated scan.
 
-    Each grain's bound comes from `ccstae_jax.crb.strain_crb` at its own (strain, rotation) parameters, read from
+    Each grain's bound comes from `ccstae_jax.evaluate.crb.strain_crb` at its own (strain, rotation) parameters, read from
     ``/grains/params`` of the data file; each position counts with its dominant grain (``/labels/grain_index``);
     vacuum positions (grain index -1) are left out. Grains of another phase are rendered as the reference phase
     with their parameters (which are relative to it), so their spots sit where they should, with the reference
@@ -45,7 +45,7 @@ def crb_for_scan(data_path, sim_cfg, w: float, *, max_grains: int | None = None)
     """
     import h5py
 
-    from ccstae_jax.crb import gaussian_mae, strain_crb
+    from ccstae_jax.evaluate.crb import gaussian_mae, strain_crb
 
     with h5py.File(data_path, "r") as f:
         if "grains/params" not in f or "labels/grain_index" not in f:

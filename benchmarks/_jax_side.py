@@ -129,7 +129,7 @@ def _time_repeats(run_steps, *, warmup: int, steps: int, repeats: int, batch: in
 
 def _build(spec: dict, pool):
     import numpy as np
-    from ccstae_jax.objective import CCSTAETask, configure
+    from ccstae_jax.train.objective import CCSTAETask, configure
 
     preset = spec["preset"]
     overrides = {"dtype": spec["dtype"]}
@@ -151,8 +151,8 @@ def run(spec: dict) -> dict:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from ccstae_jax.models import count_params
-    from ccstae_jax.parallel import make_mesh
+    from ccstae_jax.model.networks import count_params
+    from ccstae_jax.train.parallel import make_mesh
 
     if spec.get("compilation_cache"):
         jax.config.update("jax_compilation_cache_dir", spec["compilation_cache"])

@@ -14,7 +14,7 @@ Poisson counts; `ccstae_jax.data.noise`) the sweep
    dimensionless, rotation in degrees, rotations modulo 60 deg, both sides referenced to the same region; the
    py4DSTEM maps, absolute because the baseline is given the unstrained lattice, are referenced to that region too,
    and also scored as they are: ``py4dstem_absolute``),
-5. computes the Cramér-Rao bound (`ccstae_jax.crb`) for the grains of that very scan: the MAE that an unbiased
+5. computes the Cramér-Rao bound (`ccstae_jax.evaluate.crb`) for the grains of that very scan: the MAE that an unbiased
    per-pattern estimator at the bound would reach, ``sqrt(2/pi) * sigma_CRB`` averaged over all scan positions
    (each position counted with the bound of its dominant grain). At 0 % the Auto4DSTEM data are noise-free, so the
    bound there is 0.
@@ -26,7 +26,7 @@ Usage::
     python benchmarks/noise_sweep.py --quick --levels 0 50% 70 --epochs 4 --out-dir sweep_out
 
 Output (under ``--out-dir``, default ``noise_sweep_out``): ``noise_sweep.md`` (the table), ``noise_sweep.png``
-(`ccstae_jax.plots.plot_noise_sweep`), ``noise_sweep.json`` (and a copy at ``--json``), and one folder per level
+(`ccstae_jax.report.plots.plot_noise_sweep`), ``noise_sweep.json`` (and a copy at ``--json``), and one folder per level
 with the run, the strain maps and ``result.json``. A level whose ``result.json`` was made with the same settings is
 reused, so an interrupted sweep continues where it stopped (``--fresh`` recomputes everything). The simulated data
 (10.5 GB per level for the full setting) are deleted after each level unless ``--keep-data``.
@@ -483,7 +483,7 @@ def config_from_args(a: argparse.Namespace) -> SweepConfig:
 
 def write_outputs(results: dict, out_dir, *, json_path=None) -> dict[str, str]:
     """Writes ``noise_sweep.md``, ``noise_sweep.json`` and ``noise_sweep.png`` (and ``json_path``); returns paths."""
-    from ccstae_jax import plots
+    from ccstae_jax.report import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

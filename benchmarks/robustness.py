@@ -267,7 +267,7 @@ def _class_map(strain_path) -> np.ndarray | None:
 
 def _hetero_scores(maps, attrs, labels, data_attrs, phases, valid, specimen, classes) -> dict:
     from ccstae_jax import pipeline
-    from ccstae_jax.evaluate import _referenced_predictions, referenced_labels
+    from ccstae_jax.evaluate.metrics import _referenced_predictions, referenced_labels
 
     vacuum = np.asarray(labels["vacuum"], bool) if "vacuum" in labels else ~specimen
     out: dict[str, Any] = {

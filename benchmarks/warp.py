@@ -1,4 +1,4 @@
-"""Throughput of `ccstae_jax.warp.affine_warp` (forward and forward+backward), with a baseline beside it.
+"""Throughput of `ccstae_jax.ops.warp.affine_warp` (forward and forward+backward), with a baseline beside it.
 
 Usage::
 
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.ndimage import map_coordinates
 
-from ccstae_jax import warp
+from ccstae_jax.ops import warp
 
 
 def _theta(batch: int, seed: int) -> np.ndarray:

@@ -3,38 +3,41 @@
 The public API is flat and loaded lazily, so ``import ccstae_jax.warp`` (the differentiable affine warp) pulls in
 only JAX and NumPy — never Flax, Optax or Orbax.
 
-Pipeline, one module per step: ``data`` (simulator, readers) → ``geometry``/``models`` (convolutions: ``conv``)/
-``losses``/``objective`` → ``train`` → ``mapping`` → ``evaluate`` → ``report``/``plots``; ``cli`` and ``pipeline``
-drive it.
+One folder per stage of the pipeline: ``data`` (readers, checks, simulator, noise) → ``model`` (geometry, masks,
+networks) → ``train`` (losses, task, loop, checkpoints, devices) → ``mapping`` (per-pattern fit, bases, referencing)
+→ ``evaluate`` (errors, bounds) → ``report`` (files, frames, exports, figures); ``ops`` holds the numeric leaves
+they share, ``conventions`` the frames and names every file uses. ``pipeline`` (the jobs) and ``cli`` drive it.
 """
 from __future__ import annotations
 
 import importlib
+
+from ccstae_jax import _moved
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
     # warp (leaf module: jax + numpy only)
-    "affine_grid": "warp", "grid_sample": "warp", "affine_warp": "warp", "resize_bicubic": "warp",
-    "upsample_bilinear_align_corners": "warp",
+    "affine_grid": "ops.warp", "grid_sample": "ops.warp", "affine_warp": "ops.warp", "resize_bicubic": "ops.warp",
+    "upsample_bilinear_align_corners": "ops.warp",
     # affine algebra and strain
-    "warp_matrix": "affine", "compose": "affine", "invert": "affine", "normalized_to_pixel": "affine",
-    "pixel_to_normalized": "affine", "lattice_from_warp": "affine", "warp_from_lattice": "affine",
-    "lattice_from_strain": "affine", "strain_from_affine": "affine", "polar_left": "affine",
+    "warp_matrix": "ops.affine", "compose": "ops.affine", "invert": "ops.affine", "normalized_to_pixel": "ops.affine",
+    "pixel_to_normalized": "ops.affine", "lattice_from_warp": "ops.affine", "warp_from_lattice": "ops.affine",
+    "lattice_from_strain": "ops.affine", "strain_from_affine": "ops.affine", "polar_left": "ops.affine",
     # sparsity, masks
-    "k_sparse": "sparsity", "top_k_mask": "sparsity",
-    "ring_mask": "masks", "MaskSchedule": "masks",
-    "Geometry": "geometry", "measure_geometry": "geometry", "zero_beam": "geometry",
+    "k_sparse": "ops.sparsity", "top_k_mask": "ops.sparsity",
+    "ring_mask": "model.masks", "MaskSchedule": "model.masks",
+    "Geometry": "model.geometry", "measure_geometry": "model.geometry", "zero_beam": "model.geometry",
     # model, losses, task
-    "ModelConfig": "models", "CCSTAE": "models", "harmonic_rotation": "models", "count_params": "models",
-    "LossConfig": "losses", "ccstae_loss": "losses", "masked_mse": "losses",
-    "CCSTAETask": "objective", "configure": "objective",
+    "ModelConfig": "model.networks", "CCSTAE": "model.networks", "harmonic_rotation": "model.networks", "count_params": "model.networks",
+    "LossConfig": "train.losses", "ccstae_loss": "train.losses", "masked_mse": "train.losses",
+    "CCSTAETask": "train.objective", "configure": "train.objective",
     # training
-    "TrainConfig": "train", "TrainState": "train", "fit": "train", "load_checkpoint": "train",
-    "NonFiniteLossError": "train", "RunConfigMismatchError": "train",
-    "conv_general_dilated": "conv",
-    "make_mesh": "parallel", "shard_batch": "parallel", "initialize_distributed": "parallel",
+    "TrainConfig": "train.loop", "TrainState": "train.loop", "fit": "train.loop", "load_checkpoint": "train.loop",
+    "NonFiniteLossError": "train.loop", "RunConfigMismatchError": "train.loop",
+    "conv_general_dilated": "ops.conv",
+    "make_mesh": "train.parallel", "shard_batch": "train.parallel", "initialize_distributed": "train.parallel",
     # data
     "SimulationConfig": "data.simulate", "simulate_scan": "data.simulate", "simulate_to_hdf5": "data.simulate",
     "add_background_noise": "data.noise", "NOISE_LEVELS": "data.noise",
@@ -43,7 +46,7 @@ _EXPORTS = {
     "MapConfig": "mapping.predict", "map_scan": "mapping.predict", "fit_patterns": "mapping.fit",
     "prepare_bases": "mapping.fit", "UpdatedBases": "mapping.bases", "referenced_strain": "mapping.reference",
     "strain_maps": "mapping.reference", "strain_uncertainty": "mapping.reference",
-    "write_strain_h5": "report.files", "read_strain_h5": "report.files", "error_table": "evaluate", "strain_crb": "crb",
+    "write_strain_h5": "report.files", "read_strain_h5": "report.files", "error_table": "evaluate.metrics", "strain_crb": "evaluate.crb",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -70,3 +73,6 @@ def __getattr__(name: str):
 
 def __dir__():
     return __all__
+
+
+_moved.install()  # the module paths of earlier versions (`ccstae_jax._moved`)

@@ -196,7 +196,7 @@ def cmd_simulate(args):
 
 
 def cmd_train(args):
-    from ccstae_jax.parallel import initialize_distributed
+    from ccstae_jax.train.parallel import initialize_distributed
     from ccstae_jax.pipeline import DataOptions, train
 
     initialize_distributed()  # only when CCSTAE_DISTRIBUTED=1 (multi-host); a no-op otherwise
@@ -236,7 +236,7 @@ def cmd_map(args):
 
         data = dataclasses.replace(load_run(args.run_dir)[1], **_format_options(args))
     if args.export:
-        from ccstae_jax.export import check_export
+        from ccstae_jax.report.export import check_export
 
         check_export(args.export, args.out)
     maps = map_strain(args.run_dir, args.data, args.out, reference_region=_region(args.reference_region),
@@ -248,13 +248,13 @@ def cmd_map(args):
     valid = maps["valid"]
     print(f"wrote {args.out}: {valid.size} positions, {int(valid.sum())} valid ({100 * valid.mean():.1f} %)")
     if args.export:
-        from ccstae_jax.export import export_strain
+        from ccstae_jax.report.export import export_strain
 
         print(f"wrote {export_strain(args.out, args.export)}")
 
 
 def cmd_evaluate(args):
-    from ccstae_jax.evaluate import format_table
+    from ccstae_jax.evaluate.metrics import format_table
     from ccstae_jax.pipeline import evaluate
 
     table = evaluate(args.strain, args.labels, reference_region=_region(args.reference_region))
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lazy_default(s.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
                                  help=f"{_REGION_HELP} covered by the unstrained reference grain (default: the "
                                       "paper's %(library_default)s of its 256 x 256 scan, scaled to --scan)"),
-                  "ccstae_jax.evaluate", "PAPER_REFERENCE_REGION")
+                  "ccstae_jax.evaluate.metrics", "PAPER_REFERENCE_REGION")
     s.add_argument("--spot-spacing", type=float, metavar="PX",
                    help="distance of the first-order spots from the zero beam in detector px, i.e. the camera "
                         "length; sets the reciprocal pixel size (default: 0.0096 * 256 / N 1/A per px, 38.1 px "
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int,
                    help=f"patterns per step over all devices (default per preset: {_per_preset('batch_size')})")
     _lazy_default(t.add_argument("--seed", type=int, help="seed of the initial weights and the data order (default: "
-                                                          "%(library_default)s)"), "ccstae_jax.train", "TrainConfig",
+                                                          "%(library_default)s)"), "ccstae_jax.train.loop", "TrainConfig",
                   "seed")
     t.add_argument("--lr", type=float, help=f"peak learning rate (default per preset: {_per_preset('learning_rate')})")
     t.add_argument("--schedule", choices=["constant", "cosine", "warmup_cosine", "bold_driver"],
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="size of the learned dictionary of average patterns: 2 or more for scans of "
                                       "several phases (each position is assigned one; the map measures every "
                                       "phase against base 0's lattice, so a lattice mismatch reads as strain) "
-                                      "(default: %(library_default)s)"), "ccstae_jax.models", "ModelConfig",
+                                      "(default: %(library_default)s)"), "ccstae_jax.model.networks", "ModelConfig",
                   "num_bases")
     t.add_argument("--symmetry", type=int, choices=[6, 4, 2],
                    help="rotational order of the lattice: 6 hexagonal, 4 square, 2 otherwise (default: measured from "
@@ -381,14 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     _lazy_default(t.add_argument("--dtype", choices=["float32", "bfloat16"],
                                  help="compute dtype of the network layers, bfloat16 for GPU/TPU; parameters and "
                                       "warps stay float32 (default: %(library_default)s)"),
-                  "ccstae_jax.models", "ModelConfig", "dtype")
+                  "ccstae_jax.model.networks", "ModelConfig", "dtype")
     _lazy_default(t.add_argument("--on-nonfinite", choices=["stop", "skip"],
                                  help="on a NaN/Inf loss: stop, keeping the last good checkpoint, or skip the batch "
-                                      "(default: %(library_default)s)"), "ccstae_jax.train", "TrainConfig",
+                                      "(default: %(library_default)s)"), "ccstae_jax.train.loop", "TrainConfig",
                   "on_nonfinite")
     _lazy_default(t.add_argument("--checkpoint-every", type=int,
                                  help="also checkpoint every N steps (default: %(library_default)s, only at the end of "
-                                      "each epoch)"), "ccstae_jax.train", "TrainConfig", "checkpoint_every_steps")
+                                      "each epoch)"), "ccstae_jax.train.loop", "TrainConfig", "checkpoint_every_steps")
     t.add_argument("--quiet", action="store_true",
                    help="no progress output (default: a bar per epoch on a terminal, else one line per epoch)")
     t.set_defaults(func=cmd_train)
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lazy_default(e.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
                                  help=f"{_REGION_HELP} the labels are referenced to (default: the strain map's, else "
                                       "the labels file's; the paper's: %(library_default)s)"),
-                  "ccstae_jax.evaluate", "PAPER_REFERENCE_REGION")
+                  "ccstae_jax.evaluate.metrics", "PAPER_REFERENCE_REGION")
     e.add_argument("--json", action="store_true",
                    help="print JSON, strain errors dimensionless and rotation in degrees (default: a table, strain "
                         "in %%)")

@@ -16,21 +16,23 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ccstae_jax import atomic, plots
+from ccstae_jax import atomic
+
+from ccstae_jax.report import plots
 from ccstae_jax.data.readers import DataError, load_labels, open_scan, reference_region_from_file
 from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
-from ccstae_jax.evaluate import error_table, format_table, referenced_labels
-from ccstae_jax.frames import frame_attrs, image_frame_maps
-from ccstae_jax.geometry import SYMMETRIES, GeometryError, measure_geometry
-from ccstae_jax.losses import LossConfig, data_frame_mask
+from ccstae_jax.evaluate.metrics import error_table, format_table, referenced_labels
+from ccstae_jax.report.frames import frame_attrs, image_frame_maps
+from ccstae_jax.model.geometry import SYMMETRIES, GeometryError, measure_geometry
+from ccstae_jax.train.losses import LossConfig, data_frame_mask
 from ccstae_jax.mapping.fit import INTERPOLATIONS
 from ccstae_jax.mapping.predict import MapConfig, map_scan, subset_rows
 from ccstae_jax.mapping.reference import region_mask, strain_maps
-from ccstae_jax.models import ModelConfig
-from ccstae_jax.objective import CCSTAETask, configure
-from ccstae_jax.parallel import is_main_process
+from ccstae_jax.model.networks import ModelConfig
+from ccstae_jax.train.objective import CCSTAETask, configure
+from ccstae_jax.train.parallel import is_main_process
 from ccstae_jax.report.files import read_strain_h5, write_strain_h5
-from ccstae_jax.train import TrainConfig, fit, load_checkpoint
+from ccstae_jax.train.loop import TrainConfig, fit, load_checkpoint
 
 MODEL_FILE = "model.json"
 
@@ -202,7 +204,7 @@ def train(
     """Trains (or resumes) a CC-ST-AE run on a scan; returns the training engine's `FitResult`.
 
     The model is sized from about a thousand patterns spread over the scan: their geometry (zero beam and descan,
-    disk radius, spot spacing, lattice symmetry and the radii derived from them, `ccstae_jax.geometry`; ``ring`` and
+    disk radius, spot spacing, lattice symmetry and the radii derived from them, `ccstae_jax.model.geometry`; ``ring`` and
     ``symmetry`` override the measured ones) and intensity scale; a scan with no measurable lattice is refused. The
     number of epochs defaults to what `default_epochs` gives the scan's size. Rerunning the same command with the
     same ``run_dir`` resumes from its latest checkpoint; a different model configuration (preset, ``ring``,
@@ -395,9 +397,9 @@ def map_strain(
     region (`ccstae_jax.mapping.reference`; None = when the bases are symmetrised over 4 or 6 rotations).
     ``allow_negative`` (None = the run's data option) accepts negative values in the scan.
 
-    Maps are in the detector frame. ``scan_rotation`` (degrees, `ccstae_jax.frames`: counter-clockwise from the
+    Maps are in the detector frame. ``scan_rotation`` (degrees, `ccstae_jax.report.frames`: counter-clockwise from the
     scan's row axis to the image direction of detector +Qx) also writes them turned into the image frame under
-    ``/image_frame/``. The file's root attributes record the frames (`ccstae_jax.frames.frame_attrs`) and the
+    ``/image_frame/``. The file's root attributes record the frames (`ccstae_jax.report.frames.frame_attrs`) and the
     data file's calibration (``q_pixel`` in 1/Angstrom, ``scan_step`` in Angstrom) when it has one.
 
     Bad input is refused before the checkpoint is loaded: an output path that cannot be written (or is the input),
@@ -615,12 +617,12 @@ def _shown_position(valid: np.ndarray) -> tuple[int, int]:
 
 def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, labels=None, baseline=None,
                      reference_region=None) -> list[str]:
-    """The figures of a mapped scan (`ccstae_jax.plots.save_all_figures`), titled with the data file and the run.
+    """The figures of a mapped scan (`ccstae_jax.report.plots.save_all_figures`), titled with the data file and the run.
 
     Args:
       out_dir: folder for the PNGs (created).
       run_dir, data_path: the run and the scan (for titles, ``metrics.jsonl`` and ``config.json``).
-      task, state: the run's task and its restored `ccstae_jax.train.TrainState`.
+      task, state: the run's task and its restored `ccstae_jax.train.loop.TrainState`.
       scan: the open `ccstae_jax.data.readers.Scan` that was mapped.
       maps: `map_strain`'s maps (``theta`` and ``class_index`` included).
       labels, baseline: optional maps drawn as extra rows (referenced like ``maps``).

@@ -61,9 +61,9 @@ def main(out_dir: str | os.PathLike = "tutorial_out", *, scan: int = 24, epochs:
     from ccstae_jax.baselines import py4dstem
     from ccstae_jax.data.readers import load_labels, open_scan
     from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
-    from ccstae_jax.evaluate import format_table, referenced_labels
+    from ccstae_jax.evaluate.metrics import format_table, referenced_labels
     from ccstae_jax.report.files import read_strain_h5
-    from ccstae_jax.train import load_checkpoint
+    from ccstae_jax.train.loop import load_checkpoint
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

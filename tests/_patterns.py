@@ -31,8 +31,8 @@ def hex_patterns(n_patterns, *, size=64, g=18.0, spot_sigma=1.5, max_strain=0.02
 
 
 def hex_geometry(size=64, g=18.0, spot_sigma=1.5, symmetry=6):
-    """The `ccstae_jax.geometry.Geometry` of `hex_patterns` (known, not measured)."""
-    from ccstae_jax.geometry import Geometry
+    """The `ccstae_jax.model.geometry.Geometry` of `hex_patterns` (known, not measured)."""
+    from ccstae_jax.model.geometry import Geometry
 
     r = 2.0 * spot_sigma
     return Geometry(pattern_shape=(size, size), center=(float(size // 2), float(size // 2)), disk_radius=r,

@@ -1,4 +1,4 @@
-"""Specifications of ccstae_jax.affine: warp matrices, composition, inversion, frames and strain extraction."""
+"""Specifications of ccstae_jax.ops.affine: warp matrices, composition, inversion, frames and strain extraction."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.linalg import polar
 
-from ccstae_jax import affine
+from ccstae_jax.ops import affine
 
 
 def _random_strains(rng, n, max_strain=0.02):

@@ -9,7 +9,7 @@ import ccstae_jax
 
 
 def test_warp_module_imports_without_flax_optax_or_orbax():
-    code = ("import sys, ccstae_jax.warp, ccstae_jax.affine; "
+    code = ("import sys, ccstae_jax.ops.warp, ccstae_jax.ops.affine; "
             "bad = [m for m in ('flax', 'optax', 'orbax') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -21,7 +21,7 @@ def test_every_exported_name_resolves(name):
 
 
 def test_optional_arguments_of_warp_functions_are_keyword_only():
-    from ccstae_jax import warp
+    from ccstae_jax.ops import warp
 
     for fn in (warp.affine_grid, warp.grid_sample, warp.affine_warp):
         params = list(inspect.signature(fn).parameters.values())

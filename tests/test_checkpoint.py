@@ -1,4 +1,4 @@
-"""Tests for ccstae_jax.checkpoint: the Orbax wrapper."""
+"""Tests for ccstae_jax.train.checkpoint: the Orbax wrapper."""
 import gc
 import sys
 
@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccstae_jax.checkpoint import CheckpointError, Checkpointer, abstract_like
-from ccstae_jax.parallel import make_mesh, replicated_sharding
+from ccstae_jax.train.checkpoint import CheckpointError, Checkpointer, abstract_like
+from ccstae_jax.train.parallel import make_mesh, replicated_sharding
 
 
 @pytest.fixture

@@ -181,9 +181,9 @@ def test_every_option_has_help_and_every_value_option_states_its_default(command
 
 def test_help_shows_the_defaults_the_code_applies():
     from ccstae_jax import pipeline
-    from ccstae_jax.evaluate import PAPER_REFERENCE_REGION
-    from ccstae_jax.models import ModelConfig
-    from ccstae_jax.train import TrainConfig
+    from ccstae_jax.evaluate.metrics import PAPER_REFERENCE_REGION
+    from ccstae_jax.model.networks import ModelConfig
+    from ccstae_jax.train.loop import TrainConfig
 
     train = _help("train")
     for preset, values in pipeline.PRESET_TRAINING.items():

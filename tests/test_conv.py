@@ -1,4 +1,4 @@
-"""`ccstae_jax.conv`: a drop-in convolution whose kernel gradient is a matmul; values and gradients equal `lax`'s."""
+"""`ccstae_jax.ops.conv`: a drop-in convolution whose kernel gradient is a matmul; values and gradients equal `lax`'s."""
 import chex
 import flax.linen as nn
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccstae_jax import conv
+from ccstae_jax.ops import conv
 
 _DN = ("NHWC", "HWIO", "NHWC")
 

@@ -1,11 +1,11 @@
-"""Specifications of ccstae_jax.crb: the Cramér-Rao bound under the Auto4DSTEM noise model."""
+"""Specifications of ccstae_jax.evaluate.crb: the Cramér-Rao bound under the Auto4DSTEM noise model."""
 import dataclasses
 
 import jax
 import numpy as np
 import pytest
 
-from ccstae_jax import crb
+from ccstae_jax.evaluate import crb
 from ccstae_jax.data.noise import lorentzian_background
 from ccstae_jax.data.simulate import SimulationConfig, pattern_function
 

@@ -8,7 +8,7 @@ import pytest
 
 from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.pipeline import load_run, train
-from ccstae_jax.train import load_checkpoint
+from ccstae_jax.train.loop import load_checkpoint
 
 SIM = SimulationConfig(scan_shape=(6, 6), n_grains=3, noise_level=0.25, detector_size=64, seed=3)
 

@@ -1,4 +1,4 @@
-"""Specifications of ccstae_jax.export: strain maps as HyperSpy .hspy and EMD 1.0 files that other tools open in one
+"""Specifications of ccstae_jax.report.export: strain maps as HyperSpy .hspy and EMD 1.0 files that other tools open in one
 call with calibrated axes."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from ccstae_jax.export import check_export, export_strain
-from ccstae_jax.frames import frame_attrs, image_frame_maps
+from ccstae_jax.report.export import check_export, export_strain
+from ccstae_jax.report.frames import frame_attrs, image_frame_maps
 from ccstae_jax.report.files import write_strain_h5
 from test_formats import without_rsciio
 

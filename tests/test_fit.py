@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from _patterns import hex_geometry, hex_patterns
-from ccstae_jax import affine, masks, warp
+from ccstae_jax.model import masks
+from ccstae_jax.ops import affine, warp
 from ccstae_jax.mapping import fit
-from ccstae_jax.models import ModelConfig, about_center, symmetrize
+from ccstae_jax.model.networks import ModelConfig, about_center, symmetrize
 
 NAMES = ("strain_xx", "strain_yy", "shear_xy")
 

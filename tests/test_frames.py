@@ -1,4 +1,4 @@
-"""Specifications of ccstae_jax.frames (strain turned from the detector frame into the image frame) and of what
+"""Specifications of ccstae_jax.report.frames (strain turned from the detector frame into the image frame) and of what
 `ccstae map --scan-rotation` writes."""
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import h5py
 import numpy as np
 import pytest
 
-from ccstae_jax import cli, plots
-from ccstae_jax.frames import frame_attrs, image_frame_maps, rotate_strain
+from ccstae_jax import cli
+
+from ccstae_jax.report import plots
+from ccstae_jax.report.frames import frame_attrs, image_frame_maps, rotate_strain
 from test_cli import checked_shared_run
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ccstae_jax.data.simulate import SimulationConfig, simulate_scan
-from ccstae_jax.geometry import Geometry, GeometryError, measure_geometry, zero_beam
+from ccstae_jax.model.geometry import Geometry, GeometryError, measure_geometry, zero_beam
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccstae_jax import affine
-from ccstae_jax.losses import LossConfig, affine_penalty, ccstae_loss, data_frame_mask, masked_mse, weighted_mean
+from ccstae_jax.ops import affine
+from ccstae_jax.train.losses import LossConfig, affine_penalty, ccstae_loss, data_frame_mask, masked_mse, weighted_mean
 
 
 def test_masked_mse_counts_only_masked_pixels():
@@ -57,7 +57,7 @@ def test_loss_on_ring_pixels_equals_loss_on_full_images(preset, overrides):
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from _patterns import hex_patterns
-    from ccstae_jax.objective import CCSTAETask, configure
+    from ccstae_jax.train.objective import CCSTAETask, configure
 
     x, _ = hex_patterns(4, size=64, g=18.0, seed=7)
     if preset == "reference":

@@ -4,16 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from _patterns import hex_geometry, hex_patterns
-from ccstae_jax import affine
+from ccstae_jax.ops import affine
 from ccstae_jax.data.simulate import SimulationConfig, pattern_function, simulate_scan
-from ccstae_jax.geometry import measure_geometry
-from ccstae_jax.masks import static_ring_mask
+from ccstae_jax.model.geometry import measure_geometry
+from ccstae_jax.model.masks import static_ring_mask
 from ccstae_jax.mapping import bases, fit
 from ccstae_jax.mapping.predict import lattice_signals, subset_rows
 from ccstae_jax.mapping.reference import (lattice_covariance, referenced_strain, region_mask, strain_uncertainty,
                                           warp_covariance)
-from ccstae_jax.models import symmetrize
-from ccstae_jax.objective import CCSTAETask, configure
+from ccstae_jax.model.networks import symmetrize
+from ccstae_jax.train.objective import CCSTAETask, configure
 
 
 def _fast_task(x, geometry=None, **model_overrides):
@@ -121,7 +121,7 @@ def test_a_map_split_over_four_devices_equals_the_one_device_map(tmp_path):
     from ccstae_jax.data.readers import open_scan
     from ccstae_jax.data.simulate import simulate_to_hdf5
     from ccstae_jax.mapping.predict import MapConfig, map_scan
-    from ccstae_jax.parallel import make_mesh
+    from ccstae_jax.train.parallel import make_mesh
 
     cfg = SimulationConfig(scan_shape=(4, 8), detector_size=64, crop=(0, 64), n_grains=2, noise_level=0.25, seed=1)
     path = simulate_to_hdf5(tmp_path / "s.h5", cfg, progress=False)

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccstae_jax import masks
+from ccstae_jax.model import masks
 
 
 def _hex_pattern(n=128, g=30.0, rot=0.2, r=3.0):
@@ -55,7 +55,7 @@ def test_spot_radius_schedule_accepts_fractional_epochs():
 
 
 def test_static_ring_mask_is_the_ring_mask_on_the_host():
-    from ccstae_jax.masks import ring_mask, static_ring_mask
+    from ccstae_jax.model.masks import ring_mask, static_ring_mask
 
     for center in (None, (30.5, 27.0)):
         host = static_ring_mask((64, 60), 7.5, 25.0, center=center)

@@ -7,9 +7,9 @@ import optax
 import pytest
 
 from _patterns import hex_geometry, hex_patterns
-from ccstae_jax import affine
-from ccstae_jax.models import CCSTAE, ModelConfig, count_params, harmonic_rotation, harmonic_weights
-from ccstae_jax.objective import CCSTAETask, canonical_mean, configure
+from ccstae_jax.ops import affine
+from ccstae_jax.model.networks import CCSTAE, ModelConfig, count_params, harmonic_rotation, harmonic_weights
+from ccstae_jax.train.objective import CCSTAETask, canonical_mean, configure
 
 
 def test_reference_preset_has_auto4dstem_parameter_count():

@@ -135,7 +135,7 @@ def test_cli_reports_a_bad_level_without_a_traceback(capsys):
 
 
 def test_crb_for_scan_weights_each_grain_by_its_positions(tmp_path):
-    from ccstae_jax.crb import gaussian_mae, strain_crb
+    from ccstae_jax.evaluate.crb import gaussian_mae, strain_crb
     from ccstae_jax.data.simulate import SimulationConfig
 
     cfg = SimulationConfig(detector_size=64, disk_radius=2.0)

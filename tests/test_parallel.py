@@ -1,4 +1,4 @@
-"""Tests for ccstae_jax.parallel: mesh, padding, sharding, multi-process start-up."""
+"""Tests for ccstae_jax.train.parallel: mesh, padding, sharding, multi-process start-up."""
 import os
 import socket
 import subprocess
@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec
 
 import _toy_task as toy
-from ccstae_jax import parallel
+from ccstae_jax.train import parallel
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent

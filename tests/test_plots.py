@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from ccstae_jax import plots
+from ccstae_jax.report import plots
 
 DPI = 50  # small PNGs keep the tests fast; sizes below are figsize (inches) * DPI
 
@@ -377,6 +377,6 @@ def test_missing_quantity_or_mismatched_shape_is_named(tmp_path):
 
 
 def test_importing_the_module_does_not_import_matplotlib():
-    code = "import sys, ccstae_jax.plots; print('matplotlib' in sys.modules)"
+    code = "import sys, ccstae_jax.report.plots; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

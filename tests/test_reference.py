@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccstae_jax import affine
-from ccstae_jax.evaluate import error_table, referenced_labels
+from ccstae_jax.ops import affine
+from ccstae_jax.evaluate.metrics import error_table, referenced_labels
 from ccstae_jax.mapping.reference import (lattice_covariance, referenced_strain, region_mask, strain_maps,
                                           strain_uncertainty)
 from ccstae_jax.report.files import read_strain_h5, write_strain_h5

@@ -208,7 +208,7 @@ def test_markdown_bolds_the_lower_of_py4dstem_and_ccstae():
 
 
 def test_crb_leaves_vacuum_positions_out(tmp_path):
-    from ccstae_jax.crb import gaussian_mae, strain_crb
+    from ccstae_jax.evaluate.crb import gaussian_mae, strain_crb
     from ccstae_jax.data.simulate import SimulationConfig
 
     cfg = SimulationConfig(detector_size=64, disk_radius=2.0)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccstae_jax.sparsity import k_sparse, top_k_mask
+from ccstae_jax.ops.sparsity import k_sparse, top_k_mask
 
 Z = jnp.array([0.3, -1.0, 2.0, 0.5, 1.5])
 

@@ -1,4 +1,4 @@
-"""Tests for ccstae_jax.train: config, schedules, the data-parallel step, fit/resume, NaN handling, signals."""
+"""Tests for ccstae_jax.train.loop: config, schedules, the data-parallel step, fit/resume, NaN handling, signals."""
 import json
 import os
 import re
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import _toy_task as toy
-from ccstae_jax import train
-from ccstae_jax.checkpoint import Checkpointer
-from ccstae_jax.parallel import make_mesh, pad_batch_to, replicated_sharding, shard_batch
-from ccstae_jax.train import (NonFiniteLossError, RunConfigMismatchError, TrainConfig, bold_driver_update, fit,
+from ccstae_jax.train import loop as train
+from ccstae_jax.train.checkpoint import Checkpointer
+from ccstae_jax.train.parallel import make_mesh, pad_batch_to, replicated_sharding, shard_batch
+from ccstae_jax.train.loop import (NonFiniteLossError, RunConfigMismatchError, TrainConfig, bold_driver_update, fit,
                               get_learning_rate, init_train_state, make_optimizer, make_schedule, make_train_step,
                               set_learning_rate)
 

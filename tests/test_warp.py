@@ -1,4 +1,4 @@
-"""Tests of `ccstae_jax.warp` against independent references (no PyTorch needed).
+"""Tests of `ccstae_jax.ops.warp` against independent references (no PyTorch needed).
 
 Every behaviour test below is one body executed under four variants (the dm-pix pattern):
 
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from jax.scipy.ndimage import map_coordinates
 
-from ccstae_jax import warp
+from ccstae_jax.ops import warp
 
 VARIANTS = ("plain", "jit", "vmap", "grad")
 A = -0.75  # torch's cubic-convolution parameter, restated here on purpose

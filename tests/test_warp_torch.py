@@ -1,4 +1,4 @@
-"""Parity of `ccstae_jax.warp` with PyTorch (optional: skipped when torch is not installed).
+"""Parity of `ccstae_jax.ops.warp` with PyTorch (optional: skipped when torch is not installed).
 
 Run: ``cd /work/main && /work/venv-torch/bin/python -m pytest -q tests/test_warp_torch.py`` (a venv with
 ``torch==2.13.0`` and this package installed). Torch runs on the CPU in float32 with deterministic algorithms and
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ccstae_jax import warp
+from ccstae_jax.ops import warp
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

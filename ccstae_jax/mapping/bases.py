@@ -11,9 +11,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ccstae_jax import warp
-from ccstae_jax.models import symmetrize
-from ccstae_jax.parallel import data_sharding, replicated_sharding
+from ccstae_jax.ops import warp
+from ccstae_jax.model.networks import symmetrize
+from ccstae_jax.train.parallel import data_sharding, replicated_sharding
 
 _HP = jax.lax.Precision.HIGHEST
 

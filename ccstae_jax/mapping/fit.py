@@ -2,7 +2,7 @@
 
 The model of one observed pattern ``x`` (data frame, pixels ``q``) is its base pushed into the data frame,
 
-    mu(q) = bg(|q - z|) + spots(phi q),        phi = theta^{-1}  (normalised coordinates, `ccstae_jax.affine`),
+    mu(q) = bg(|q - z|) + spots(phi q),        phi = theta^{-1}  (normalised coordinates, `ccstae_jax.ops.affine`),
 
 with ``spots`` the part of the base that moves with the lattice, ``bg`` its radially symmetric part (the central disk
 and the diffuse glow, which stay centred on the zero beam ``z`` of that pattern) and ``phi`` six free numbers. The
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccstae_jax import affine, warp
+from ccstae_jax.ops import affine, warp
 
 #: Sub-pixel factor of the tabulated interpolant (value and derivatives of the cubic base on a grid this much finer).
 FINE = 4

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccstae_jax import affine
-from ccstae_jax.geometry import NOISE_ORDERS
+from ccstae_jax.ops import affine
+from ccstae_jax.model.geometry import NOISE_ORDERS
 from ccstae_jax.mapping import bases as bases_lib
 from ccstae_jax.mapping import fit as fit_lib
-from ccstae_jax.models import angular_weights, prior_ring, recentred
-from ccstae_jax.parallel import data_sharding, make_mesh, replicated_sharding
+from ccstae_jax.model.networks import angular_weights, prior_ring, recentred
+from ccstae_jax.train.parallel import data_sharding, make_mesh, replicated_sharding
 
 _HP = jax.lax.Precision.HIGHEST
 
@@ -75,7 +75,7 @@ def lattice_signals(task, x: jax.Array, zero_beam: jax.Array) -> dict[str, jax.A
 
     ``ring_signal`` (intensity in the prior ring), ``lattice_signal`` (amplitude of the lattice's ``n``-fold angular
     harmonic there, relative to ``ring_signal``), ``lattice_significance`` (that amplitude over the rms amplitude of
-    the orders no lattice has, `ccstae_jax.geometry.NOISE_ORDERS`, which measure the noise) and
+    the orders no lattice has, `ccstae_jax.model.geometry.NOISE_ORDERS`, which measure the noise) and
     ``double_significance`` (the same for order ``2n``: two grains turned by half a period under the probe cancel
     each other's ``n``-th harmonic, not their ``2n``-th). Computed on the patterns shifted by whole pixels onto the
     centre (descan)."""

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccstae_jax import affine
+from ccstae_jax.ops import affine
 
 QUANTITIES = ("strain_xx", "strain_yy", "shear_xy", "rotation")
 

@@ -1,8 +1,8 @@
 """Binds the model, the losses and the mask schedule into the training task, and sizes them from the data.
 
-`CCSTAETask` implements the protocol the training engine (`ccstae_jax.train`) expects:
+`CCSTAETask` implements the protocol the training engine (`ccstae_jax.train.loop`) expects:
 ``init_params(key, images)`` and ``loss(params, images, weights, epoch) -> (loss, metrics)``.
-`configure` sizes them from a sample of the scan: its geometry (`ccstae_jax.geometry`) and intensity scale.
+`configure` sizes them from a sample of the scan: its geometry (`ccstae_jax.model.geometry`) and intensity scale.
 """
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccstae_jax import affine, masks, warp
-from ccstae_jax.geometry import Geometry, measure_geometry
-from ccstae_jax.losses import LossConfig, ccstae_loss
-from ccstae_jax.models import CCSTAE, ModelConfig, about_center, harmonic_rotation, harmonic_weights
+from ccstae_jax.model import masks
+
+from ccstae_jax.ops import affine, warp
+from ccstae_jax.model.geometry import Geometry, measure_geometry
+from ccstae_jax.train.losses import LossConfig, ccstae_loss
+from ccstae_jax.model.networks import CCSTAE, ModelConfig, about_center, harmonic_rotation, harmonic_weights
 
 
 def configure(
@@ -33,7 +35,7 @@ def configure(
     Args:
       sample_images: ``(N, H, W)`` patterns (a few hundred spread over the scan is plenty).
       preset: ``"fast"`` or ``"reference"``.
-      geometry: the patterns' geometry; None = measured from ``sample_images`` (`ccstae_jax.geometry`).
+      geometry: the patterns' geometry; None = measured from ``sample_images`` (`ccstae_jax.model.geometry`).
       ring: ``(inner, outer)`` pixel radii of the loss/prior ring, overriding the measured one, or ``"auto"``.
       symmetry: the lattice's rotational order, overriding the measured one.
 

@@ -17,7 +17,7 @@ pattern to a canonical orientation before the encoder sees it; the encoder then 
 Rotations anywhere in 0..360 degrees need no hand-tuned angle shift. Set ``rotation_mode="relu"`` for the
 reference's unbounded ``ReLU`` head instead.
 
-Frames: see `ccstae_jax.affine`. The network's warp ``theta`` pulls the data onto the base:
+Frames: see `ccstae_jax.ops.affine`. The network's warp ``theta`` pulls the data onto the base:
 ``warped_input(p) = data(theta p)``; rotation and scale act about the pattern centre ``center`` (the central beam,
 default ``(H // 2, W // 2)``).
 """
@@ -33,10 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccstae_jax import affine, masks, warp
-from ccstae_jax.conv import conv_general_dilated
-from ccstae_jax.geometry import Geometry, zero_beam
-from ccstae_jax.sparsity import k_sparse
+from ccstae_jax.model import masks
+
+from ccstae_jax.ops import affine, warp
+from ccstae_jax.ops.conv import conv_general_dilated
+from ccstae_jax.model.geometry import Geometry, zero_beam
+from ccstae_jax.ops.sparsity import k_sparse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ class ModelConfig:
 
     Attributes:
       preset: ``"fast"`` or ``"reference"``.
-      geometry: the patterns' measured geometry (`ccstae_jax.geometry.Geometry`): pattern shape, zero beam (the
+      geometry: the patterns' measured geometry (`ccstae_jax.model.geometry.Geometry`): pattern shape, zero beam (the
         centre about which rotation and scale act), lattice symmetry and the spot ring the prior and the encoder use.
       num_bases: size of the learned dictionary (K-sparse picks one per pattern).
       rotation_mode: ``"prior"`` (harmonic prior + bounded residual), ``"relu"`` (reference: ``ReLU(o)``, unbounded,
@@ -184,7 +186,7 @@ def angular_weights(cfg: ModelConfig, order: int) -> np.ndarray:
     """``(2, H, W)`` float32 ``g(r) cos(n phi + d(r))``, ``g(r) sin(n phi + d(r))`` for angular order ``n = order``
     over the prior ring about the pattern centre; ``phi = atan2(v, u)``, ``u`` along columns, ``v`` along rows.
 
-    ``g`` and ``d`` are the geometry's matched gain and phase per annulus (`ccstae_jax.geometry.matched_harmonic`):
+    ``g`` and ``d`` are the geometry's matched gain and phase per annulus (`ccstae_jax.model.geometry.matched_harmonic`):
     the lattice's order gets both (its rings add up coherently), every other order the gain alone (the same pixels
     weighted alike, e.g. the noise orders of the lattice test); without them ``g = 1``, ``d = 0`` on the ring."""
     h, w = cfg.pattern_shape
@@ -266,7 +268,7 @@ def symmetrize(bases: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------- reference blocks
-#: ``nn.Conv`` with the matmul kernel gradient on the CPU backend (`ccstae_jax.conv`); same parameters and outputs.
+#: ``nn.Conv`` with the matmul kernel gradient on the CPU backend (`ccstae_jax.ops.conv`); same parameters and outputs.
 _Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
@@ -369,7 +371,7 @@ class CCSTAE(nn.Module):
     ``__call__(images)`` with images ``(B, H, W)`` (raw intensities; multiplied by ``cfg.intensity_scale`` inside)
     returns a dict:
 
-    * ``theta`` ``(B, 2, 3)``: warp pulling the data onto the base (normalised frame, `ccstae_jax.affine`);
+    * ``theta`` ``(B, 2, 3)``: warp pulling the data onto the base (normalised frame, `ccstae_jax.ops.affine`);
     * ``warped_input`` ``(B, H, W)``: the input in the base frame, ``x(theta p)``;
     * ``base`` ``(B, H, W)``: the base chosen for each pattern; ``bases`` ``(num_bases, H, W)``: the dictionary;
     * ``reconstruction`` ``(B, H, W)``: the base warped back to the data frame, ``base(theta^{-1} p)``;
@@ -409,7 +411,7 @@ class CCSTAE(nn.Module):
     def encode(self, images: jax.Array) -> dict[str, jax.Array]:
         """The encoder alone: each pattern's warp and base, without warping anything.
 
-        Each pattern's zero beam is measured (`ccstae_jax.geometry.zero_beam`); in the fast preset the prior warp
+        Each pattern's zero beam is measured (`ccstae_jax.model.geometry.zero_beam`); in the fast preset the prior warp
         moves it onto the base's centre (descan) and turns the lattice to its canonical orientation (`harmonic_rotation`, computed on
         the pattern shifted by whole pixels onto the centre); the encoder reads the residual affine from the
         canonical pattern.

@@ -2,7 +2,7 @@
 
 Two frames appear in this project; every function says which one it works in.
 
-* **Warp frame** (what `ccstae_jax.warp` consumes, identical to PyTorch ``affine_grid``): normalised coordinates
+* **Warp frame** (what `ccstae_jax.ops.warp` consumes, identical to PyTorch ``affine_grid``): normalised coordinates
   ``(u, v)`` in ``[-1, 1]`` with ``u`` along the pattern *columns* and ``v`` along the *rows*. A warp matrix ``theta``
   ``(..., 2, 3)`` maps output coordinates to input sample coordinates (pull semantics):
   ``out(p) = in(theta @ [p, 1])``.

@@ -15,7 +15,7 @@ stay dimensionless / radians). NaN (and positions with ``valid == False``) are d
 Example::
 
     from ccstae_jax.report.files import read_strain_h5
-    from ccstae_jax import plots
+    from ccstae_jax.report import plots
 
     maps, _ = read_strain_h5("run/strain.h5")
     plots.plot_strain_maps(maps, "run/strain_maps.png", labels=labels)
@@ -28,6 +28,8 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from ..model.geometry import Geometry
 
 STRAIN_KEYS = ("strain_xx", "strain_yy", "shear_xy")
 QUANTITIES = STRAIN_KEYS + ("rotation",)
@@ -718,7 +720,7 @@ def _steps_per_epoch(epoch_recs: list[dict]) -> int | None:
     return None
 
 
-# The weight of each CC-ST-AE loss term in the total (`ccstae_jax.losses.ccstae_loss`): LossConfig field or 1.
+# The weight of each CC-ST-AE loss term in the total (`ccstae_jax.train.losses.ccstae_loss`): LossConfig field or 1.
 _TERM_WEIGHTS = {"forward": None, "cycle": "cycle_weight", "penalty": None, "l1": "l1_coef"}
 
 
@@ -805,7 +807,7 @@ def plot_training_curves(metrics_path: str | os.PathLike, path: str | os.PathLik
         left out of the log plot. The run's ``model.json`` and ``config.json`` beside it, when present, give the
         loss weights, the mask schedule and the steps per epoch.
       path: output PNG.
-      loss_config: the run's `ccstae_jax.losses.LossConfig` as a dict (``cycle_weight``, ``l1_coef``,
+      loss_config: the run's `ccstae_jax.train.losses.LossConfig` as a dict (``cycle_weight``, ``l1_coef``,
         ``shrink_start``, ``shrink_epochs``, ...); None = ``model.json``'s ``"loss"`` beside ``metrics_path``.
         With it the terms are drawn weighted as they enter the loss (``cycle x cycle_weight``, ``l1 x l1_coef``;
         their sum is the loss), and the epoch where the mask changes from the ring to the spot disks
@@ -826,7 +828,7 @@ def plot_training_curves(metrics_path: str | os.PathLike, path: str | os.PathLik
 def _frames_figure(maps, scan_rotation, *, strain_limit=None, dpi=DEFAULT_DPI):
     from matplotlib.colors import Normalize
 
-    from ccstae_jax.frames import image_frame_maps
+    from ccstae_jax.report.frames import image_frame_maps
 
     turned = {k.split("/", 1)[1]: v for k, v in image_frame_maps(maps, scan_rotation).items()}
     if "valid" in maps:
@@ -880,7 +882,7 @@ def plot_strain_frames(
         ``rotation`` (radians), optional ``valid``).
       path: output PNG.
       scan_rotation: degrees, counter-clockwise from the scan's row axis to the image direction of detector +Qx
-        (`ccstae_jax.frames`).
+        (`ccstae_jax.report.frames`).
       strain_limit: colour limit of the strain panels (dimensionless); None = 99th percentile over both rows.
       dpi: resolution of the PNG.
 
@@ -956,8 +958,6 @@ def _error_figure(maps, *, dpi=DEFAULT_DPI):
 
 def _spot_radii(metrics_path) -> str:
     """``"a -> b px"``: the spot-mask radii of the run beside ``metrics_path`` (from its model geometry)."""
-    from .geometry import Geometry
-
     geometry = _read_json(os.path.join(os.path.dirname(os.fspath(metrics_path)), "model.json")).get(
         "model", {}).get("geometry")
     if not geometry:

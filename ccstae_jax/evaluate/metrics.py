@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 
-from ccstae_jax import affine
+from ccstae_jax.ops import affine
 from ccstae_jax.mapping.reference import QUANTITIES, referenced_strain, region_mask
 
 PAPER_REFERENCE_REGION = (30, 60, 10, 40)  # rows 30:60, columns 10:40 of the 256x256 benchmark scan

@@ -19,20 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ccstae_jax import affine, warp
+from ccstae_jax.ops import affine, warp
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Loss weights and the mask schedule (epochs; the radii come from the geometry, `ccstae_jax.geometry`).
+    """Loss weights and the mask schedule (epochs; the radii come from the geometry, `ccstae_jax.model.geometry`).
 
     Attributes:
       cycle_weight, l1_coef: weights of the cycle term and of the L1 norm of the bases.
       scale_coef, scale_penalty, shear_coef, shear_penalty: the range penalty (module docstring).
-      use_spot_mask: shrink the loss ring to disks around the spots of the current base (`ccstae_jax.masks`).
+      use_spot_mask: shrink the loss ring to disks around the spots of the current base (`ccstae_jax.model.masks`).
       shrink_start, shrink_epochs: the ring is used alone before epoch ``shrink_start``; then the spot disks shrink
         from the geometry's ``spot_radius[0]`` to ``spot_radius[1]`` over ``shrink_epochs`` epochs. Fractional
-        epochs are allowed: short trainings scale the schedule down (`ccstae_jax.objective.CCSTAETask`).
+        epochs are allowed: short trainings scale the schedule down (`ccstae_jax.train.objective.CCSTAETask`).
       spot_threshold: fraction of the brightest in-ring base pixel that counts as a spot.
     """
 
@@ -103,7 +103,7 @@ def ccstae_loss(
     """Total CC-ST-AE loss.
 
     Args:
-      out: the model's output dict (`ccstae_jax.models.CCSTAE`), full images or, with ``points``, pixel lists.
+      out: the model's output dict (`ccstae_jax.model.networks.CCSTAE`), full images or, with ``points``, pixel lists.
       base_mask: ``(B, H, W)`` or ``(H, W)`` base-frame mask in {0, 1} (at the size of ``out["bases"]``).
       weights: ``(B,)`` 1 for real patterns, 0 for padding.
       points: ``(N, 2)`` pixel ``(row, col)`` positions at which ``out`` was evaluated (None = full images).
@@ -118,7 +118,7 @@ def ccstae_loss(
         forward = masked_mse(out["warped_input"], out["base"], base_mask)
         mask_d = data_frame_mask(base_mask, out["theta"])
     else:
-        from ccstae_jax.models import sample_at_points
+        from ccstae_jax.model.networks import sample_at_points
 
         full = jnp.broadcast_to(base_mask.astype(jnp.float32), (b,) + base_mask.shape[-2:])
         forward = masked_mse(out["warped_input"], out["base"], full[:, points[:, 0], points[:, 1]])

@@ -1,5 +1,5 @@
 """Detector masks: the ring that selects diffraction spots, the spot disks and their shrink schedule (radii from
-`ccstae_jax.geometry`).
+`ccstae_jax.model.geometry`).
 
 All masks are on the pattern grid ``(H, W)`` (rows = Qx, columns = Qy). Radii are in detector pixels measured from the
 pattern centre; the default centre is the central-beam position ``(H // 2, W // 2)``.

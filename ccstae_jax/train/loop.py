@@ -6,10 +6,10 @@ nothing about CC-ST-AE itself.
 * :class:`TrainState` holds arrays only (step, params, optimizer state, PRNG key and a few running sums). The step
   function is built once by :func:`make_train_step`, which closes over the task, the optimizer and the static
   options, so a rebuilt or restored state never triggers a recompilation.
-* Data parallel over a 1-D ``'data'`` mesh of all devices (:mod:`ccstae_jax.parallel`): the batch is split over
+* Data parallel over a 1-D ``'data'`` mesh of all devices (:mod:`ccstae_jax.train.parallel`): the batch is split over
   devices, the state replicated, ``jax.jit`` inserts the gradient all-reduce. Every batch is padded to the same
   shape (padding rows have weight 0), so a run compiles the step exactly once.
-* :func:`fit` checkpoints with Orbax (:mod:`ccstae_jax.checkpoint`) and resumes automatically from the newest
+* :func:`fit` checkpoints with Orbax (:mod:`ccstae_jax.train.checkpoint`) and resumes automatically from the newest
   checkpoint in its run directory, mid-epoch included; a resumed run ends with the same parameters as an
   uninterrupted one (same seed, same devices), provided ``batches_fn(epoch)`` yields the same batches in the same
   order every time it is called for that epoch.
@@ -52,8 +52,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from ccstae_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
-from ccstae_jax.parallel import (data_sharding, is_main_process, make_mesh, pad_batch_to, replicated_sharding,
+from ccstae_jax.train.checkpoint import Checkpointer, CheckpointError, abstract_like
+from ccstae_jax.train.parallel import (data_sharding, is_main_process, make_mesh, pad_batch_to, replicated_sharding,
                                  shard_batch)
 
 __all__ = [
@@ -433,7 +433,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, mesh: Mesh, *,
 
     * ``state``: :class:`TrainState`, replicated on ``mesh``; **donated** (do not use it after the call);
     * ``images``: (B, H, W) float32, ``weights``: (B,) float32 (0 = padding), both sharded over ``'data'``
-      (B a multiple of the device count; see :func:`ccstae_jax.parallel.shard_batch`);
+      (B a multiple of the device count; see :func:`ccstae_jax.train.parallel.shard_batch`);
     * ``epoch``: int32 scalar (0-based), passed to ``task.loss``;
     * ``metrics``: float32 scalars ``loss``, each task metric, ``grad_norm``, ``learning_rate`` and bool
       ``finite``.
@@ -446,7 +446,7 @@ def make_train_step(task: Task, tx: optax.GradientTransformation, mesh: Mesh, *,
     Args:
       task: the model (see :class:`Task`).
       tx: the optimizer.
-      mesh: 1-D data-parallel mesh (:func:`ccstae_jax.parallel.make_mesh`).
+      mesh: 1-D data-parallel mesh (:func:`ccstae_jax.train.parallel.make_mesh`).
       on_nonfinite: ``'stop'`` or ``'skip'``.
       compute_dtype: ``'float32'``, or ``'bfloat16'`` to evaluate the loss with params and images cast to bfloat16
         (float32 params and gradients).
@@ -550,7 +550,7 @@ def _check_run_config(run_dir: Path, config: TrainConfig, task_config: Mapping[s
     if has_checkpoint:
         if not path.exists():
             raise RunConfigMismatchError(
-                f"{run_dir} holds checkpoints but no {CONFIG_FILE}: it was not written by ccstae_jax.train.fit "
+                f"{run_dir} holds checkpoints but no {CONFIG_FILE}: it was not written by ccstae_jax.train.loop.fit "
                 "(or the file was deleted); use a new run directory")
         try:
             saved = json.loads(path.read_text())
@@ -702,7 +702,7 @@ def fit(task: Task, batches_fn: Callable[[int], Iterable[Any]], config: TrainCon
       task_config: the model config as a JSON-serialisable dict; resuming with a different one is refused.
       progress: report progress on process 0: a tqdm bar per epoch on a terminal (unless ``TQDM_DISABLE`` is set),
         else one line per epoch on stdout (``epoch 3/20 (step 60): loss 0.0123, 4.1 s``) for batch-job logs.
-      mesh: data-parallel mesh; default all devices (:func:`ccstae_jax.parallel.make_mesh`).
+      mesh: data-parallel mesh; default all devices (:func:`ccstae_jax.train.parallel.make_mesh`).
 
     Returns:
       :class:`FitResult`.
