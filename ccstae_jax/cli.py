@@ -16,14 +16,16 @@ import logging
 import sys
 import tomllib
 
+from ccstae_jax import conventions
+from ccstae_jax.errors import CcstaeError
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 _CONVENTIONS = (
-    "Conventions: data arrays are (Rx, Ry, Qx, Qy); x = Qx = pattern rows, y = Qy = pattern columns. Strain is the "
-    "real-space lattice strain (dimensionless in files, % in tables and figures; positive = lattice stretched, spots "
-    "move inward), shear_xy the tensor shear, rotation counter-clockwise from +Qx toward +Qy (radians in files, "
-    "degrees in tables and figures), modulo the lattice symmetry, all relative to a reference region of the scan."
+    f"Conventions: {conventions.FRAME}. {conventions.STRAIN}. Strain is dimensionless in files and in % in tables "
+    "and figures; rotation is in radians in files and degrees in tables and figures, modulo the lattice symmetry; "
+    "all relative to a reference region of the scan."
 )
 
 
@@ -486,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What bad input, unreadable files, refused resumes and numerical faults raise; anything else is a bug and keeps
 # its traceback.
-_USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError, FloatingPointError)
+_USER_ERRORS = (ValueError, OSError, FloatingPointError, CcstaeError)
 
 
 def main(argv=None) -> int:

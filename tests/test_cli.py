@@ -354,3 +354,21 @@ def test_train_twice_on_the_same_out_resumes_instead_of_starting_over(chain, tmp
     assert f"step {STEPS}," in out  # nothing retrained: the run was complete
     assert max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == STEPS
     assert (run / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_a_bug_keeps_its_traceback_while_bad_input_is_one_line(monkeypatch, tmp_path, capsys):
+    from ccstae_jax import pipeline
+
+    def broken(*args, **kwargs):
+        raise KeyError("internal lookup")
+
+    monkeypatch.setattr(pipeline, "evaluate", broken)
+    with pytest.raises(KeyError, match="internal lookup"):
+        cli.main(["evaluate", str(tmp_path / "a.h5"), "--labels", str(tmp_path / "b.h5")])
+
+    def bad_input(*args, **kwargs):
+        raise ValueError("labels file b.h5 has no key 'strain_xx'")
+
+    monkeypatch.setattr(pipeline, "evaluate", bad_input)
+    assert cli.main(["evaluate", str(tmp_path / "a.h5"), "--labels", str(tmp_path / "b.h5")]) == 2
+    assert "error: labels file b.h5 has no key 'strain_xx'" in capsys.readouterr().err

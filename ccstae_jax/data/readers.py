@@ -42,6 +42,8 @@ from typing import Iterator, NamedTuple, Sequence
 import h5py
 import numpy as np
 
+from ccstae_jax import conventions
+
 __all__ = [
     "DataError",
     "Batch",
@@ -55,7 +57,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-LABEL_NAMES = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+LABEL_NAMES = conventions.QUANTITIES
 _PAPER_LABEL_FILES = {name: f"Label_{name}.npy" for name in LABEL_NAMES}
 _PAPER_GRAIN_FILE = "simulated_4dstem_grain_index.npy"
 _H5_CACHE_BYTES = 64 * 2**20

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from ccstae_jax import conventions
 from ccstae_jax.data.noise import (
     DEFAULT_COUNTS,
     DEFAULT_LORENTZ_WIDTH,
@@ -78,14 +79,9 @@ __all__ = [
 FORMAT = "ccstae-sim-1"
 
 CONVENTIONS = (
-    "4D data (Rx, Ry, Qx, Qy): scan row, scan column, detector row, detector column. "
-    "Physics frame: x = detector Qx = array axis 2 (rows of a pattern), y = Qy = axis 3 (columns). "
-    "Strain is the real-space lattice strain in that frame: a real-space lattice deformation "
-    "A = (I + eps) R(theta), eps = [[strain_xx, shear_xy], [shear_xy, strain_yy]] (tensor shear), "
-    "R(theta) = [[cos, -sin], [sin, cos]], rotation theta in radians counter-clockwise from +Qx toward +Qy. "
-    "Reciprocal (diffraction) spots sit at A^{-T} g (g = unstrained reciprocal vectors, pixel units "
-    "relative to the pattern centre, (qx, qy) = (row, col)). Positive strain_xx = lattice stretched "
-    "along x = spots move inward along Qx. (Matches py4DSTEM's frame.)"
+    f"{conventions.FRAME}. {conventions.STRAIN}, radians. A real-space lattice deformation A = (I + eps) R(theta), "
+    "R(theta) = [[cos, -sin], [sin, cos]], puts the reciprocal (diffraction) spots at A^{-T} g (g = unstrained "
+    "reciprocal vectors, pixel units relative to the pattern centre, (qx, qy) = (row, col)). (Matches py4DSTEM's frame.)"
 )
 
 # Benchmark geometry (data.md section 2): 256 px detector at 0.0096 1/A per pixel, crop [28:228].

@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccstae_jax.conventions import QUANTITIES
 from ccstae_jax.ops import affine
-
-QUANTITIES = ("strain_xx", "strain_yy", "shear_xy", "rotation")
 
 #: Reasons a position has no strain value (stored in /invalid_reason; 0 = valid).
 INVALID_REASONS = {0: "valid", 1: "blank pattern (no intensity in the ring)", 2: "no lattice signal in the ring",

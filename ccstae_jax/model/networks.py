@@ -395,7 +395,8 @@ class CCSTAE(nn.Module):
             self.bases = self.param("bases", nn.initializers.zeros, (cfg.num_bases, h, w), jnp.float32)
         self.class_dense = nn.Dense(cfg.num_bases)
         self.class_norm = nn.LayerNorm(epsilon=1e-5)
-        n_out = 4 + (2 if cfg.translation else 0) + 1  # scale x/y, rotation, shear, [translation], mask intensity
+        n_out = 4 + (2 if cfg.translation else 0) + 1  # scale x/y, rotation, shear, [translation], and an unused
+        # "mask intensity" output kept so the parameter count matches auto4dstem's
         self.affine_dense = nn.Dense(n_out, kernel_init=nn.initializers.zeros)
         if cfg.rotation_mode == "prior":
             self.prior_weights = jnp.asarray(harmonic_weights(cfg))

@@ -462,7 +462,7 @@ def resize_bicubic(images: ArrayLike, size: Sequence[int]) -> Array:
     Output pixel ``o`` samples the input at ``(o + 0.5) * n_in / n_out - 0.5`` (half-pixel centres) with the
     cubic-convolution kernel ``A = -0.75``; taps beyond the edge replicate the edge pixel (torch's ``interpolate``
     clamps indices, unlike `grid_sample` with 'zeros'). No antialiasing when downsampling (torch's default).
-    Separable: one 4-tap gather pass along rows, then one along columns.
+    Separable: a 4-tap resampling along rows, then along columns (each a matrix product).
 
     Args:
       images: ``(B, H, W, C)`` floating images.
@@ -486,7 +486,7 @@ def upsample_bilinear_align_corners(images: ArrayLike, factor: float | Sequence[
 
     Output size ``floor(n * factor)`` per axis; output pixel ``o`` samples the input at ``o * (n_in - 1)/(n_out - 1)``
     (edge pixel centres aligned). ``jax.image.resize`` uses half-pixel centres (``align_corners=False``), so it does
-    not reproduce this. Separable: one 2-tap gather pass along rows, then one along columns.
+    not reproduce this. Separable: a 2-tap resampling along rows, then along columns (each a matrix product).
 
     Args:
       images: ``(B, H, W, C)`` floating images.

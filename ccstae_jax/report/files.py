@@ -13,14 +13,13 @@ import os
 
 import numpy as np
 
+from ccstae_jax import conventions
 from ccstae_jax.atomic import replace_atomically
 from ccstae_jax.mapping.reference import INVALID_REASONS, QUANTITIES
 
 CONVENTIONS = (
-    "maps (Rx, Ry); x = detector Qx = data axis 2 (pattern rows), y = Qy = axis 3 (columns); strain_xx/strain_yy = "
-    "real-space lattice strain along x/y (positive = stretched lattice, spots move inward); shear_xy = tensor shear; "
-    "rotation in radians counter-clockwise from +Qx toward +Qy, modulo 2*pi/symmetry about the reference; "
-    "T = M M_ref^-1 = (I + eps) R (left polar decomposition)"
+    f"maps (Rx, Ry) of {conventions.FRAME}. {conventions.STRAIN}, radians, modulo 2*pi/symmetry about the "
+    "reference; T = M M_ref^-1 = (I + eps) R (left polar decomposition)"
 )
 
 AFFINE_KEYS = ("theta", "lattice", "class_index")

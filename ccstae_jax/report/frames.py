@@ -26,6 +26,8 @@ import json
 
 import numpy as np
 
+from ccstae_jax.conventions import STRAIN_KEYS
+
 __all__ = ["FRAME_DESCRIPTIONS", "rotate_strain", "image_frame_maps", "frame_attrs"]
 
 FRAME_DESCRIPTIONS = {
@@ -34,7 +36,6 @@ FRAME_DESCRIPTIONS = {
              "by scan_rotation_deg, counter-clockwise from +Rx to the image direction of detector +Qx: "
              "eps_image = R eps_detector R^T",
 }
-STRAIN_KEYS = ("strain_xx", "strain_yy", "shear_xy")
 
 
 def rotate_strain(strain_xx, strain_yy, shear_xy, angle_deg: float):

@@ -29,10 +29,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..model.geometry import Geometry
+from ccstae_jax.conventions import QUANTITIES, STRAIN_KEYS
+from ccstae_jax.model.geometry import Geometry
 
-STRAIN_KEYS = ("strain_xx", "strain_yy", "shear_xy")
-QUANTITIES = STRAIN_KEYS + ("rotation",)
 DEFAULT_DPI = 120
 STRAIN_PERCENT = 100.0  # display unit of strain: percent (strain x 100)
 COLOUR_PERCENTILE = 99.5  # automatic colour limits: this percentile of |value|, so a few outliers saturate, not grains

@@ -31,12 +31,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from ccstae_jax.errors import CcstaeError
+
 __all__ = ["CheckpointError", "Checkpointer", "abstract_like"]
 
 _METRIC = "epoch_loss"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CcstaeError):
     """A checkpoint could not be read (corrupt, incomplete or from a different model)."""
 
 

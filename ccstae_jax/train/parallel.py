@@ -7,7 +7,7 @@ GPU, an 8-GPU node or a multi-node job.
 
 Multi-host (several processes, each driving its local devices):
 
-1. Every process calls :func:`initialize_distributed` before any other JAX call (``ccstae train --distributed`` or
+1. Every process calls :func:`initialize_distributed` before any other JAX call (`ccstae train` does when
    ``CCSTAE_DISTRIBUTED=1``). ``jax.distributed.initialize()`` detects SLURM, Open MPI, Cloud TPU and Kubernetes
    on its own; elsewhere pass ``coordinator_address``, ``num_processes`` and ``process_id``.
 2. Each process reads only its share of the scan (``Scan.batches(..., process_index=jax.process_index(),
@@ -23,7 +23,7 @@ Launching on SLURM (one process per GPU; the run directory must be on a shared f
     #SBATCH --ntasks-per-node=4          # one task per GPU
     #SBATCH --gpus-per-task=1
     export CCSTAE_DISTRIBUTED=1
-    srun ccstae train data.h5 --run-dir /shared/runs/exp1
+    srun ccstae train data.h5 --out /shared/runs/exp1
 
 or one process per node driving all of its GPUs (``--ntasks-per-node=1 --gpus-per-node=4``). JAX reads the
 coordinator address, process count and process id from the SLURM environment. A single node with several GPUs
@@ -37,6 +37,8 @@ from typing import Any, NamedTuple, Sequence, TypeVar
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ccstae_jax.errors import CcstaeError
 
 __all__ = [
     "DATA_AXIS",
@@ -181,7 +183,7 @@ def initialize_distributed(enabled: bool | None = None, *, cpu_collectives: str 
     try:
         jax.distributed.initialize(**kwargs)
     except Exception as e:  # the messages from cluster auto-detection are terse; say what was attempted
-        raise RuntimeError(
+        raise CcstaeError(
             f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: {e}. "
             "Outside SLURM/Open MPI/Cloud TPU/k8s pass coordinator_address, num_processes and process_id, or "
             f"unset {_ENV_DISTRIBUTED} for a single-process run.") from e

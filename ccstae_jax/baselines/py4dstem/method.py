@@ -84,6 +84,9 @@ from typing import Any
 
 import numpy as np
 
+from ccstae_jax import conventions
+from ccstae_jax.errors import CcstaeError
+
 __all__ = [
     "BASELINE_ENV",
     "INSTALL_HINT",
@@ -126,20 +129,17 @@ ROTATION_PERIOD_DEG = {"hex": 60.0, "square": 90.0, "rect": 180.0}
 #: Other spellings of the lattice names (the simulator's ``lattice`` attribute) -> the names used here.
 LATTICE_ALIASES = {"hexagonal": "hex", "rectangular": "rect"}
 
-MAP_KEYS = ("strain_xx", "strain_yy", "shear_xy", "rotation")
+MAP_KEYS = conventions.QUANTITIES
 
 CONVENTIONS = (
-    "arrays (Rx, Ry): scan row, scan column; x = detector Qx = pattern rows (axis 2 of the 4D data), "
-    "y = Qy = pattern columns (axis 3). Strain is the real-space lattice strain in that frame from the left polar "
-    "decomposition D = (I + eps) R(theta) of the real-space deformation D = T^-T, T mapping the unstrained to the "
-    "measured reciprocal basis in (qx, qy) pixels; eps = [[strain_xx, shear_xy], [shear_xy, strain_yy]] (tensor "
-    "shear); positive strain_xx = lattice stretched along x (spots move inward along Qx). rotation: radians, "
-    "counter-clockwise from +Qx toward +Qy, modulo the lattice symmetry in [0, period). Absolute strain against "
+    f"maps (Rx, Ry) of {conventions.FRAME}. {conventions.STRAIN}, radians, modulo the lattice symmetry in [0, "
+    "period). Strain from the left polar decomposition D = (I + eps) R(theta) of the real-space deformation "
+    "D = T^-T, T mapping the unstrained to the measured reciprocal basis in (qx, qy) pixels. Absolute strain against "
     "the known unstrained lattice (no reference region). Invalid positions are NaN with valid = False."
 )
 
 
-class BaselineUnavailable(RuntimeError):
+class BaselineUnavailable(CcstaeError):
     """py4DSTEM (the optional ``baseline`` extra) is not importable in this Python environment."""
 
 
@@ -1635,7 +1635,7 @@ def run_baseline_subprocess(
                 "CCSTAE_BASELINE_PYTHON at an interpreter that has it"
             )
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
-        raise RuntimeError(f"py4DSTEM baseline failed (exit {proc.returncode}) on {data_path}:\n{tail}")
+        raise CcstaeError(f"py4DSTEM baseline failed (exit {proc.returncode}) on {data_path}:\n{tail}")
     return os.fspath(out_path)
 
 
