@@ -112,7 +112,7 @@ def test_help_exits_0_and_states_the_conventions(command, capsys):
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(Rx, Ry, Qx, Qy)" in text
-    assert "x = Qx = pattern rows" in text
+    assert "x = detector Qx = axis 2 (pattern rows)" in text
     assert "radians" in text and "counter-clockwise" in text
     assert "positive = lattice stretched" in text
 

@@ -97,7 +97,9 @@ def _compute_dtype(*dtypes) -> jnp.dtype:
     """The dtype coordinates, weights and sums are computed in: the inputs' dtypes promoted to at least float32."""
     out = jnp.dtype(jnp.float32)
     for d in dtypes:
-        out = jnp.promote_types(out, d)
+        d = jax.dtypes.canonicalize_dtype(d)
+        if jnp.issubdtype(d, jnp.floating) and d.itemsize > out.itemsize:
+            out = d
     return out
 
 

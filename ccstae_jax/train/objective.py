@@ -121,9 +121,13 @@ class CCSTAETask:
     def forward(self, params, images: jax.Array, epoch: jax.Array):
         """Model output, per-sample base-frame masks ``(B, h, w)``."""
         out = self.model.apply({"params": params}, images)
+        return out, self.sample_masks(out, epoch)
+
+    def sample_masks(self, out: dict, epoch: jax.Array) -> jax.Array:
+        """Each pattern's base-frame mask ``(B, h, w)``: the mask of the base its class picks (no gradient flows
+        through the choice)."""
         mb = self.base_masks(out["bases"], epoch)
-        sample_masks = jnp.einsum("bk,khw->bhw", jax.lax.stop_gradient(out["classes"]), mb)
-        return out, sample_masks
+        return jnp.einsum("bk,khw->bhw", jax.lax.stop_gradient(out["classes"]), mb)
 
     def loss_points(self) -> np.ndarray:
         """Pixels ``(N, 2)`` at which the training loss is evaluated: the loss ring widened by a margin that covers
@@ -145,9 +149,7 @@ class CCSTAETask:
     def loss(self, params, images, weights, epoch):
         points = self.loss_points()
         out = self.model.apply({"params": params}, images, points)
-        mb = self.base_masks(out["bases"], epoch)
-        sample_masks = jnp.einsum("bk,khw->bhw", jax.lax.stop_gradient(out["classes"]), mb)
-        loss, terms, _ = ccstae_loss(out, sample_masks, weights, self.loss_cfg, points=points)
+        loss, terms, _ = ccstae_loss(out, self.sample_masks(out, epoch), weights, self.loss_cfg, points=points)
         return loss, terms
 
 
