@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from ccstae_jax.baselines import py4dstem as p4d
+from ccstae_jax.baselines.py4dstem import blas, method
 
 HAVE_PY4DSTEM = importlib.util.find_spec("py4DSTEM") is not None
 requires_py4dstem = pytest.mark.skipif(
@@ -141,12 +142,12 @@ def test_suppress_central_beam_zeroes_the_centre_and_keeps_the_far_field():
 
 
 def test_blas_threads_are_limited_inside_the_block_and_restored_after():
-    controls = p4d._openblas_controls()
+    controls = blas.openblas_controls()
     if not controls:
         pytest.skip("no OpenBLAS with a thread-count API loaded in this process")
     get = controls[0][0]
     before = get()
-    with p4d._limit_blas(1):
+    with blas.limit_blas(1):
         assert all(g() == 1 for g, _ in controls)
     assert get() == before
 
@@ -171,19 +172,19 @@ def test_simulator_lattice_names_give_the_lattice_its_symmetry_and_g1():
 
 
 def test_large_disks_shrink_the_beam_window_and_trench_to_end_before_the_first_order_disks():
-    res = p4d._resolved(p4d.Py4DSTEMConfig(probe_radius_px=16.0), 38.14)
+    res = method._resolved(p4d.Py4DSTEMConfig(probe_radius_px=16.0), 38.14)
     gap_start = 38.14 - 16.0  # where the first-order disks (and a spot's neighbours) begin
     inner, outer = res["central_beam_mask_px"]
     assert 16.0 < inner < outer <= gap_start - 1.0
     assert res["trench_px"][0] == 16.0 and res["trench_px"][1] <= gap_start - 1.0
-    small = p4d._resolved(p4d.Py4DSTEMConfig(probe_radius_px=3.7), 38.14)  # the default geometry is unchanged
+    small = method._resolved(p4d.Py4DSTEMConfig(probe_radius_px=3.7), 38.14)  # the default geometry is unchanged
     np.testing.assert_allclose(small["central_beam_mask_px"], [6.7, 9.7])
     np.testing.assert_allclose(small["trench_px"], [3.7, 7.4])
 
 
 def test_disks_that_overlap_at_the_lattice_spacing_are_refused():
     with pytest.raises(ValueError, match="overlap"):
-        p4d._resolved(p4d.Py4DSTEMConfig(probe_radius_px=16.0), 33.0)
+        method._resolved(p4d.Py4DSTEMConfig(probe_radius_px=16.0), 33.0)
 
 
 def test_config_from_attrs_adapts_to_phases_ellipticity_and_vacuum():
@@ -211,7 +212,7 @@ def test_vacuum_test_empties_patterns_whose_spots_are_faint():
         return np.array([[55.0, 50.0, glow], [80.0, 50.0, spot], [50.0, 80.0, 0.5 * spot]])
 
     peaks = [pattern(1.0), pattern(1.1), pattern(0.9), pattern(0.2), pattern(0.0)[:1]]
-    kept, threshold, n_empty = p4d._drop_vacuum(peaks, np.tile(centre, (5, 1)), 0.5, 15.0)
+    kept, threshold, n_empty = method._drop_vacuum(peaks, np.tile(centre, (5, 1)), 0.5, 15.0)
     assert threshold == pytest.approx(0.5 * 0.9) and n_empty == 2
     assert [len(p) for p in kept] == [3, 3, 3, 0, 0]
 
@@ -470,11 +471,11 @@ def test_ellipse_fit_recovers_an_elliptical_ring_and_maps_it_onto_a_circle():
         phi = rng.uniform(0, np.pi / 3) + np.arange(6) * np.pi / 3
         ring = 30.0 * np.column_stack([np.cos(phi), np.sin(phi)]) @ d.T
         peaks.append(np.column_stack([c + ring, np.ones(6)]))
-    ell = p4d._fit_ellipse(peaks, seeds, 30.0)
+    ell = method._fit_ellipse(peaks, seeds, 30.0)
     assert ell["ellipticity"] == pytest.approx(0.02, abs=1e-3)
     assert abs(_wrap(math.degrees(ell["theta"] - 0.4), 180.0)) < 2.0
     assert np.linalg.det(ell["correction"]) == pytest.approx(1.0)
-    fixed = np.concatenate([p4d._correct_ellipse(p, c, ell["correction"])[:, :2] - c for p, c in zip(peaks, seeds)])
+    fixed = np.concatenate([method._correct_ellipse(p, c, ell["correction"])[:, :2] - c for p, c in zip(peaks, seeds)])
     r = np.hypot(fixed[:, 0], fixed[:, 1])
     assert r.std() < 0.05 * 30.0 * 0.02  # the 2 % ellipse is flattened to a circle within 5 %
 

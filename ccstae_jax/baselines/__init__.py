@@ -1,8 +1,9 @@
 """Classical baselines that CC-ST-AE is compared against (optional extras, imported lazily).
 
-``ccstae_jax.baselines.py4dstem``: py4DSTEM correlation strain mapping. Importing this package needs only numpy;
-py4DSTEM itself (``pip install "ccstae-jax[baseline]"``) is imported when a baseline runs. Names are resolved on first
-use (PEP 562), so ``python -m ccstae_jax.baselines.py4dstem`` does not import the module twice.
+``ccstae_jax.baselines.py4dstem``: py4DSTEM correlation strain mapping (submodules ``config``, ``blas``, ``method``,
+``runner``; its public names are re-exported here). Importing this package needs only numpy; py4DSTEM itself
+(``pip install "ccstae-jax[baseline]"``) is imported when a baseline runs. Names are resolved on first use (PEP 562),
+so importing ``ccstae_jax.baselines`` does not import the baseline.
 """
 
 _PY4DSTEM_NAMES = (

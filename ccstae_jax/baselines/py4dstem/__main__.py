@@ -1,7 +1,7 @@
 """``python -m ccstae_jax.baselines.py4dstem DATA --out STRAIN.h5``: the baseline in this interpreter."""
 import sys
 
-from ccstae_jax.baselines.py4dstem.method import _EXIT_UNAVAILABLE, BaselineUnavailable, main
+from ccstae_jax.baselines.py4dstem.runner import _EXIT_UNAVAILABLE, BaselineUnavailable, main
 
 try:
     sys.exit(main())
