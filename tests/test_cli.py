@@ -110,7 +110,8 @@ def test_help_exits_0_and_states_the_conventions(command, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"] if command is None else [command, "--help"])
     assert exc.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines, also after hyphens
+    text = re.sub(r"(\w)- (\w)", r"\1-\2", text)
     assert "(Rx, Ry, Qx, Qy)" in text
     assert "x = detector Qx = axis 2 (pattern rows)" in text
     assert "radians" in text and "counter-clockwise" in text
