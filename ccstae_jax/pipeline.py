@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -27,7 +28,7 @@ from ccstae_jax.model.geometry import SYMMETRIES, GeometryError, measure_geometr
 from ccstae_jax.train.losses import LossConfig, data_frame_mask
 from ccstae_jax.mapping.fit import INTERPOLATIONS
 from ccstae_jax.mapping.predict import MapConfig, map_scan, subset_rows
-from ccstae_jax.mapping.reference import region_mask, strain_maps
+from ccstae_jax.mapping.reference import map_warnings, region_mask, strain_maps
 from ccstae_jax.model.networks import ModelConfig
 from ccstae_jax.train.objective import CCSTAETask, configure
 from ccstae_jax.train.parallel import is_main_process
@@ -481,8 +482,13 @@ def map_strain(
             "distortion_ellipticity": distortion.ellipticity,
             "distortion_angle": distortion.angle,
         }
+        flags = map_warnings(maps)
+        attrs["quality"] = "flagged" if flags else "ok"
+        attrs["quality_warnings"] = json.dumps(flags)
         if progress:
             _report_map(maps, distortion, correct_distortion)
+        for flag in flags:  # shown even without progress output
+            print(f"ccstae map: WARNING: {flag}", file=sys.stderr, flush=True)
         attrs.update(frame_attrs(scan_rotation, scan.calibration))
         written = maps if scan_rotation is None else {**maps, **image_frame_maps(maps, scan_rotation)}
         atomic.remove_stale(out_path)

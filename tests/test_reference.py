@@ -8,8 +8,8 @@ import pytest
 
 from ccstae_jax.ops import affine
 from ccstae_jax.evaluate.metrics import error_table, referenced_labels
-from ccstae_jax.mapping.reference import (lattice_covariance, referenced_strain, region_mask, strain_maps,
-                                          strain_uncertainty)
+from ccstae_jax.mapping.reference import (lattice_covariance, map_warnings, referenced_strain, region_mask,
+                                          strain_maps, strain_uncertainty)
 from ccstae_jax.report.files import read_strain_h5, write_strain_h5
 
 
@@ -199,3 +199,36 @@ def test_strain_files_say_whether_they_are_absolute():
     assert not _is_absolute({"strain_reference": "relative", "method": "py4dstem"})
     assert _is_absolute({"method": "py4dstem"})  # baseline files written before the attribute
     assert not _is_absolute({"method": "ccstae-jax fast"})
+
+
+def _map_with(strain, sigma, valid=None):
+    rng = np.random.default_rng(0)
+    shape = (16, 16)
+    valid = np.ones(shape, bool) if valid is None else valid
+    maps = {"valid": valid}
+    for k in ("strain_xx", "strain_yy"):
+        maps[k] = strain(rng, shape)
+        maps[f"uncertainty_{k}"] = np.full(shape, sigma)
+    return maps
+
+
+def test_a_map_whose_spread_matches_its_noise_raises_no_warning():
+    assert map_warnings(_map_with(lambda rng, s: 1e-3 * rng.standard_normal(s), 1e-3)) == []
+
+
+def test_a_map_that_ignores_its_patterns_is_flagged_as_collapsed():
+    flags = map_warnings(_map_with(lambda rng, s: 1e-5 * rng.standard_normal(s), 1e-3))
+    assert len(flags) == 1 and flags[0].startswith("strain collapsed")
+
+
+def test_a_map_noisier_than_half_a_percent_is_flagged_as_imprecise():
+    flags = map_warnings(_map_with(lambda rng, s: 2e-2 * rng.standard_normal(s), 2e-2))
+    assert len(flags) == 1 and "median 1-sigma strain 2.00 %" in flags[0]
+
+
+def test_a_mostly_invalid_map_is_flagged():
+    valid = np.zeros((16, 16), bool)
+    valid[:4] = True
+    flags = map_warnings(_map_with(lambda rng, s: 1e-3 * rng.standard_normal(s), 1e-3, valid))
+    assert flags == ["only 25 % of the positions are valid (see /invalid_reason)"]
+    assert map_warnings({"valid": np.zeros((4, 4), bool)})[0].startswith("no valid position")

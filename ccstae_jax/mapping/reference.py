@@ -238,6 +238,43 @@ def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *,
     return reason
 
 
+#: A map whose median 1-sigma strain (mean of strain_xx and strain_yy) exceeds this is flagged as too imprecise to
+#: read grains from (dimensionless; 5e-3 = 0.5 %).
+IMPRECISE_STRAIN = 5e-3
+#: A map whose strain spread across the scan is below this share of its own 1-sigma noise is flagged as collapsed:
+#: its values no longer follow the patterns (a well-behaved map spreads at least by its noise).
+COLLAPSE_RATIO = 0.3
+
+
+def map_warnings(maps: dict) -> list[str]:
+    """What a user must know before trusting a map from `strain_maps`; empty when nothing is wrong.
+
+    Flags: no valid position; fewer than half of the positions valid; a median 1-sigma strain above
+    `IMPRECISE_STRAIN`; and a collapse, strain that varies across the scan (robust spread, 1.4826 x the median
+    absolute deviation, of strain_xx and strain_yy) less than `COLLAPSE_RATIO` times its own median 1-sigma.
+    """
+    valid = np.asarray(maps["valid"], bool)
+    if not valid.any():
+        return ["no valid position: nothing in this scan could be measured"]
+    out = []
+    if valid.mean() < 0.5:
+        out.append(f"only {100 * valid.mean():.0f} % of the positions are valid (see /invalid_reason)")
+    if "uncertainty_strain_xx" not in maps:
+        return out
+    sigma = float(np.median(0.5 * (maps["uncertainty_strain_xx"][valid] + maps["uncertainty_strain_yy"][valid])))
+    if sigma > IMPRECISE_STRAIN:
+        out.append(f"median 1-sigma strain {100 * sigma:.2f} % exceeds {100 * IMPRECISE_STRAIN:.1f} %: the patterns "
+                   "carry too little signal to map strain (more dose per pattern, less binning or a longer camera "
+                   "length help)")
+    spread = float(np.mean([1.4826 * np.median(np.abs(v - np.median(v)))
+                            for v in (maps["strain_xx"][valid], maps["strain_yy"][valid])]))
+    if spread < COLLAPSE_RATIO * sigma:
+        out.append(f"strain collapsed: it varies by {100 * spread:.3f} % across the scan, far less than its own "
+                   f"noise ({100 * sigma:.3f} %), so it does not follow the patterns; check the geometry that "
+                   "`ccstae train` printed")
+    return out
+
+
 def strain_maps(
     predictions: dict[str, np.ndarray],
     scan_shape: tuple[int, int],
