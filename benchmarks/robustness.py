@@ -229,7 +229,7 @@ def score_map(strain_path, data_path) -> dict:
     """
     from ccstae_jax import pipeline
     from ccstae_jax.data.readers import load_labels
-    from ccstae_jax.strain import read_strain_h5
+    from ccstae_jax.report.files import read_strain_h5
 
     table = pipeline.evaluate(strain_path, data_path)
     maps, attrs = read_strain_h5(strain_path)
@@ -244,7 +244,8 @@ def score_map(strain_path, data_path) -> dict:
     hetero = None
     if has_vacuum or len(phases) > 1:
         hetero = _hetero_scores(maps, attrs, labels, data_attrs, phases, valid, specimen, _class_map(strain_path))
-    return {"errors": table, "mae": row, "hetero": hetero}
+    flags = json.loads(attrs.get("quality_warnings", "[]") or "[]")
+    return {"errors": table, "mae": row, "hetero": hetero, "flags": flags}
 
 
 def _valid(maps) -> np.ndarray:
@@ -406,6 +407,7 @@ def run_case(cfg: RobustnessConfig, case: Case, case_dir: Path, *, baseline_ok: 
         },
         "train_output": train_output,
         "errors": errors,
+        "flags": {m: scores[m].get("flags", []) for m in METHODS if scores.get(m)},
         "settings": settings,
         "timings_s": clock.times,
         "notes": notes,
@@ -514,6 +516,8 @@ def format_markdown(results: dict) -> str:
     env = results.get("environment", {})
     notes = [f"{c['name']} {c['noise'] * 100:g}%: {n.splitlines()[0]}" for c in results["cases"]
              for n in c.get("notes", [])]
+    notes += [f"{c['name']} {c['noise'] * 100:g}%: {m} map flagged ({f.split(':')[0]})" for c in results["cases"]
+              for m, fl in c.get("flags", {}).items() for f in fl]
     lines += [
         "",
         f"MAE against the labels over the valid specimen positions of each {s.get('scan', '?')}x{s.get('scan', '?')} "

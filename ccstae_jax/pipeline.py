@@ -638,8 +638,6 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
       The paths written. The pattern figure shows the pattern at the centre of the scan (else the first valid
       position) with the training loss mask of the run's last epoch, carried onto the pattern by its fitted affine.
     """
-
-
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     r, c = _shown_position(np.asarray(maps["valid"], bool))
     ry = scan.scan_shape[1]
@@ -665,8 +663,15 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
         out_dir, maps=maps, labels=labels, baseline=baseline, pattern=pattern, mask=mask,
         bases=np.asarray(params["bases"]) if "bases" in params else None,
         metrics_path=str(Path(run_dir) / "metrics.jsonl"),
-        title=f"data {Path(data_path).name}, run {Path(run_dir).name}", reference_region=reference_region,
+        title=f"data {Path(data_path).name}, run {Path(run_dir).name}" + _flag_line(maps),
+        reference_region=reference_region,
         symmetry=task.model_cfg.symmetry, pattern_title=pattern_title, mask_label=label)
+
+
+def _flag_line(maps: dict) -> str:
+    """``"\nFLAGGED: ..."`` (the short form of each `map_warnings`) for figure titles; empty for a sound map."""
+    flags = map_warnings(maps)
+    return ("\nFLAGGED: " + "; ".join(f.split(":")[0] for f in flags)) if flags else ""
 
 
 def demo(out_dir: str | os.PathLike = "demo_out", *, scan: int = 24, noise: float = 0.25, epochs: int = 15,

@@ -148,7 +148,7 @@ def test_phase_accuracy_maps_each_class_to_its_majority_phase():
 def _synthetic_files(tmp_path, *, absolute):
     """A 4x4 'simulation' (reference region rows 0:2, cols 0:2 of WS2; WSe2 at column 2; vacuum at column 3) and a
     map that is the labels plus +1e-3 strain_xx on WSe2, invalid on half the vacuum."""
-    from ccstae_jax.strain import write_strain_h5
+    from ccstae_jax.report.files import write_strain_h5
 
     shape = (4, 4)
     phase = np.zeros(shape, np.int8)
