@@ -34,8 +34,8 @@ _EXPORTS = {
     "LossConfig": "train.losses", "ccstae_loss": "train.losses", "masked_mse": "train.losses",
     "CCSTAETask": "train.objective", "configure": "train.objective",
     # training
-    "TrainConfig": "train.loop", "TrainState": "train.loop", "fit": "train.loop", "load_checkpoint": "train.loop",
-    "NonFiniteLossError": "train.loop", "RunConfigMismatchError": "train.loop",
+    "TrainConfig": "train.config", "TrainState": "train.step", "fit": "train.loop", "load_checkpoint": "train.loop",
+    "NonFiniteLossError": "train.step", "RunConfigMismatchError": "train.rundir",
     "conv_general_dilated": "ops.conv",
     "make_mesh": "train.parallel", "shard_batch": "train.parallel", "initialize_distributed": "train.parallel",
     # data

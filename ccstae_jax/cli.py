@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int,
                    help=f"patterns per step over all devices (default per preset: {_per_preset('batch_size')})")
     _lazy_default(t.add_argument("--seed", type=int, help="seed of the initial weights and the data order (default: "
-                                                          "%(library_default)s)"), "ccstae_jax.train.loop", "TrainConfig",
+                                                          "%(library_default)s)"), "ccstae_jax.train.config", "TrainConfig",
                   "seed")
     t.add_argument("--lr", type=float, help=f"peak learning rate (default per preset: {_per_preset('learning_rate')})")
     t.add_argument("--schedule", choices=["constant", "cosine", "warmup_cosine", "bold_driver"],
@@ -386,11 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
                   "ccstae_jax.model.networks", "ModelConfig", "dtype")
     _lazy_default(t.add_argument("--on-nonfinite", choices=["stop", "skip"],
                                  help="on a NaN/Inf loss: stop, keeping the last good checkpoint, or skip the batch "
-                                      "(default: %(library_default)s)"), "ccstae_jax.train.loop", "TrainConfig",
+                                      "(default: %(library_default)s)"), "ccstae_jax.train.config", "TrainConfig",
                   "on_nonfinite")
     _lazy_default(t.add_argument("--checkpoint-every", type=int,
                                  help="also checkpoint every N steps (default: %(library_default)s, only at the end of "
-                                      "each epoch)"), "ccstae_jax.train.loop", "TrainConfig", "checkpoint_every_steps")
+                                      "each epoch)"), "ccstae_jax.train.config", "TrainConfig", "checkpoint_every_steps")
     t.add_argument("--quiet", action="store_true",
                    help="no progress output (default: a bar per epoch on a terminal, else one line per epoch)")
     t.set_defaults(func=cmd_train)

@@ -33,7 +33,8 @@ from ccstae_jax.model.networks import ModelConfig
 from ccstae_jax.train.objective import CCSTAETask, configure
 from ccstae_jax.train.parallel import is_main_process
 from ccstae_jax.report.files import read_strain_h5, write_strain_h5
-from ccstae_jax.train.loop import TrainConfig, fit, load_checkpoint
+from ccstae_jax.train.config import TrainConfig
+from ccstae_jax.train.loop import fit, load_checkpoint
 
 MODEL_FILE = "model.json"
 
@@ -628,7 +629,7 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
     Args:
       out_dir: folder for the PNGs (created).
       run_dir, data_path: the run and the scan (for titles, ``metrics.jsonl`` and ``config.json``).
-      task, state: the run's task and its restored `ccstae_jax.train.loop.TrainState`.
+      task, state: the run's task and its restored `ccstae_jax.train.step.TrainState`.
       scan: the open `ccstae_jax.data.readers.Scan` that was mapped.
       maps: `map_strain`'s maps (``theta`` and ``class_index`` included).
       labels, baseline: optional maps drawn as extra rows (referenced like ``maps``).

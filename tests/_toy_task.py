@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from ccstae_jax.train.parallel import initialize_distributed
-    from ccstae_jax.train.loop import TrainConfig, fit
+    from ccstae_jax.train.config import TrainConfig
+    from ccstae_jax.train.loop import fit
 
     if args.coordinator:
         initialize_distributed(True, cpu_collectives="gloo", coordinator_address=args.coordinator,

@@ -184,7 +184,7 @@ def test_help_shows_the_defaults_the_code_applies():
     from ccstae_jax import pipeline
     from ccstae_jax.evaluate.metrics import PAPER_REFERENCE_REGION
     from ccstae_jax.model.networks import ModelConfig
-    from ccstae_jax.train.loop import TrainConfig
+    from ccstae_jax.train.config import TrainConfig
 
     train = _help("train")
     for preset, values in pipeline.PRESET_TRAINING.items():

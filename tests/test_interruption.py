@@ -201,7 +201,8 @@ def test_train_resumed_after_sigint_ends_with_the_uninterrupted_parameters(train
 @pytest.mark.parametrize("batch", [1, 2], ids=["first batch", "last batch, at the epoch boundary"])
 def test_ctrl_c_message_names_the_epoch_and_batch_of_the_saved_step(tmp_path, capsys, batch):
     """Ctrl-C while batch ``batch`` of epoch 2 trains: the message names that step's epoch and batch (1-based)."""
-    from ccstae_jax.train.loop import TrainConfig, fit
+    from ccstae_jax.train.config import TrainConfig
+    from ccstae_jax.train.loop import fit
 
     images = toy.make_images(24)
     cfg = TrainConfig(epochs=4, batch_size=12, seed=0, learning_rate=1e-2, async_checkpointing=False)

@@ -1,4 +1,4 @@
-"""Tests for ccstae_jax.train.loop: config, schedules, the data-parallel step, fit/resume, NaN handling, signals."""
+"""Tests for ccstae_jax.train: config, schedules, the data-parallel step, fit/resume, NaN handling, signals."""
 import json
 import os
 import re
@@ -17,10 +17,12 @@ import pytest
 import _toy_task as toy
 from ccstae_jax.train import loop as train
 from ccstae_jax.train.checkpoint import Checkpointer
+from ccstae_jax.train.config import (TrainConfig, bold_driver_update, get_learning_rate, make_optimizer, make_schedule,
+                                     set_learning_rate)
+from ccstae_jax.train.loop import fit
 from ccstae_jax.train.parallel import make_mesh, pad_batch_to, replicated_sharding, shard_batch
-from ccstae_jax.train.loop import (NonFiniteLossError, RunConfigMismatchError, TrainConfig, bold_driver_update, fit,
-                              get_learning_rate, init_train_state, make_optimizer, make_schedule, make_train_step,
-                              set_learning_rate)
+from ccstae_jax.train.rundir import RunConfigMismatchError, _check_run_config
+from ccstae_jax.train.step import NonFiniteLossError, compilation_count, init_train_state, make_train_step
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -197,7 +199,7 @@ def test_train_step_compiles_once_across_steps_epochs_and_learning_rate_changes(
         if i == 2:
             state = set_learning_rate(state, 0.01)
     setup4.run(list(toy.batches(IMAGES, 8, seed=0, epoch=1))[:1])  # a rebuilt state
-    assert train.compilation_count(setup4.step) == 1
+    assert compilation_count(setup4.step) == 1
 
 
 def test_a_batch_not_divisible_by_the_device_count_is_padded_and_gives_the_same_step(setup4, setup1):
@@ -324,10 +326,10 @@ def test_resume_with_a_different_seed_is_refused(reference):
 def test_resume_with_more_epochs_or_other_bookkeeping_is_allowed(reference, tmp_path):
     _, _, run_dir = reference
     shutil.copy(run_dir / "config.json", tmp_path / "config.json")
-    train._check_run_config(tmp_path, _cfg(epochs=5, log_every=7, keep_checkpoints=1), TASK.to_dict(), SPE,
+    _check_run_config(tmp_path, _cfg(epochs=5, log_every=7, keep_checkpoints=1), TASK.to_dict(), SPE,
                             has_checkpoint=True)
     with pytest.raises(RunConfigMismatchError, match="steps_per_epoch: saved 4, now 5"):
-        train._check_run_config(tmp_path, _cfg(), TASK.to_dict(), 5, has_checkpoint=True)
+        _check_run_config(tmp_path, _cfg(), TASK.to_dict(), 5, has_checkpoint=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

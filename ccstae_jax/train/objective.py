@@ -1,6 +1,6 @@
 """Binds the model, the losses and the mask schedule into the training task, and sizes them from the data.
 
-`CCSTAETask` implements the protocol the training engine (`ccstae_jax.train.loop`) expects:
+`CCSTAETask` implements the protocol the training engine (`ccstae_jax.train.step`) expects:
 ``init_params(key, images)`` and ``loss(params, images, weights, epoch) -> (loss, metrics)``.
 `configure` sizes them from a sample of the scan: its geometry (`ccstae_jax.model.geometry`) and intensity scale.
 """
