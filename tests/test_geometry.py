@@ -85,6 +85,17 @@ def test_patterns_without_a_lattice_are_refused_with_what_was_measured():
     x = rng.poisson(np.broadcast_to(glow, (64, 128, 128))).astype(np.float32)
     with pytest.raises(GeometryError, match="zero beam at"):
         measure_geometry(x)
+    with pytest.raises(GeometryError, match="zero beam at"):  # a ring alone does not say what lattice to expect
+        measure_geometry(x, ring=(20.0, 50.0))
+
+
+def test_a_lattice_forced_by_ring_and_symmetry_is_accepted_on_patterns_without_one():
+    rng = np.random.default_rng(0)
+    r = np.hypot(*(np.mgrid[:128, :128] - 64))
+    x = rng.poisson(np.broadcast_to(400.0 / (1 + (r / 3) ** 2), (32, 128, 128))).astype(np.float32)
+    g = measure_geometry(x, ring=(20.0, 50.0), symmetry=6)
+    assert g.ring == (20.0, 50.0) and g.symmetry == 6
+    assert g.spot_spacing > 20.0
 
 
 def test_geometry_round_trips_through_a_dict_and_rejects_unknown_keys():

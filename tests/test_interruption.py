@@ -251,6 +251,11 @@ def pure_background_map(chain, tmp_path_factory):
             f["data"][r, c] = 0.0
     run, out = root / "run", root / "strain.h5"
     p = ccstae(["train", data, "--out", run, *chain["train_args"]], cwd=root, cache_dir=chain["cache"])
+    assert p.returncode == 2 and "no diffraction spots found" in p.stderr, p.stderr[-2000:]
+    assert not (run / "model.json").exists()
+    # The user insists (a ring given by hand): training runs, and the map must still refuse every position.
+    p = ccstae(["train", data, "--out", run, "--ring", "8", "20", "--symmetry", "6", *chain["train_args"]], cwd=root,
+               cache_dir=chain["cache"])
     assert p.returncode == 0, p.stderr[-2000:]
     p = ccstae(["map", run, data, "--out", out, "--quiet"], cwd=root, cache_dir=chain["cache"])
     assert p.returncode == 0, p.stderr[-2000:]

@@ -227,7 +227,8 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
     raise GeometryError(
         f"no diffraction spots found outside the central disk (zero beam at ({center[0]:.1f}, {center[1]:.1f}) px, "
         f"central disk and glow out to ~{core:.1f} px): no radius within {r_max:.0f} px shows a significant "
-        "lattice-like angular structure; check --crop/--key/--transpose, or pass --ring INNER OUTER")
+        "lattice-like angular structure; check --crop/--key/--transpose, or force a lattice with --ring INNER OUTER "
+        "and --symmetry N")
 
 
 # --------------------------------------------------------------------------------------------- harmonics
@@ -462,8 +463,15 @@ def measure_geometry(
     disk_radius = central_disk_radius(aligned.mean(0), center)
     core = max(core, disk_radius)
     profiles, z = spot_profile(aligned, center, step=1.0)
-    first, last, spacing = _ring_extent(profiles, z, center, core, r_max, disk_radius)
     margin = max(2.0, 0.5 * disk_radius)
+    try:
+        first, last, spacing = _ring_extent(profiles, z, center, core, r_max, disk_radius)
+    except GeometryError:
+        if ring is None or symmetry is None:
+            raise
+        # Forced by the user (no visible lattice): the given ring starts just inside the first-order disks.
+        first, last = (float(v) for v in ring)
+        spacing = first + disk_radius + margin
     if symmetry is None:
         n = profiles.shape[1]
         order, harm = detect_symmetry(profiles, z, np.arange(n) + 0.5, max(first, core + 3.0),
