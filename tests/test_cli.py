@@ -313,6 +313,7 @@ def test_train_without_a_terminal_says_what_it_read_and_logs_one_line_per_epoch(
     assert "it/s" not in p.stderr and "step/s" not in p.stderr  # no progress bar in a log file
 
 
+@pytest.mark.slow
 def test_map_prints_each_passs_final_progress_line_once(chain, tmp_path):
     assert chain["train"]["returncode"] == 0
     p = ccstae(["map", chain["run"], chain["sim"], "--out", tmp_path / "s.h5"], cwd=tmp_path,

@@ -114,6 +114,7 @@ def test_map_rerun_after_a_kill_writes_the_uninterrupted_result_and_removes_the_
     _assert_same_maps(r["out"], chain["strain"])
 
 
+@pytest.mark.slow  # the kill while writing (default run) covers the atomic output; this adds a kill mid-inference
 def test_map_killed_late_in_its_run_leaves_no_output(chain, map_killed_while_writing, tmp_path):
     out = tmp_path / "strain.h5"
     proc = ccstae(["map", chain["run"], chain["sim"], "--out", out, "--quiet"], cwd=tmp_path,

@@ -49,7 +49,8 @@ def test_perfect_reconstruction_has_zero_data_terms():
 
 @pytest.mark.parametrize("preset, overrides", [
     ("fast", {}),
-    ("reference", {"interpolate": True, "warp_mode": "bicubic", "up_size": 128}),  # the up-sampled path
+    pytest.param("reference", {"interpolate": True, "warp_mode": "bicubic", "up_size": 128},  # the up-sampled path
+                 marks=pytest.mark.slow),
 ])
 def test_loss_on_ring_pixels_equals_loss_on_full_images(preset, overrides):
     """Training evaluates the warps only on the (widened) ring; the loss value is the same as on whole images."""

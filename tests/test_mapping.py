@@ -128,7 +128,7 @@ def test_a_map_split_over_four_devices_equals_the_one_device_map(tmp_path):
     with open_scan(path) as scan:
         x = scan.read(0, scan.n_positions)
         task, params = _fast_task(x, geometry=measure_geometry(x))
-        config = MapConfig(steps=2, batch_size=8, subset=16)
+        config = MapConfig(steps=2, batch_size=8, subset=16, base_rounds=1, coarse_steps=1)
         one = map_scan(task, params, scan, config, mesh=None)
         four = map_scan(task, params, scan, config, mesh=make_mesh())
     np.testing.assert_allclose(four["theta"], one["theta"], atol=1e-4)
