@@ -6,7 +6,8 @@ only JAX and NumPy — never Flax, Optax or Orbax.
 One folder per stage of the pipeline: ``data`` (readers, checks, simulator, noise) → ``model`` (geometry, masks,
 networks) → ``train`` (losses, task, loop, checkpoints, devices) → ``mapping`` (per-pattern fit, bases, referencing)
 → ``evaluate`` (errors, bounds) → ``report`` (files, frames, exports, figures); ``ops`` holds the numeric leaves
-they share, ``conventions`` the frames and names every file uses. ``pipeline`` (the jobs) and ``cli`` drive it.
+they share, ``conventions`` the frames and names every file uses, ``errors`` the errors a user can act on and
+``atomic`` the all-or-nothing file writes. ``pipeline`` (the jobs) and ``cli`` drive it.
 """
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ class MapConfig:
       base_rounds: rounds of fitting the subset and re-estimating the bases from it.
       coarse_steps: iterations of a first, coarse fit from the encoder's warps (blurred bases, wider pixels).
       share: share of the warp's Fisher information the fitted pixels hold (`fit.information_mask`).
+      grow: pixels by which that set is widened, so a spot that moves during the fit stays inside it.
       max_points: at most this many fitted pixels per base (None = as many as ``share`` needs).
       interpolation: how the fit interpolates a base: ``"cubic"`` (Keys, A = -0.5) or ``"bilinear"``.
       batch_size: patterns per device batch.
