@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-from _common import QUANTITIES, Clock, crb_for_scan  # noqa: E402
+from _common import QUANTITIES, Clock, calibration_markdown, crb_for_scan  # noqa: E402
 from _common import clean as _clean  # noqa: E402
 from _common import environment as _environment  # noqa: E402
 from _common import file_attrs as _file_attrs  # noqa: E402
@@ -396,6 +396,14 @@ def format_markdown(results: dict) -> str:
                 cells.append(_cell(vals[m], scale, digits, bold=(m in ("py4dstem", "ccstae") and best is not None
                                                                  and vals[m] == best)))
         lines.append("| " + " | ".join(cells) + " |")
+    tables = (results.get("tables") or {}).get("ccstae") or []
+    crb_rows = [{q: (results.get("crb") or {}).get(q, [None] * len(results["levels"]))[i] for q in QUANTITIES}
+                for i in range(len(results["levels"]))]
+    calibration = calibration_markdown([(f"{w * 100:g}%", t, c)
+                                        for w, t, c in zip(results["levels"], tables, crb_rows)])
+    if calibration:
+        lines += ["", "Calibration of CC-ST-AE's per-position 1-sigma errors (`/uncertainty/*`) against the labels:",
+                  ""] + calibration
     s = results.get("settings", {})
     env = results.get("environment", {})
     notes_b = {str(n).splitlines()[0] for n in s.get("baseline_notes", []) if n}

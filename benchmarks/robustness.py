@@ -64,7 +64,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
-from _common import QUANTITIES, Clock, clean, crb_for_scan, environment, file_attrs, loadavg, mae_row  # noqa: E402
+from _common import QUANTITIES, Clock, calibration_markdown, clean, crb_for_scan, environment, file_attrs  # noqa: E402
+from _common import loadavg, mae_row  # noqa: E402
 from _common import write_json  # noqa: E402
 
 RESULT_FILE = "result.json"
@@ -512,6 +513,11 @@ def format_markdown(results: dict) -> str:
                 acc = "n/a" if h.get("phase_accuracy") is None else \
                     f"{h['phase_accuracy'] * 100:.1f}% ({n} class{'' if n == 1 else 'es'})"
                 lines.append(f"| {c['name']} | {c['noise'] * 100:g}% | {name} | {vf} | {per} | {acc} |")
+    calibration = calibration_markdown([(f"{c['name']} {c['noise'] * 100:g}%", (c.get("errors") or {}).get("ccstae"),
+                                         c.get("crb")) for c in results["cases"] if c["noise"] > 0])
+    if calibration:
+        lines += ["", "Calibration of CC-ST-AE's per-position 1-sigma errors (`/uncertainty/*`) against the labels "
+                  "(noisy cases):", ""] + calibration
     s = results.get("settings", {})
     env = results.get("environment", {})
     notes = [f"{c['name']} {c['noise'] * 100:g}%: {n.splitlines()[0]}" for c in results["cases"]

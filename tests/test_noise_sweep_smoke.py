@@ -64,8 +64,11 @@ def test_markdown_table_and_plot_are_written(sweep):
     results, _, paths = sweep
     md = Path(paths["markdown"]).read_text()
     rows = [line for line in md.splitlines() if line.startswith("| 25%")]
-    assert len(rows) == 1
+    assert len(rows) == 2  # the MAE table, then the calibration of the 1-sigma errors
     assert rows[0].count("|") == 22  # level + 4 quantities x (py4DSTEM, CC-ST-AE, encoder only, CRB, absolute)
+    assert rows[1].count("|") == 18  # level + 4 quantities x (median sigma, CRB, std(z), |z| <= 2)
+    sigma = results["tables"]["ccstae"][0]["strain_xx"]["sigma_median"]
+    assert f"| 25% | {sigma * 1e3:.2f} |" in rows[1]
     assert Path(paths["plot"]).stat().st_size > 10_000
 
 

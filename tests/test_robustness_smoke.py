@@ -225,3 +225,16 @@ def test_crb_leaves_vacuum_positions_out(tmp_path):
         f["labels/grain_index"][...] = -1
     assert rb.crb_for_scan(path, cfg, 0.3) == dict.fromkeys(MAE_KEYS)
 
+
+
+def test_markdown_reports_the_calibration_of_the_errors_of_noisy_cases():
+    row = {"mae": 1e-3, "sigma_median": 1.2e-3, "z_std": 1.05, "z_within_2": 0.94}
+    table = {q: dict(row) for q in ("strain_xx", "strain_yy", "shear_xy", "rotation_deg")}
+    crb = {"strain_xx": 8e-4, "strain_yy": 8e-4, "shear_xy": 6e-4, "rotation_deg": 0.02}
+    mae = {"strain_xx": 1e-3, "strain_yy": 1e-3, "shear_xy": 1e-3, "rotation_deg": 0.05, "invalid_frac": 0.0}
+    cases = [{"name": "disk8", "noise": n, "ccstae": mae, "py4dstem": None, "crb": crb, "notes": [],
+              "errors": {"ccstae": table, "py4dstem": None}} for n in (0.0, 0.25)]
+    md = rb.format_markdown({"cases": cases})
+    rows = [line for line in md.splitlines() if line.startswith("| disk8 ") and not line.startswith("| disk8 |")]
+    assert rows == ["| disk8 25% | 1.20 | 0.80 | 1.05 | 94% | 1.20 | 0.80 | 1.05 | 94% | 1.20 | 0.60 | 1.05 | 94% "
+                    "| 0.001 | 0.020 | 1.05 | 94% |"]  # the noise-free case has no row
