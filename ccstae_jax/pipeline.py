@@ -253,6 +253,10 @@ def train(
             task = CCSTAETask(model_cfg, loss_cfg)
         if progress:
             _say(f"geometry: {task.geometry.describe()}")
+            k = task.model_cfg.num_bases
+            _say(f"dictionary: {k} base{'s' if k > 1 else ''}" + (
+                " (a lattice mismatch between phases reads as strain; --num-bases K learns one base per phase and "
+                "maps which phase is where)" if k == 1 else ", one per phase; the map's /phase says which is where"))
         if tuple(scan.pattern_shape) != tuple(task.model_cfg.pattern_shape):
             raise ValueError(f"{data_path}: patterns are {scan.pattern_shape}, the run's model expects "
                              f"{task.model_cfg.pattern_shape}")

@@ -305,6 +305,14 @@ def test_train_without_a_terminal_says_what_it_read_and_logs_one_line_per_epoch(
     lines = p.stdout.splitlines()
     assert lines[0] == f"data {chain['sim']}, key /data: 8 x 8 scan positions, 50 x 50 px patterns " \
                        "(stored (8, 8, 50, 50) float32)"
+    geometry = json.loads((run / "model.json").read_text())["model"]["geometry"]
+    assert lines[1] == (f"geometry: zero beam at ({geometry['center'][0]:.1f}, {geometry['center'][1]:.1f}) px"
+                        + (f", drifting <= {geometry['drift']:.1f} px over the scan" if geometry["drift"] >= 0.5
+                           else "") + f"; disk radius {geometry['disk_radius']:.1f} px; first-order spots at "
+                        f"{geometry['spot_spacing']:.1f} px; 6-fold (hexagonal) lattice; loss ring "
+                        f"{geometry['ring'][0]:.0f}-{geometry['ring'][1]:.0f} px; spot mask radius "
+                        f"{geometry['disk_radius'] + 2.5:.1f} px")
+    assert lines[2].startswith("dictionary: 1 base (a lattice mismatch between phases reads as strain")
     epochs = [re.fullmatch(r"epoch (\d+)/5 \(step (\d+)\): loss (\S+), (\d+\.\d) s", line) for line in lines]
     epochs = [m for m in epochs if m]
     assert [(int(m[1]), int(m[2])) for m in epochs] == [(e, 4 * e) for e in range(1, 6)]
