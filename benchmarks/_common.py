@@ -61,8 +61,8 @@ def calibration_markdown(rows: list[tuple[str, dict | None, dict | None]]) -> li
 def crb_for_scan(data_path, sim_cfg, w: float, *, max_grains: int | None = None) -> dict[str, float | None]:
     """Expected MAE at the Cramér-Rao bound over the specimen positions of a simulated scan.
 
-    Each grain's bound comes from `ccstae_jax.evaluate.crb.strain_crb` at its own (strain, rotation) parameters, read from
-    ``/grains/params`` of the data file; each position counts with its dominant grain (``/labels/grain_index``);
+    Each grain's bound comes from `ccstae_jax.evaluate.crb.strain_crb` at its own (strain, rotation) parameters, read
+    from ``/grains/params`` of the data file; each position counts with its dominant grain (``/labels/grain_index``);
     vacuum positions (grain index -1) are left out. Grains of another phase are rendered as the reference phase
     with their parameters (which are relative to it), so their spots sit where they should, with the reference
     phase's intensities.

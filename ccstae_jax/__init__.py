@@ -31,7 +31,8 @@ _EXPORTS = {
     "ring_mask": "model.masks", "MaskSchedule": "model.masks",
     "Geometry": "model.geometry", "measure_geometry": "model.geometry", "zero_beam": "model.geometry",
     # model, losses, task
-    "ModelConfig": "model.networks", "CCSTAE": "model.networks", "harmonic_rotation": "model.networks", "count_params": "model.networks",
+    "ModelConfig": "model.networks", "CCSTAE": "model.networks", "harmonic_rotation": "model.networks",
+    "count_params": "model.networks",
     "LossConfig": "train.losses", "ccstae_loss": "train.losses", "masked_mse": "train.losses",
     "CCSTAETask": "train.objective", "configure": "train.objective",
     # training
@@ -47,7 +48,9 @@ _EXPORTS = {
     "MapConfig": "mapping.predict", "map_scan": "mapping.predict", "fit_patterns": "mapping.fit",
     "prepare_bases": "mapping.fit", "UpdatedBases": "mapping.bases", "referenced_strain": "mapping.reference",
     "strain_maps": "mapping.reference", "strain_uncertainty": "mapping.reference",
-    "write_strain_h5": "report.files", "read_strain_h5": "report.files", "error_table": "evaluate.metrics", "strain_crb": "evaluate.crb",
+    "map_warnings": "mapping.reference",
+    "write_strain_h5": "report.files", "read_strain_h5": "report.files", "error_table": "evaluate.metrics",
+    "strain_crb": "evaluate.crb",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -363,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int,
                    help=f"patterns per step over all devices (default per preset: {_per_preset('batch_size')})")
     _lazy_default(t.add_argument("--seed", type=int, help="seed of the initial weights and the data order (default: "
-                                                          "%(library_default)s)"), "ccstae_jax.train.config", "TrainConfig",
-                  "seed")
+                                                          "%(library_default)s)"),
+                  "ccstae_jax.train.config", "TrainConfig", "seed")
     t.add_argument("--lr", type=float, help=f"peak learning rate (default per preset: {_per_preset('learning_rate')})")
     t.add_argument("--schedule", choices=["constant", "cosine", "warmup_cosine", "bold_driver"],
                    help=f"learning-rate schedule (default per preset: {_per_preset('schedule')})")
@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "on_nonfinite")
     _lazy_default(t.add_argument("--checkpoint-every", type=int,
                                  help="also checkpoint every N steps (default: %(library_default)s, only at the end of "
-                                      "each epoch)"), "ccstae_jax.train.config", "TrainConfig", "checkpoint_every_steps")
+                                      "each epoch)"),
+                  "ccstae_jax.train.config", "TrainConfig", "checkpoint_every_steps")
     t.add_argument("--quiet", action="store_true",
                    help="no progress output (default: a bar per epoch on a terminal, else one line per epoch)")
     t.set_defaults(func=cmd_train)

@@ -18,23 +18,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ccstae_jax import atomic
-
-from ccstae_jax.report import plots
 from ccstae_jax.data.readers import DataError, load_labels, open_scan, reference_region_from_file
 from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.evaluate.metrics import error_table, format_table, referenced_labels
-from ccstae_jax.report.frames import frame_attrs, image_frame_maps
-from ccstae_jax.model.geometry import SYMMETRIES, GeometryError, measure_geometry
-from ccstae_jax.train.losses import LossConfig, data_frame_mask
 from ccstae_jax.mapping.fit import INTERPOLATIONS
 from ccstae_jax.mapping.predict import MapConfig, map_scan, subset_rows
 from ccstae_jax.mapping.reference import map_warnings, region_mask, strain_maps
+from ccstae_jax.model.geometry import SYMMETRIES, GeometryError, measure_geometry
 from ccstae_jax.model.networks import ModelConfig
-from ccstae_jax.train.objective import CCSTAETask, configure
-from ccstae_jax.train.parallel import is_main_process
+from ccstae_jax.report import plots
 from ccstae_jax.report.files import read_strain_h5, write_strain_h5
+from ccstae_jax.report.frames import frame_attrs, image_frame_maps
 from ccstae_jax.train.config import TrainConfig
 from ccstae_jax.train.loop import fit, load_checkpoint
+from ccstae_jax.train.losses import LossConfig, data_frame_mask
+from ccstae_jax.train.objective import CCSTAETask, configure
+from ccstae_jax.train.parallel import is_main_process
 
 MODEL_FILE = "model.json"
 
@@ -206,8 +205,8 @@ def train(
     """Trains (or resumes) a CC-ST-AE run on a scan; returns the training engine's `FitResult`.
 
     The model is sized from about a thousand patterns spread over the scan: their geometry (zero beam and descan,
-    disk radius, spot spacing, lattice symmetry and the radii derived from them, `ccstae_jax.model.geometry`; ``ring`` and
-    ``symmetry`` override the measured ones) and intensity scale; a scan with no measurable lattice is refused. The
+    disk radius, spot spacing, lattice symmetry and the radii derived from them, `ccstae_jax.model.geometry`; ``ring``
+    and ``symmetry`` override the measured ones) and intensity scale; a scan with no measurable lattice is refused. The
     number of epochs defaults to what `default_epochs` gives the scan's size. Rerunning the same command with the
     same ``run_dir`` resumes from its latest checkpoint; a different model configuration (preset, ``ring``,
     ``symmetry``, model/loss overrides, data options) is refused. Before anything is written, the whole scan is checked

@@ -36,4 +36,5 @@ def hex_geometry(size=64, g=18.0, spot_sigma=1.5, symmetry=6):
 
     r = 2.0 * spot_sigma
     return Geometry(pattern_shape=(size, size), center=(float(size // 2), float(size // 2)), disk_radius=r,
-                    spot_spacing=g, symmetry=symmetry, ring=(max(r + 2, g - r - 2), min(size / 2 - 1, np.sqrt(3) * g + r + 2)))
+                    spot_spacing=g, symmetry=symmetry,
+                    ring=(max(r + 2, g - r - 2), min(size / 2 - 1, np.sqrt(3) * g + r + 2)))

@@ -1,4 +1,5 @@
-"""`ccstae_jax.ops.conv`: a drop-in convolution whose kernel gradient is a matmul; values and gradients equal `lax`'s."""
+"""`ccstae_jax.ops.conv`: a drop-in convolution whose kernel gradient is a matmul; values and gradients equal
+`lax`'s."""
 import chex
 import flax.linen as nn
 import jax

@@ -1,5 +1,5 @@
-"""Specifications of ccstae_jax.report.export: strain maps as HyperSpy .hspy and EMD 1.0 files that other tools open in one
-call with calibrated axes."""
+"""Specifications of ccstae_jax.report.export: strain maps as HyperSpy .hspy and EMD 1.0 files that other tools
+open in one call with calibrated axes."""
 from __future__ import annotations
 
 import h5py

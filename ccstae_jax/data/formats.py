@@ -28,8 +28,8 @@ HDF5-based formats are read by h5py, which streams any dataset in bounded memory
 only registers the compression filters that detectors write. RosettaSciIO's ARINA reader loads the whole scan into
 memory, so ARINA files are read here by `FrameStack`. The binary formats go through RosettaSciIO's lazy readers
 (dask arrays over memory maps): `LazyArray` computes only the scan rows asked for, with the synchronous scheduler,
-in chunks of whole scan rows of about ``CHUNK_BYTES``. Velox EMD files are not read (RosettaSciIO's Velox reader reads images and
-spectra, not 4D-STEM data).
+in chunks of whole scan rows of about ``CHUNK_BYTES``. Velox EMD files are not read (RosettaSciIO's Velox reader reads
+images and spectra, not 4D-STEM data).
 
 Orientation: patterns come out as RosettaSciIO returns them (``(scan row, scan column, detector row, detector
 column)``, e.g. Merlin frames flipped up-down as HyperSpy and pyxem show them), so maps line up with what users see

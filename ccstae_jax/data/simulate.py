@@ -81,7 +81,8 @@ FORMAT = "ccstae-sim-1"
 CONVENTIONS = (
     f"{conventions.FRAME}. {conventions.STRAIN}, radians. A real-space lattice deformation A = (I + eps) R(theta), "
     "R(theta) = [[cos, -sin], [sin, cos]], puts the reciprocal (diffraction) spots at A^{-T} g (g = unstrained "
-    "reciprocal vectors, pixel units relative to the pattern centre, (qx, qy) = (row, col)). (Matches py4DSTEM's frame.)"
+    "reciprocal vectors, pixel units relative to the pattern centre, (qx, qy) = (row, col)). (Matches py4DSTEM's "
+    "frame.)"
 )
 
 # Benchmark geometry (data.md section 2): 256 px detector at 0.0096 1/A per pixel, crop [28:228].

@@ -1,9 +1,9 @@
 """Accuracy of strain maps against simulated labels: MAE, median absolute error and spread, referenced alike.
 
 Labels and predictions are referenced to the same scan region with the same polar decomposition
-(`ccstae_jax.mapping.reference.referenced_strain`), so a method is scored on what it can measure: strain and rotation relative
-to a reference, rotations modulo the lattice symmetry. Strain errors are dimensionless; rotation errors in degrees
-(`format_table` shows strain in %).
+(`ccstae_jax.mapping.reference.referenced_strain`), so a method is scored on what it can measure: strain and rotation
+relative to a reference, rotations modulo the lattice symmetry. Strain errors are dimensionless; rotation errors in
+degrees (`format_table` shows strain in %).
 """
 from __future__ import annotations
 

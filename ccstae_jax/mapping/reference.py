@@ -291,8 +291,9 @@ def strain_maps(
     Returns a dict of arrays: the four `QUANTITIES` (NaN where invalid), ``reconstruction_error`` (the fit's
     reduced chi-square divided by its median over the valid positions: 1 = a typical fit, larger = the base explains
     the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`), ``theta``, ``lattice``,
-    ``class_index``, ``phase`` (the base of each valid position, -1 where invalid); with a fit (``fisher``, ``chi2``, ``dof`` in ``predictions``) ``uncertainty_<quantity>``
-    (`strain_uncertainty`: 1-sigma, rotation in radians, NaN where invalid); and ``distortion`` (a `Distortion`).
+    ``class_index``, ``phase`` (the base of each valid position, -1 where invalid); with a fit (``fisher``, ``chi2``,
+    ``dof`` in ``predictions``) ``uncertainty_<quantity>`` (`strain_uncertainty`: 1-sigma, rotation in radians, NaN
+    where invalid); and ``distortion`` (a `Distortion`).
     """
     rx, ry = scan_shape
     theta = predictions["theta"].reshape(rx, ry, 2, 3)

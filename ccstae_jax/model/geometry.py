@@ -289,9 +289,9 @@ def spot_profile(images: np.ndarray, center: tuple[float, float], *, step: float
     """Radial profiles of a lattice's angular structure, one per even order, and their significance.
 
     In each annulus of width ``step`` about ``center``: the power of angular harmonic ``n`` minus the mean power of
-    the harmonics no lattice has (`NOISE_ORDERS`), averaged over the patterns and divided by the squared pixel count of the
-    annulus. A centrosymmetric lattice puts power only into even orders; noise puts the same power into every order,
-    and a radially symmetric background (central disk, glow, amorphous halo) into none, so the profiles show the
+    the harmonics no lattice has (`NOISE_ORDERS`), averaged over the patterns and divided by the squared pixel count
+    of the annulus. A centrosymmetric lattice puts power only into even orders; noise puts the same power into every
+    order, and a radially symmetric background (central disk, glow, amorphous halo) into none, so the profiles show the
     spots alone whatever the background's slope and the counting statistics. (A steep radial background sampled on
     the square pixel grid has 4-fold structure: orders 4, 8, 12 near the zero beam are not the lattice's.)
 

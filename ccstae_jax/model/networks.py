@@ -61,7 +61,8 @@ class ModelConfig:
       warp_mode: ``"bilinear"`` or ``"bicubic"`` for the pattern warps.
       symmetrize_bases: fast preset: each base is averaged over the ``symmetry`` rotations about the centre, so the
         dictionary holds lattices with the lattice's own symmetry (an unstrained reference shape). Then a pattern's
-        affine is defined up to exactly the lattice rotations, which strain referencing removes (`ccstae_jax.mapping.reference`).
+        affine is defined up to exactly the lattice rotations, which strain referencing removes
+        (`ccstae_jax.mapping.reference`).
       dtype: compute dtype of the convolutions/dense layers (``"float32"`` or ``"bfloat16"``); parameters and
         warps stay float32.
       encoder_downsample, encoder_channels, encoder_dense: ``fast`` encoder shape.
@@ -186,9 +187,10 @@ def angular_weights(cfg: ModelConfig, order: int) -> np.ndarray:
     """``(2, H, W)`` float32 ``g(r) cos(n phi + d(r))``, ``g(r) sin(n phi + d(r))`` for angular order ``n = order``
     over the prior ring about the pattern centre; ``phi = atan2(v, u)``, ``u`` along columns, ``v`` along rows.
 
-    ``g`` and ``d`` are the geometry's matched gain and phase per annulus (`ccstae_jax.model.geometry.matched_harmonic`):
-    the lattice's order gets both (its rings add up coherently), every other order the gain alone (the same pixels
-    weighted alike, e.g. the noise orders of the lattice test); without them ``g = 1``, ``d = 0`` on the ring."""
+    ``g`` and ``d`` are the geometry's matched gain and phase per annulus
+    (`ccstae_jax.model.geometry.matched_harmonic`): the lattice's order gets both (its rings add up coherently), every
+    other order the gain alone (the same pixels weighted alike, e.g. the noise orders of the lattice test); without
+    them ``g = 1``, ``d = 0`` on the ring."""
     h, w = cfg.pattern_shape
     cr, cc = cfg.center_px
     v, u = np.mgrid[:h, :w].astype(np.float64)
@@ -413,9 +415,9 @@ class CCSTAE(nn.Module):
         """The encoder alone: each pattern's warp and base, without warping anything.
 
         Each pattern's zero beam is measured (`ccstae_jax.model.geometry.zero_beam`); in the fast preset the prior warp
-        moves it onto the base's centre (descan) and turns the lattice to its canonical orientation (`harmonic_rotation`, computed on
-        the pattern shifted by whole pixels onto the centre); the encoder reads the residual affine from the
-        canonical pattern.
+        moves it onto the base's centre (descan) and turns the lattice to its canonical orientation
+        (`harmonic_rotation`, computed on the pattern shifted by whole pixels onto the centre); the encoder reads the
+        residual affine from the canonical pattern.
 
         Returns a dict: ``inputs`` ``(B, H, W)`` (the scaled patterns), ``zero_beam`` ``(B, 2)`` (row, col px),
         ``theta`` ``(B, 2, 3)``, ``classes`` ``(B, num_bases)`` one-hot, ``scale_x``, ``scale_y``, ``shear``,

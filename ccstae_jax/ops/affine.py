@@ -132,7 +132,8 @@ def pixel_to_normalized(theta_px: ArrayLike, shape: tuple[int, int], *, align_co
     theta_px = jnp.asarray(theta_px)
     d, c = _frame(shape, align_corners, theta_px.dtype)
     linear = theta_px[..., :, :2] * d[None, :] / d[:, None]
-    offset = (theta_px[..., :, 2] + _vec2(theta_px[..., :, :2], jnp.broadcast_to(c, theta_px.shape[:-2] + (2,))) - c) / d
+    linear = _vec2(theta_px[..., :, :2], jnp.broadcast_to(c, theta_px.shape[:-2] + (2,)))
+    offset = (theta_px[..., :, 2] + linear - c) / d
     return jnp.concatenate([linear, offset[..., None]], -1)
 
 
@@ -152,7 +153,8 @@ def spot_map_from_warp(theta: ArrayLike, shape: tuple[int, int]) -> Array:
 
 
 def lattice_from_warp(theta: ArrayLike, shape: tuple[int, int]) -> Array:
-    """Real-space lattice deformation ``M = S^{-T}`` (physics frame, ``(..., 2, 2)``) of the data relative to the base."""
+    """Real-space lattice deformation ``M = S^{-T}`` (physics frame, ``(..., 2, 2)``) of the data relative to the
+    base."""
     s = spot_map_from_warp(theta, shape)
     return jnp.swapaxes(inv2(s), -1, -2)
 

@@ -5,12 +5,12 @@ Every function draws on a fresh :class:`matplotlib.figure.Figure` (no pyplot, no
 close, safe without a display), writes one PNG at a fixed pixel size (``figsize * dpi``, no tight bounding box) and
 returns the path as ``str``. matplotlib is imported inside the functions, so importing this module stays cheap.
 
-Conventions (the same as `ccstae_jax.mapping.reference`): maps are ``(Rx, Ry)`` and drawn with scan row ``Rx`` downwards and
-scan column ``Ry`` to the right. x = detector Qx = pattern rows (axis 2 of the 4D data), y = Qy = pattern columns
-(axis 3). ``strain_xx``, ``strain_yy``: real-space lattice strain along x, y (positive = lattice stretched = spots move
-inward); ``shear_xy``: tensor shear; ``rotation``: radians counter-clockwise from +Qx toward +Qy, relative to the
-reference (modulo the lattice symmetry). Display units, everywhere: strain in percent, rotation in degrees (files
-stay dimensionless / radians). NaN (and positions with ``valid == False``) are drawn in grey.
+Conventions (the same as `ccstae_jax.mapping.reference`): maps are ``(Rx, Ry)`` and drawn with scan row ``Rx``
+downwards and scan column ``Ry`` to the right. x = detector Qx = pattern rows (axis 2 of the 4D data), y = Qy =
+pattern columns (axis 3). ``strain_xx``, ``strain_yy``: real-space lattice strain along x, y (positive = lattice
+stretched = spots move inward); ``shear_xy``: tensor shear; ``rotation``: radians counter-clockwise from +Qx toward
++Qy, relative to the reference (modulo the lattice symmetry). Display units, everywhere: strain in percent, rotation
+in degrees (files stay dimensionless / radians). NaN (and positions with ``valid == False``) are drawn in grey.
 
 Example::
 
@@ -1006,11 +1006,10 @@ def plot_error_map(maps: Mapping[str, Any], path: str | os.PathLike, *, dpi: int
     """Per-position reconstruction error (high = the base fits the pattern worse) beside the map of valid positions.
 
     Args:
-      maps: needs ``reconstruction_error`` ``(Rx, Ry)``: the masked mean squared difference between each pattern
-        and its base over the mask, intensities multiplied by the run's ``intensity_scale`` (1 / the 99.9th
-        percentile of the mean training pattern inside the ring), so dimensionless; uses ``valid`` and
-        ``invalid_reason`` (codes of `ccstae_jax.mapping.reference.INVALID_REASONS`) when present, else validity = finite
-        ``strain_xx``.
+      maps: needs ``reconstruction_error`` ``(Rx, Ry)``: the fit's reduced chi-square at each position over its
+        median (1 = a typical fit, larger = the base explains the pattern worse), dimensionless; uses ``valid`` and
+        ``invalid_reason`` (codes of `ccstae_jax.mapping.reference.INVALID_REASONS`) when present, else validity =
+        finite ``strain_xx``.
       path: output PNG.
       dpi: resolution of the PNG.
 

@@ -53,7 +53,8 @@ def configure(
     ring_px = masks.static_ring_mask((h, w), inner, outer, center=geometry.center)
     level = float(np.percentile(mean[ring_px], 99.9)) if ring_px.any() else 0.0
     if not np.isfinite(level) or level <= 0:
-        raise ValueError("configure: the patterns carry no intensity inside the ring; check the ring radii and the data")
+        raise ValueError("configure: the patterns carry no intensity inside the ring; check the ring radii and the "
+                         "data")
     overrides = dict(geometry=geometry, intensity_scale=1.0 / level)
     overrides.update(model_overrides or {})
     model_cfg = ModelConfig.preset_config(preset, **overrides)
