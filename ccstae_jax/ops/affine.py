@@ -132,8 +132,8 @@ def pixel_to_normalized(theta_px: ArrayLike, shape: tuple[int, int], *, align_co
     theta_px = jnp.asarray(theta_px)
     d, c = _frame(shape, align_corners, theta_px.dtype)
     linear = theta_px[..., :, :2] * d[None, :] / d[:, None]
-    linear = _vec2(theta_px[..., :, :2], jnp.broadcast_to(c, theta_px.shape[:-2] + (2,)))
-    offset = (theta_px[..., :, 2] + linear - c) / d
+    moved_centre = _vec2(theta_px[..., :, :2], jnp.broadcast_to(c, theta_px.shape[:-2] + (2,)))
+    offset = (theta_px[..., :, 2] + moved_centre - c) / d
     return jnp.concatenate([linear, offset[..., None]], -1)
 
 
