@@ -45,6 +45,19 @@ def test_fit_never_ends_with_a_higher_weighted_misfit_than_its_start():
     assert (np.asarray(end.chi2) <= np.asarray(start.chi2) * (1 + 1e-6)).all()
 
 
+def test_fit_stays_within_its_trust_region_about_the_start():
+    data, _ = hex_patterns(4, size=64, g=18.0, seed=4)
+    base, _ = hex_patterns(1, size=64, g=18.0, rotations=[1.0], max_strain=0.0)  # a poor match on purpose
+    table = fit.prepare_bases(jnp.asarray(base), (32, 32), min_radius=9.0)
+    start = affine.identity_warp((4,))
+    args = (start, jnp.asarray(data), jnp.full((4, 2), 32.0), jnp.zeros(4, jnp.int32), table)
+    free = fit.fit_patterns(*args, steps=5)
+    bounded = fit.fit_patterns(*args, steps=5, max_change=0.002)
+    phi = lambda t: np.asarray(affine.invert(t)).reshape(4, 6)  # noqa: E731
+    assert np.abs(phi(free.theta) - phi(start)).max() > 0.002  # unbounded, the fit moves further
+    assert np.abs(phi(bounded.theta) - phi(start)).max() <= 0.002 + 1e-6
+
+
 def test_fitted_pixels_are_the_spot_edges_not_the_centre_nor_flat_disk_interiors():
     size = 128
     rr, cc = np.mgrid[:size, :size] - size // 2

@@ -337,6 +337,7 @@ def fit_patterns(
     steps: int = 5,
     damping: float = 1e-3,
     floor: float = 0.3,
+    max_change: float = 0.1,
     host_compaction: bool | None = None,
 ) -> FitResult:
     """Fits each pattern's warp by the forward model (module docstring), starting from ``theta0``.
@@ -351,6 +352,9 @@ def fit_patterns(
       damping: initial damping relative to the diagonal of ``J^T W J``.
       floor: lower clip of the Poisson model mean, relative to its largest value on the compared pixels (caps the
         weight of dark pixels, where a base is least accurate).
+      max_change: no entry of ``phi`` moves further than this from its start (normalised units: 0.1 is a 10 %
+        strain or rotation, or a shift of a twentieth of the pattern), so a fit cannot run away from the encoder's
+        warp into a spurious minimum of a base that does not match the patterns.
       host_compaction: build the pixel lists on the host (None = on CPU backends; not inside computations spread
         over several devices, whose collectives would wait on the callback).
 
@@ -403,7 +407,8 @@ def fit_patterns(
             trial = phi - jnp.linalg.solve(jtj + lam * jnp.diag(jnp.diag(jtj) + 1e-30), jtr)
             mu_t, jac_t = model(trial)
             r_t = mu_t - xq
-            better = jnp.sum(wts * r_t * r_t) < cost
+            inside = jnp.all(jnp.abs(trial - phi_start) <= max_change)  # a trust region about the start
+            better = (jnp.sum(wts * r_t * r_t) < cost) & inside
             wts_t = weights(mu_t)
             jtj_t, jtr_t, cost_t = normal_equations(mu_t, jac_t, wts_t)
             new = jax.tree.map(lambda a, b: jnp.where(better, a, b), (trial, wts_t, jtj_t, jtr_t, cost_t), best)
