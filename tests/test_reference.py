@@ -57,10 +57,12 @@ def test_blank_featureless_and_vacuum_patterns_are_marked_invalid_not_garbage():
     preds["theta"][7] = np.nan
     preds["lattice_significance"][9] = 1.0  # vacuum: the central beam's glow alone, darker ring, no lattice
     preds["ring_signal"][9] = 0.4
+    preds["lattice_signal"][11], preds["ring_signal"][11] = 0.1, 0.6  # the flake's edge: the probe partly on vacuum
+    preds["lattice_signal"][13] = 0.1  # a grain boundary: weaker harmonic, the same ring intensity -> valid
     maps = strain_maps(preds, (4, 4), (64, 64))
-    assert maps["valid"].sum() == 12
-    assert maps["invalid_reason"].ravel()[[3, 5, 7, 9]].tolist() == [1, 2, 3, 4]
-    assert np.isnan(maps["strain_xx"].ravel()[[3, 5, 7, 9]]).all()
+    assert maps["valid"].sum() == 11
+    assert maps["invalid_reason"].ravel()[[3, 5, 7, 9, 11, 13]].tolist() == [1, 2, 3, 4, 4, 0]
+    assert np.isnan(maps["strain_xx"].ravel()[[3, 5, 7, 9, 11]]).all()
     assert np.isfinite(maps["strain_xx"][maps["valid"]]).all()
 
 

@@ -207,7 +207,7 @@ def strain_uncertainty(
 
 
 def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *, min_lattice_signal: float = 0.05,
-             min_significance: float = 3.0, vacuum_level: float = 0.8) -> np.ndarray:
+             min_significance: float = 3.0, vacuum_level: float = 0.8, edge_lattice: float = 0.5) -> np.ndarray:
     """``(Rx, Ry)`` uint8 reason codes (`INVALID_REASONS`, 0 = valid) from `ccstae_jax.mapping.predict` outputs.
 
     A position is invalid when its pattern has no intensity in the ring (1, blank); when its ``n``-fold harmonic is
@@ -215,6 +215,9 @@ def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *,
     level of the orders no lattice has (about 4e-3 of pure-noise patterns pass at 3): then 5 (two lattices) if its
     ``2n``-fold harmonic is significant, else 4 (vacuum) if its ring holds less than ``vacuum_level`` of the median
     ring intensity of the positions with a lattice, else 2 (no lattice); or when the fitted warp is not finite (3).
+    A position at the edge of a specimen, whose probe falls partly on vacuum, is vacuum too (4): its harmonic is
+    below ``edge_lattice`` times the scan's median and its ring below ``vacuum_level`` of the specimen's (a grain
+    boundary weakens the harmonic but keeps the ring's intensity, so it stays valid).
     """
     rx, ry = scan_shape
     theta = predictions["theta"].reshape(rx, ry, 2, 3)
@@ -230,7 +233,9 @@ def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *,
     specimen = lit & ~weak
     level = np.median(ring_signal[specimen]) if specimen.any() else np.inf
     reason[weak & (reason == 0)] = 2
-    reason[weak & (reason == 2) & (ring_signal < vacuum_level * level)] = 4
+    dark = ring_signal < vacuum_level * level
+    reason[weak & (reason == 2) & dark] = 4
+    reason[(lattice_signal < edge_lattice * typical) & dark & lit & (reason == 0)] = 4
     if "double_significance" in predictions:
         mixed = predictions["double_significance"].reshape(rx, ry) >= min_significance
         reason[weak & (reason == 2) & mixed] = 5
