@@ -16,8 +16,12 @@ def test_warp_module_imports_without_flax_optax_or_orbax():
 
 
 @pytest.mark.parametrize("name", sorted(ccstae_jax._EXPORTS))
-def test_every_exported_name_resolves(name):
-    assert getattr(ccstae_jax, name) is not None
+def test_every_exported_name_is_the_object_its_module_defines(name):
+    import importlib
+
+    module = importlib.import_module(f"ccstae_jax.{ccstae_jax._EXPORTS[name]}")
+    assert getattr(ccstae_jax, name) is getattr(module, name)
+    assert name in dir(ccstae_jax)
 
 
 def test_optional_arguments_of_warp_functions_are_keyword_only():
