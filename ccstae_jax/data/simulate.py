@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from ccstae_jax import conventions
+from ccstae_jax import atomic, conventions
 from ccstae_jax.data.noise import (
     DEFAULT_COUNTS,
     DEFAULT_LORENTZ_WIDTH,
@@ -1301,13 +1300,6 @@ def simulate_scan(config: SimulationConfig) -> tuple[np.ndarray, dict[str, np.nd
     return data, gen.labels
 
 
-def _umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back)."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
 def simulate_to_hdf5(path: str | os.PathLike, config: SimulationConfig, *, progress: bool = True) -> Path:
     """Simulates a scan and streams it to an HDF5 file, batch of rows by batch of rows.
 
@@ -1343,9 +1335,8 @@ def simulate_to_hdf5(path: str | os.PathLike, config: SimulationConfig, *, progr
     gen = _Generator(config)
     rx, ry = config.scan_shape
     h, w = config.pattern_shape
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    atomic.remove_stale(path)
+    with atomic.replace_atomically(path) as tmp:
         with h5py.File(tmp, "w", track_order=True) as f:
             dset = f.create_dataset(
                 "data", shape=(rx, ry, h, w), dtype=np.float32, chunks=(1, ry, h, w), track_times=False
@@ -1394,10 +1385,4 @@ def simulate_to_hdf5(path: str | os.PathLike, config: SimulationConfig, *, progr
                                unit="batch")
             for r0, r1, block in batches:
                 dset[r0:r1] = block
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the final file gets a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ccstae_jax.atomic import replace_atomically
+
 __all__ = ["EXPORT_FORMATS", "export_path", "check_export", "export_strain", "export_signals"]
 
 EXPORT_FORMATS = ("hspy", "emd")
@@ -148,8 +150,7 @@ def _write_emd(path: Path, signals: list[dict], attrs: dict) -> None:
     import h5py
 
     scale, units = _scan_axes(attrs)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with replace_atomically(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["emd_group_type"] = "file"
             f.attrs["version_major"] = 1
@@ -173,11 +174,6 @@ def _write_emd(path: Path, signals: list[dict], attrs: dict) -> None:
                     dim = grp.create_dataset(f"dim{n}", data=np.array([0.0, scale]))
                     dim.attrs["name"] = name
                     dim.attrs["units"] = units or "pixels"
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
 
 
 def export_strain(strain_path, fmt: str, out_path=None) -> str:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from ccstae_jax.atomic import write_json
+from ccstae_jax.atomic import write_json, write_text
 from ccstae_jax.train.config import TrainConfig
 from ccstae_jax.train.parallel import is_main_process
 
@@ -114,9 +113,7 @@ class _MetricsLog:
                     lines.append(line)
                     if rec.get("kind") == "epoch":
                         self.epochs.append(rec)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
+        write_text(path, "".join(line + "\n" for line in lines))
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one record; NaN/Inf become null (strict JSON)."""
