@@ -133,3 +133,17 @@ def test_a_map_split_over_four_devices_equals_the_one_device_map(tmp_path):
         four = map_scan(task, params, scan, config, mesh=make_mesh())
     np.testing.assert_allclose(four["theta"], one["theta"], atol=1e-4)
     np.testing.assert_array_equal(four["class_index"], one["class_index"])
+
+
+def test_bases_of_two_phases_are_registered_by_their_lattice_mismatch():
+    """A second base with a 4 % larger lattice (spots 4 % closer in) is registered onto base 0 by that strain."""
+    from ccstae_jax.mapping.predict import register_bases
+
+    first = hex_patterns(1, size=64, g=18.0, max_strain=0.0, rotations=[0.0])[0][0]
+    second = hex_patterns(1, size=64, g=18.0 / 1.04, max_strain=0.0, rotations=[0.0])[0][0]
+    stack = jnp.asarray(np.stack([first, second]))
+    table = fit.prepare_bases(stack[:1], (32, 32), min_radius=9.0)
+    theta = register_bases(stack, table, (32.0, 32.0))
+    np.testing.assert_array_equal(theta[0], np.asarray(affine.identity_warp(())))
+    lat = np.asarray(affine.lattice_from_warp(jnp.asarray(theta[1]), (64, 64)))
+    np.testing.assert_allclose(np.diag(lat), [1.04, 1.04], atol=4e-3)

@@ -348,6 +348,6 @@ def register_bases(bases: jax.Array, table: fit_lib.BaseTable, center: tuple[flo
     res = fit_lib.fit_patterns(affine.identity_warp((k,)), jnp.asarray(bases, jnp.float32),
                                jnp.broadcast_to(jnp.asarray(center, jnp.float32), (k, 2)),
                                jnp.zeros(k, jnp.int32), table, steps=steps)
-    theta = np.asarray(res.theta)
+    theta = np.array(res.theta)  # a writable copy
     theta[0] = np.asarray(affine.identity_warp(()))
     return theta
