@@ -30,8 +30,8 @@ def test_tutorial_writes_the_figures(ran):
 
 
 def test_tutorial_map_beats_a_map_of_zeros_or_is_flagged(ran):
-    """A map worse than claiming no strain anywhere must say so in its file (these tiny 50-px patterns after one
-    epoch carry little signal); its 1-sigma errors must cover its actual errors either way."""
+    """A map no better than claiming no strain anywhere must say so in its file (these tiny 50-px patterns after
+    one epoch carry little signal); its 1-sigma errors must describe its actual errors either way."""
     out, result = ran
     from ccstae_jax.data.readers import load_labels
     from ccstae_jax.evaluate.metrics import referenced_labels
@@ -47,7 +47,7 @@ def test_tutorial_map_beats_a_map_of_zeros_or_is_flagged(ran):
     for q in ("strain_xx", "strain_yy", "shear_xy"):
         zero_map_mae = float(np.nanmean(np.abs(labels[q])))
         assert math.isfinite(table[q]["mae"]) and table[q]["valid_fraction"] > 0.9, q
-        assert table[q]["mae"] < 0.5 * zero_map_mae or flags, (q, table[q], zero_map_mae)
+        assert table[q]["mae"] < zero_map_mae or flags, (q, table[q], zero_map_mae)
         assert table[q]["z_within_2"] > 0.8, (q, table[q])
 
 
