@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccstae_jax.model.masks import pixel_radii
 from ccstae_jax.ops import affine, warp
 
 #: Sub-pixel factor of the tabulated interpolant (value and derivatives of the cubic base on a grid this much finer).
@@ -84,7 +85,7 @@ def radial_profile(images: jax.Array, center: tuple[float, float]) -> jax.Array:
     """
     images = jnp.asarray(images, jnp.float32)
     h, w = images.shape[-2:]
-    r = np.hypot(np.arange(h)[:, None] - center[0], np.arange(w)[None, :] - center[1])
+    r = pixel_radii((h, w), center)
     ring = np.floor(r).astype(np.int64).ravel()
     nbins = int(ring.max()) + 1
     counts = np.bincount(ring, minlength=nbins)
@@ -108,8 +109,7 @@ def profile_at(profile: jax.Array, radius: jax.Array) -> jax.Array:
 
 
 def _radius_image(shape: tuple[int, int], center: tuple[float, float]) -> np.ndarray:
-    h, w = shape
-    return np.hypot(np.arange(h)[:, None] - center[0], np.arange(w)[None, :] - center[1]).astype(np.float32)
+    return pixel_radii(shape, center).astype(np.float32)
 
 
 def _kernel_matrices(n: int, interpolation: str = "cubic") -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ccstae_jax.model.masks import pixel_radii
+
 #: Half width at half maximum of the squared chord profile of a flat disk (the radial profile of a ring of disks in
 #: `spot_profile`), as a fraction of the disk radius: ``r^2 - rho^2 = r^2 / 2``.
 _CHORD_HWHM = math.sqrt(0.5)
@@ -177,8 +179,7 @@ def recentre(images: np.ndarray, beams: np.ndarray, center: tuple[float, float])
 def radial_mean(pattern: np.ndarray, center: tuple[float, float], *, step: float = 0.5) -> np.ndarray:
     """Mean of ``pattern`` ``(H, W)`` in annuli of width ``step`` about ``center``: value ``i`` covers
     ``i * step <= r < (i + 1) * step``; empty annuli are NaN."""
-    h, w = pattern.shape
-    r = np.hypot(np.arange(h)[:, None] - center[0], np.arange(w)[None, :] - center[1])
+    r = pixel_radii(pattern.shape, center)
     bins = np.floor(r / step).astype(int).ravel()
     total = np.bincount(bins, pattern.ravel().astype(np.float64))
     count = np.bincount(bins)

@@ -31,14 +31,19 @@ def ring_mask(
     return (r > inner) & (r <= outer)
 
 
+def pixel_radii(shape: tuple[int, int], center: tuple[float, float]) -> np.ndarray:
+    """Distance of every pixel from ``center`` (row, col) in pixels, on the host: ``(H, W)`` float64."""
+    h, w = shape
+    return np.hypot(np.arange(h)[:, None] - center[0], np.arange(w)[None, :] - center[1])
+
+
 def static_ring_mask(
     shape: tuple[int, int], inner: float, outer: float, *, center: tuple[float, float] | None = None
 ) -> np.ndarray:
     """`ring_mask` computed on the host (NumPy, float64 radii), for masks fixed when a function is traced: static
     pixel lists and constants, which must not become tracers under ``jit``. ``(H, W)`` bool."""
     h, w = shape
-    cr, cc = (h // 2, w // 2) if center is None else center
-    r = np.hypot(np.arange(h)[:, None] - cr, np.arange(w)[None, :] - cc)
+    r = pixel_radii(shape, (h // 2, w // 2) if center is None else center)
     return (r > inner) & (r <= outer)
 
 
