@@ -8,9 +8,8 @@ the map's default settings (`ccstae_jax.mapping.predict.MapConfig`):
 * ``coarse fit``: the encoder plus the coarse fit against blurred bases (the fine fit with 0 iterations, so its
   Fisher information is included);
 * ``fine fit``: the whole per-pattern step of the final pass (encoder, coarse fit, fine fit, Fisher information);
-* ``bases``: the base estimate from the subset (all its rounds: fitting and accumulating the aligned patterns),
-  compile time included: its fit functions hold the pixel lists of the bases of each round, so every round (and the
-  final pass) compiles its own;
+* ``bases``: the base estimate from the subset (all its rounds: fitting and accumulating the aligned patterns), run
+  once to compile and then timed;
 * ``strain maps``: referencing, polar decomposition, errors and validity on the host;
 * ``write``: the strain file.
 
@@ -75,17 +74,19 @@ def profile(run_dir: Path, data_path: Path, out_dir: Path) -> dict:
         jax.block_until_ready(encode(params, first))
         stages["encode"] = _over_scan(scan, batch, lambda x: encode(params, x))
 
+        fit = predict._fit_fn(task, config, None)
+        coarse_fit = predict.make_fit_fn(task, 0, coarse_steps=config.coarse_steps)
+        no_start = predict._no_start(batch)
+        upd, _, tables = predict.estimate_bases(task, params, scan, config)  # compiles the base estimate
         t = time.perf_counter()
-        upd, start = predict.estimate_bases(task, params, scan, config)
+        upd, _, tables = predict.estimate_bases(task, params, scan, config)
         stages["bases"] = time.perf_counter() - t
 
-        table, coarse = predict._tables(task, upd.bases, np.asarray(upd.support), config)
-        coarse_only = predict.make_fit_fn(task, table, 0, coarse=coarse, coarse_steps=config.coarse_steps)
-        jax.block_until_ready(coarse_only(params, first))
-        stages["coarse fit"] = _over_scan(scan, batch, lambda x: coarse_only(params, x))
-        full = predict.make_fit_fn(task, table, config.steps, coarse=coarse, coarse_steps=config.coarse_steps)
-        jax.block_until_ready(full(params, first))
-        stages["fine fit"] = _over_scan(scan, batch, lambda x: full(params, x))
+        tables = predict._tables(task, upd.bases, np.asarray(upd.support), config, like=tables)
+        jax.block_until_ready(coarse_fit(params, *tables, first, no_start))
+        stages["coarse fit"] = _over_scan(scan, batch, lambda x: coarse_fit(params, *tables, x, no_start))
+        jax.block_until_ready(fit(params, *tables, first, no_start))
+        stages["fine fit"] = _over_scan(scan, batch, lambda x: fit(params, *tables, x, no_start))
 
         preds = predict.map_scan(task, params, scan, config, mesh=None)
         strain_maps(preds, scan.scan_shape, scan.pattern_shape, symmetry=task.model_cfg.symmetry)  # compiles

@@ -58,6 +58,37 @@ def test_fit_stays_within_its_trust_region_about_the_start():
     assert np.abs(phi(bounded.theta) - phi(start)).max() <= 0.002 + 1e-6
 
 
+def test_reselecting_the_pixels_mid_fit_makes_the_result_independent_of_a_start_a_pixel_off():
+    size, g = 96, 26.0
+    rot = np.full(6, 0.4)
+    data, _ = hex_patterns(6, size=size, g=g, spot_sigma=1.2, rotations=rot, seed=2)
+    base, _ = hex_patterns(1, size=size, g=g, spot_sigma=1.2, rotations=rot[:1], max_strain=0.0)
+    table = fit.prepare_bases(jnp.asarray(base), (size // 2, size // 2), min_radius=g / 2)
+    centred = np.array(affine.identity_warp((6,)))
+    off = centred.copy()
+    off[:, :, 2] += np.array([1.5, -1.5]) * 2 / size  # 1.5 pixels off along both axes
+    args = (jnp.asarray(data), jnp.full((6, 2), size // 2.0), jnp.zeros(6, jnp.int32), table)
+
+    def spread(reselect):
+        a, b = (fit.fit_patterns(jnp.asarray(t), *args, steps=6, reselect=reselect).theta for t in (centred, off))
+        return np.abs(_strain(a, size) - _strain(b, size)).max()
+
+    assert spread(0) > 1e-4  # the pixels chosen about the start leave their mark on the result
+    assert spread(2) < 0.5 * spread(0) and spread(2) < 1e-4
+
+
+def test_a_strided_information_mask_keeps_every_stride_th_row_and_column_of_the_full_one():
+    size = 64
+    spots, _ = hex_patterns(1, size=size, g=18.0, max_strain=0.0)
+    background = np.full_like(spots, 0.1)
+    full = fit.information_mask(spots, background, center=(32, 32), min_radius=9.0, grow=3)
+    sparse = fit.information_mask(spots, background, center=(32, 32), min_radius=9.0, grow=3, stride=2)
+    lattice = np.zeros((size, size), bool)
+    lattice[::2, ::2] = True
+    np.testing.assert_array_equal(sparse, full & lattice[None])
+    assert sparse.sum() > 0
+
+
 def test_fitted_pixels_are_the_spot_edges_not_the_centre_nor_flat_disk_interiors():
     size = 128
     rr, cc = np.mgrid[:size, :size] - size // 2

@@ -135,6 +135,29 @@ def test_a_map_split_over_four_devices_equals_the_one_device_map(tmp_path):
     np.testing.assert_array_equal(four["class_index"], one["class_index"])
 
 
+def test_the_fit_compiles_once_for_every_round_of_the_map_and_not_again_for_a_second_map(tmp_path):
+    """The dictionaries of the base-estimate rounds and of the final pass are arguments of one compiled fit, and a
+    second map of a scan with the same run reuses it."""
+    from ccstae_jax.data.readers import open_scan
+    from ccstae_jax.data.simulate import simulate_to_hdf5
+    from ccstae_jax.mapping.predict import MapConfig, make_fit_fn, map_scan
+
+    cfg = SimulationConfig(scan_shape=(4, 8), detector_size=64, crop=(0, 64), n_grains=2, noise_level=0.25, seed=2)
+    path = simulate_to_hdf5(tmp_path / "s.h5", cfg, progress=False)
+    with open_scan(path) as scan:
+        x = scan.read(0, scan.n_positions)
+        task, params = _fast_task(x, geometry=measure_geometry(x))
+        config = MapConfig(steps=2, batch_size=8, subset=16, base_rounds=3, coarse_steps=1)
+        fit_fn = make_fit_fn(task, config.steps, coarse_steps=config.coarse_steps, reselect=config.reselect,
+                             mesh=None)
+        before = fit_fn._cache_size()
+        first = map_scan(task, params, scan, config, mesh=None)
+        assert fit_fn._cache_size() - before == 1
+        second = map_scan(task, params, scan, config, mesh=None)
+        assert fit_fn._cache_size() - before == 1
+    np.testing.assert_array_equal(second["theta"], first["theta"])
+
+
 def test_bases_of_two_phases_are_registered_by_their_lattice_mismatch():
     """A second base with a 4 % larger lattice (spots 4 % closer in) is registered onto base 0 by that strain."""
     from ccstae_jax.mapping.predict import register_bases

@@ -6,6 +6,7 @@ for that alignment; `make_accumulator` sums them batch by batch and `reestimate`
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -26,13 +27,15 @@ class UpdatedBases(NamedTuple):
     support: jax.Array
 
 
+@functools.lru_cache(maxsize=16)
 def make_accumulator(task, *, interpolation: str = "cubic", mesh=None) -> Callable:
     """A jitted ``(images (B, H, W), theta (B, 2, 3), class_index (B,), weights (B,))`` ->
     ``(sums (K, H, W), coverage (K, H, W), counts (K,))``: each class's patterns (scaled as the model scales them)
     pulled onto the base frame by their warps and summed, the same sum of an all-ones image (how much of each base
     pixel the patterns saw: a pull from outside the detector adds nothing), and how many patterns there were
     (``weights`` 0 for padding). ``interpolation`` is the pull's kernel (``"cubic"``: Keys, or ``"bilinear"``). With
-    a ``mesh`` the batch is split over its devices and the sums are replicated."""
+    a ``mesh`` the batch is split over its devices and the sums are replicated. One function per task, kernel and
+    mesh in a process."""
     cfg = task.model_cfg
     mode = "cubic" if interpolation == "cubic" else "bilinear"
 

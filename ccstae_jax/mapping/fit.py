@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from ccstae_jax.model.masks import pixel_radii
 from ccstae_jax.ops import affine, warp
@@ -41,8 +42,10 @@ INTERPOLATIONS = ("cubic", "bilinear")
 _HP = jax.lax.Precision.HIGHEST
 
 
-class BaseTable(NamedTuple):
-    """The dictionary prepared for fitting (see `prepare_bases`).
+@struct.dataclass
+class BaseTable:
+    """The dictionary prepared for fitting (see `prepare_bases`): a pytree of arrays, so one compiled fit serves any
+    dictionary of the same shapes; ``n_points`` is static (part of the tree's structure).
 
     Attributes:
       table: ``(K, FINE * (H + 1) + 1, FINE * (W + 1) + 1, 3)`` float32: the cubic interpolant of each base's spots
@@ -56,7 +59,7 @@ class BaseTable(NamedTuple):
     table: jax.Array
     profile: jax.Array
     mask: jax.Array
-    n_points: int
+    n_points: int = struct.field(pytree_node=False)
 
 
 class FitResult(NamedTuple):
@@ -181,6 +184,7 @@ def information_mask(
     center: tuple[float, float] | None = None,
     min_radius: float = 0.0,
     grow: int = 1,
+    stride: int = 1,
 ) -> np.ndarray:
     """Base-frame pixels that carry a given share of the information about the warp, ``(K, H, W)`` bool.
 
@@ -190,7 +194,8 @@ def information_mask(
     hold ``share`` of the total (at most ``max_points``), then dilated by one pixel so that a starting warp a
     fraction of a pixel off still covers the spot edges. Pixels within ``border`` of the frame, or outside
     ``support``, or closer than ``min_radius`` to ``center`` (the central disk, whose edge is part of the background
-    and says nothing about the lattice), are never taken.
+    and says nothing about the lattice), are never taken. ``stride`` > 1 keeps only every ``stride``-th row and
+    column of the result: enough for a model smooth on that scale (a blurred base), at ``1 / stride**2`` of the cost.
 
     Args:
       spots: ``(K, H, W)`` the moving part of each base.
@@ -234,6 +239,10 @@ def information_mask(
             step[:, :-1] |= grown[:, 1:]
             grown = step
         out[i] = grown & keep[i]
+    if stride > 1:
+        lattice = np.zeros((h, w), bool)
+        lattice[::stride, ::stride] = True
+        out &= lattice[None]
     return out
 
 
@@ -249,12 +258,15 @@ def prepare_bases(
     interpolation: str = "cubic",
     grow: int = 1,
     blur: float = 0.0,
+    stride: int = 1,
+    min_points: int = 0,
 ) -> BaseTable:
     """Splits each base into a radial background and spots, tabulates the spots' interpolant and selects the fitted
-    pixels (`information_mask`, beyond ``min_radius`` of the centre, grown by ``grow`` pixels). ``bases``
-    ``(K, H, W)`` (scaled as the model scales patterns); ``center`` the base's zero beam (row, col) in pixels.
-    ``blur`` > 0 smooths the spots with a Gaussian of that many pixels first: a coarse model whose basin is wider,
-    for a first fit from a rough start."""
+    pixels (`information_mask`, beyond ``min_radius`` of the centre, grown by ``grow`` pixels, every ``stride``-th
+    row and column). ``bases`` ``(K, H, W)`` (scaled as the model scales patterns); ``center`` the base's zero beam
+    (row, col) in pixels. ``blur`` > 0 smooths the spots with a Gaussian of that many pixels first: a coarse model
+    whose basin is wider, for a first fit from a rough start. ``min_points``: the pixel lists are at least this long
+    (a table of the same length as an earlier one reuses the fit compiled for it)."""
     bases = jnp.asarray(bases, jnp.float32)
     profile = radial_profile(bases, center)
     radius = jnp.asarray(_radius_image(bases.shape[-2:], center))
@@ -264,10 +276,11 @@ def prepare_bases(
         spots = gaussian_blur(spots, blur)
     mask = information_mask(np.asarray(spots), np.asarray(background), support=support, share=share,
                             max_points=max_points, floor=floor, center=center,
-                            min_radius=min_radius, grow=grow)
+                            min_radius=min_radius, grow=grow, stride=stride)
     n_max = int(mask.reshape(mask.shape[0], -1).sum(1).max())
     n_points = int(np.ceil(1.1 * n_max / 64) + 1) * 64  # room for a pattern whose warp enlarges the mask
-    return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points)
+    return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask),
+                     max(n_points, int(min_points)))
 
 
 # ----------------------------------------------------------------------------------------------- the fit
@@ -338,6 +351,7 @@ def fit_patterns(
     damping: float = 1e-3,
     floor: float = 0.3,
     max_change: float = 0.1,
+    reselect: int = 0,
     host_compaction: bool | None = None,
 ) -> FitResult:
     """Fits each pattern's warp by the forward model (module docstring), starting from ``theta0``.
@@ -355,12 +369,19 @@ def fit_patterns(
       max_change: no entry of ``phi`` moves further than this from its start (normalised units: 0.1 is a 10 %
         strain or rotation, or a shift of a twentieth of the pattern), so a fit cannot run away from the encoder's
         warp into a spurious minimum of a base that does not match the patterns.
+      reselect: after this many iterations (0 < ``reselect`` < ``steps``) each pattern's pixel list is built again
+        about its current warp and the fit goes on from there for the remaining ones (the trust region then centred
+        on that warp): a start a fraction of a pixel off chose pixels beside the spot edges the fit converges to.
       host_compaction: build the pixel lists on the host (None = on CPU backends; not inside computations spread
         over several devices, whose collectives would wait on the callback).
 
     Returns:
       `FitResult`.
     """
+    if 0 < reselect < steps:
+        kw = dict(damping=damping, floor=floor, max_change=max_change, host_compaction=host_compaction)
+        first = fit_patterns(theta0, images, zero_beam, class_index, bases, steps=reselect, **kw)
+        return fit_patterns(first.theta, images, zero_beam, class_index, bases, steps=steps - reselect, **kw)
     on_host = jax.default_backend() == "cpu" if host_compaction is None else bool(host_compaction)
     images = jnp.asarray(images, jnp.float32)
     b, h, w = images.shape

@@ -14,6 +14,7 @@ The map of a scan is made in two reads of the file:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Iterator
 
 import jax
@@ -36,6 +37,8 @@ class MapConfig:
 
     Attributes:
       steps: Levenberg-Marquardt iterations of each pattern's fit (0 = the encoder's warps as they are).
+      reselect: after this many of them each pattern's fitted pixels are chosen again about its current warp, so
+        the pixels fitted are those where its spots' edges are, not where its start put them (0 = never).
       base_update: re-estimate the bases from the aligned patterns of a subset of the scan before the final fit.
       subset: at most this many patterns (whole scan rows, spread over the scan) re-estimate the bases.
       base_rounds: rounds of fitting the subset and re-estimating the bases from it.
@@ -48,6 +51,7 @@ class MapConfig:
     """
 
     steps: int = 5
+    reselect: int = 2
     base_update: bool = True
     subset: int = 1024
     base_rounds: int = 2
@@ -59,9 +63,9 @@ class MapConfig:
     batch_size: int = 256
 
     def __post_init__(self):
-        for name in ("steps", "subset", "base_rounds", "coarse_steps", "grow", "batch_size"):
+        for name in ("steps", "reselect", "subset", "base_rounds", "coarse_steps", "grow", "batch_size"):
             value = getattr(self, name)
-            low = 0 if name in ("steps", "coarse_steps", "grow") else 1
+            low = 0 if name in ("steps", "reselect", "coarse_steps", "grow") else 1
             if isinstance(value, bool) or int(value) != value or value < low:
                 raise ValueError(f"{name} = {value!r}: expected an integer >= {low}")
         if not 0 < self.share <= 1:
@@ -104,18 +108,20 @@ def _encode(task, params, images):
     return enc, jnp.argmax(enc["classes"], -1).astype(jnp.int32)
 
 
-def _jit(fn, mesh, n_batched: int = 1):
-    """``jax.jit`` of ``fn(params, *batched)``: on one device, or with the batched arguments split over ``mesh``'s
-    data axis."""
+def _jit(fn, mesh, n_replicated: int = 1, n_batched: int = 1):
+    """``jax.jit`` of ``fn(*replicated, *batched)``: on one device, or with the batched arguments split over
+    ``mesh``'s data axis (the others, parameters and tables, copied to every device)."""
     if mesh is None:
         return jax.jit(fn)
-    data = data_sharding(mesh)
-    return jax.jit(fn, in_shardings=(replicated_sharding(mesh),) + (data,) * n_batched, out_shardings=data)
+    data, repl = data_sharding(mesh), replicated_sharding(mesh)
+    return jax.jit(fn, in_shardings=(repl,) * n_replicated + (data,) * n_batched, out_shardings=data)
 
 
+@functools.lru_cache(maxsize=16)
 def make_encode_fn(task, *, mesh=None) -> Callable:
     """Jitted ``(params, images (B, H, W)) -> dict``: ``theta``, ``class_index``, ``zero_beam`` and the
-    `lattice_signals` of each pattern (the encoder alone). With a ``mesh`` the batch is split over its devices."""
+    `lattice_signals` of each pattern (the encoder alone). With a ``mesh`` the batch is split over its devices.
+    One function per task and mesh: a second map with the same run compiles nothing."""
 
     def encode(params, images):
         enc, k = _encode(task, params, images)
@@ -125,33 +131,35 @@ def make_encode_fn(task, *, mesh=None) -> Callable:
     return _jit(encode, mesh)
 
 
-def make_fit_fn(task, table: fit_lib.BaseTable, steps: int, *, coarse: fit_lib.BaseTable | None = None,
-                coarse_steps: int = 0, mesh=None, given_start: bool = False) -> Callable:
-    """Jitted ``(params, images (B, H, W)) -> dict``: `make_encode_fn`'s outputs with ``theta`` fitted against
-    ``table`` by ``steps`` iterations (`fit.fit_patterns`), plus ``theta_encoder``, ``fisher`` ``(B, 6, 6)``,
-    ``chi2`` and ``dof`` ``(B,)``. The fit starts from the encoder's warps, first fitted ``coarse_steps`` times
-    against ``coarse`` (a blurred table over wider pixels, `fit.prepare_bases`: a wider basin for a rough start).
-    With ``given_start`` it takes a third argument, starting warps ``(B, 2, 3)`` used as they are where finite (NaN
-    rows: the encoder's, coarse fit first). With a ``mesh`` the batch is split over its devices."""
+@functools.lru_cache(maxsize=16)
+def make_fit_fn(task, steps: int, *, coarse_steps: int = 0, reselect: int = 0, mesh=None) -> Callable:
+    """Jitted ``(params, table, coarse, images (B, H, W), theta0 (B, 2, 3)) -> dict``: `make_encode_fn`'s outputs
+    with ``theta`` fitted against ``table`` (a `fit.BaseTable`) by ``steps`` iterations (`fit.fit_patterns`, pixel
+    lists rebuilt after ``reselect`` of them), plus ``theta_encoder``, ``fisher`` ``(B, 6, 6)``, ``chi2`` and
+    ``dof`` ``(B,)``.
+
+    Each pattern starts from ``theta0`` where that is finite; a NaN row starts from the encoder's warp, first fitted
+    ``coarse_steps`` times against ``coarse`` (a blurred table over sparser pixels, `fit.prepare_bases`: a wider
+    basin for a rough start; None = no coarse fit). The tables are arguments, so the function compiles once for
+    every dictionary with the same shapes and pixel-list lengths (the rounds of the base estimate and the final
+    pass), and once per task, mesh and step counts in a process. With a ``mesh`` the batch is split over its
+    devices."""
     host = False if mesh is not None else None
 
-    def run(params, images, theta0=None):
+    def run(params, table, coarse, images, theta0):
         enc, k = _encode(task, params, images)
         start = enc["theta"]
         if coarse is not None and coarse_steps:
             start = fit_lib.fit_patterns(start, enc["inputs"], enc["zero_beam"], k, coarse, steps=coarse_steps,
                                          host_compaction=host).theta
-        if theta0 is not None:  # a given start where it is finite
-            start = jnp.where(jnp.isfinite(theta0).all(axis=(-2, -1), keepdims=True), theta0, start)
+        start = jnp.where(jnp.isfinite(theta0).all(axis=(-2, -1), keepdims=True), theta0, start)
         res = fit_lib.fit_patterns(start, enc["inputs"], enc["zero_beam"], k, table, steps=steps,
-                                   host_compaction=host)
+                                   reselect=reselect, host_compaction=host)
         return {"theta": res.theta, "theta_encoder": enc["theta"], "class_index": k, "zero_beam": enc["zero_beam"],
                 "fisher": res.fisher, "chi2": res.chi2, "dof": res.dof,
                 **lattice_signals(task, enc["inputs"], enc["zero_beam"])}
 
-    if given_start:
-        return _jit(lambda params, images, theta0: run(params, images, theta0), mesh, 2)
-    return _jit(lambda params, images: run(params, images), mesh)
+    return _jit(run, mesh, n_replicated=3, n_batched=2)
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -226,41 +234,54 @@ def learned_bases(task, params) -> jax.Array:
     return task.model.apply({"params": params}, method=lambda m: m.dictionary())
 
 
-def _tables(task, bases, support, config: MapConfig) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
+def _tables(task, bases, support, config: MapConfig,
+            like: tuple[fit_lib.BaseTable, fit_lib.BaseTable | None] | None = None,
+            ) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
     """The fine table of ``bases`` and, with `MapConfig.coarse_steps`, the coarse one (spots blurred by half a disk
-    radius, pixels grown by a disk radius)."""
+    radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur). With ``like`` (tables
+    made before), pixel lists are at least as long as theirs, so the fit compiled for them serves these too."""
     cfg = task.model_cfg
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
               interpolation=config.interpolation)
-    fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, **kw)
+    fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow,
+                                 min_points=0 if like is None else like[0].n_points, **kw)
     coarse = None
     if config.coarse_steps:
+        blur = max(1.0, 0.5 * geometry.disk_radius)
         coarse = fit_lib.prepare_bases(bases, cfg.center_px, grow=int(np.ceil(geometry.disk_radius)) + 1,
-                                       blur=max(1.0, 0.5 * geometry.disk_radius), **kw)
+                                       blur=blur, stride=max(2, int(blur)),
+                                       min_points=0 if like is None or like[1] is None else like[1].n_points, **kw)
     return fine, coarse
 
 
+def _no_start(n: int) -> np.ndarray:
+    return np.full((n, 2, 3), np.nan, np.float32)
+
+
+def _fit_fn(task, config: MapConfig, mesh) -> Callable:
+    return make_fit_fn(task, config.steps, coarse_steps=config.coarse_steps, reselect=config.reselect, mesh=mesh)
+
+
 def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
-                   progress=None) -> tuple[bases_lib.UpdatedBases, np.ndarray]:
+                   progress=None) -> tuple[bases_lib.UpdatedBases, np.ndarray, tuple]:
     """Step 1 of the module docstring: the bases re-estimated from a subset of whole scan rows. The first round
     aligns the subset against the learned bases; each further round (`MapConfig.base_rounds`) fits it again, from
-    the previous round's warps, against the bases the previous round estimated. Returns the bases and the last
-    round's warps ``(N, 2, 3)`` by scan position (NaN outside the subset)."""
+    the previous round's warps, against the bases the previous round estimated. Returns the bases, the last round's
+    warps ``(N, 2, 3)`` by scan position (NaN outside the subset) and the last round's tables (`_tables`)."""
     rows = subset_rows(scan.scan_shape, config.subset)
     ry = scan.scan_shape[1]
-    start = np.full((len(rows) * ry, 2, 3), np.nan, np.float32)  # each subset pattern's warp from the last round
+    start = _no_start(len(rows) * ry)  # each subset pattern's warp from the last round
     local = {int(r): i * ry for i, r in enumerate(rows)}
-    current, support = learned_bases(task, params), None
+    current, support, tables = learned_bases(task, params), None, None
     accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation, mesh=mesh)
+    fit = _fit_fn(task, config, mesh)
     for round_ in range(config.base_rounds):
-        table, coarse = _tables(task, current, support, config)
-        fit = make_fit_fn(task, table, config.steps, coarse=coarse, coarse_steps=config.coarse_steps, mesh=mesh,
-                          given_start=round_ > 0)
+        tables = _tables(task, current, support, config, like=tables)
         sums = None
         for images, index in _row_batches(scan, rows, _batch(config, mesh)):
             slot = np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
-            out = fit(params, images, start[slot]) if round_ > 0 else fit(params, images)
+            out = fit(params, *tables, images, start[slot])
             part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(index >= 0, jnp.float32))
             sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
             start[slot[index >= 0]] = np.asarray(out["theta"])[index >= 0]
@@ -271,7 +292,7 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
     by_position = np.full((scan.n_positions, 2, 3), np.nan, np.float32)
     for r in rows:
         by_position[int(r) * ry:(int(r) + 1) * ry] = start[local[int(r)]: local[int(r)] + ry]
-    return upd, by_position
+    return upd, by_position, tables
 
 
 def default_mesh():
@@ -303,28 +324,28 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     cfg = task.model_cfg
     mesh = default_mesh() if mesh == "auto" else mesh
     params = jax.device_put(params, jax.devices()[0] if mesh is None else replicated_sharding(mesh))
-    registration, start = None, None
+    registration = None
+    start = _no_start(scan.n_positions)
     if config.steps == 0:
         fn = make_encode_fn(task, mesh=mesh)
     else:
+        tables = None
         if config.base_update:
-            upd, start = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
+            upd, start, tables = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
             base_images, support = upd.bases, np.asarray(upd.support)
         else:
             base_images, support = learned_bases(task, params), None
-        table, coarse = _tables(task, base_images, support, config)
-        fn = make_fit_fn(task, table, config.steps, coarse=coarse, coarse_steps=config.coarse_steps, mesh=mesh,
-                         given_start=start is not None)
+        tables = _tables(task, base_images, support, config, like=tables)
+        fn = functools.partial(_fit_fn(task, config, mesh), params, *tables)
         if cfg.num_bases > 1:
-            registration = register_bases(base_images, table, cfg.center_px)
+            registration = register_bases(base_images, tables[0], cfg.center_px)
     collector = _Collector(scan.n_positions, progress)
     for images, index in _row_batches(scan, np.arange(scan.scan_shape[0]), _batch(config, mesh)):
         # dispatched asynchronously; the previous batch is collected meanwhile
-        if start is None:
+        if config.steps == 0:
             collector.add(fn(params, images), index)
         else:  # the subset's patterns start from their base-estimate warps
-            collector.add(fn(params, images, np.where(index[:, None, None] >= 0, start[np.maximum(index, 0)], np.nan)),
-                          index)
+            collector.add(fn(images, np.where(index[:, None, None] >= 0, start[np.maximum(index, 0)], np.nan)), index)
     out = collector.finish()
     if registration is not None:
         # every warp relative to base 0's frame: a second phase's lattice mismatch becomes strain
