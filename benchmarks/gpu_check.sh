@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared accelerator check: GPU tests, the speed of the map users run (65,536 patterns, train + map with
-# defaults), throughput of both presets and the quick noise sweep, all output under $OUT (default ./gpu_out). Run on
+# defaults) and where its time goes (128 x 128 scan), throughput of both presets and the quick noise sweep, all output under $OUT (default ./gpu_out). Run on
 # the GPU machine from the repo root:
 #   bash benchmarks/gpu_check.sh            # GPU (H100/H200 class)
 #   bash benchmarks/gpu_check.sh --cpu      # the same steps at CPU sizes (what runs where no GPU is lent)
@@ -25,6 +25,8 @@ else
   CCSTAE_TEST_PLATFORM=cuda "$PY" -m pytest -q -m "not slow" -x $TESTS 2>&1 | tail -5 | tee "$OUT/tests.txt"
   "$PY" benchmarks/map_speed.py --full --no-baseline --json "$OUT/map_speed.json" --markdown "$OUT/map_speed.md" \
     2>&1 | tail -40 | tee "$OUT/map_speed.txt"
+  "$PY" benchmarks/map_profile.py --scan 128 --json "$OUT/map_profile.json" --markdown "$OUT/map_profile.md" \
+    2>&1 | tail -20 | tee "$OUT/map_profile.txt"
   "$PY" benchmarks/noise_sweep.py --quick --baseline off --json "$OUT/noise_sweep.json" --out-dir "$OUT/sweep" \
     2>&1 | tail -30 | tee "$OUT/noise_sweep.txt"
   "$PY" benchmarks/throughput.py --gpu --json "$OUT/throughput.json" --markdown "$OUT/throughput.md" \

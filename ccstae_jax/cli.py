@@ -244,7 +244,8 @@ def cmd_map(args):
     maps = map_strain(args.run_dir, args.data, args.out, reference_region=_region(args.reference_region),
                       batch_size=args.batch_size, which=args.checkpoint, data=data, figures=args.figures,
                       refine_steps=args.refine_steps, base_update=not args.no_base_update,
-                      interpolation=args.interpolation, allow_negative=True if args.allow_negative else None,
+                      interpolation=args.interpolation, rigid_spots=args.rigid_spots,
+                      allow_negative=True if args.allow_negative else None,
                       scan_rotation=args.scan_rotation,
                       correct_distortion=False if args.no_distortion_correction else None, progress=not args.quiet)
     valid = maps["valid"]
@@ -420,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["cubic", "bilinear"],
                    help="how the fit interpolates a base: Keys cubic (moves a spot's centroid exactly) or bilinear "
                         "(the same speed; default: %(default)s)")
+    m.add_argument("--rigid-spots", action="store_true",
+                   help="move each diffracted disk rigidly with its centre in the fit instead of stretching the whole "
+                        "base with the strain: for disks many pixels wide at high dose (default: the stretched base)")
     m.add_argument("--no-distortion-correction", action="store_true",
                    help="keep the anisotropy of the reference region's lattice instead of removing it as an "
                         "elliptical detector distortion (default: removed when the lattice is 4- or 6-fold: the "

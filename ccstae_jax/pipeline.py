@@ -384,6 +384,7 @@ def map_strain(
     refine_steps: int = MapConfig.steps,
     base_update: bool = MapConfig.base_update,
     interpolation: str = MapConfig.interpolation,
+    rigid_spots: bool = MapConfig.rigid_spots,
     allow_negative: bool | None = None,
     scan_rotation: float | None = None,
     correct_distortion: bool | None = None,
@@ -394,8 +395,9 @@ def map_strain(
     Each pattern's warp is fitted (``refine_steps`` Levenberg-Marquardt iterations of the Poisson forward model,
     `ccstae_jax.mapping.fit`; 0 = the encoder's warps as they are) against bases re-estimated from the aligned
     patterns of a subset of the scan (``base_update``; else the learned bases), interpolated with ``interpolation``
-    (``"cubic"``, Keys, or ``"bilinear"``); see `ccstae_jax.mapping.predict`. The map records each position's 1-sigma
-    error (``/uncertainty``, with a fit) and validity.
+    (``"cubic"``, Keys, or ``"bilinear"``), the whole base stretched by the warp or, with ``rigid_spots``, each spot
+    moved rigidly with its centre; see `ccstae_jax.mapping.predict`. The map records each position's 1-sigma error
+    (``/uncertainty``, with a fit) and validity.
 
     The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan
     (median lattice). ``correct_distortion`` removes an elliptical detector distortion measured on the reference
@@ -420,7 +422,7 @@ def map_strain(
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     config = MapConfig(steps=int(refine_steps), base_update=base_update, interpolation=interpolation,
-                       batch_size=int(batch_size))
+                       rigid_spots=bool(rigid_spots), batch_size=int(batch_size))
     if scan_rotation is not None and not np.isfinite(float(scan_rotation)):
         raise ValueError(f"--scan-rotation {scan_rotation}: expected a finite angle in degrees")
     _check_output_file(out_path, data_path)
@@ -480,6 +482,7 @@ def map_strain(
             "refine_steps": config.steps,
             "base_update": update,
             "interpolation": config.interpolation if config.steps else "none",
+            "rigid_spots": bool(config.rigid_spots and config.steps),
             "strain_reference": "relative",
             "geometry": json.dumps(cfg.geometry.to_dict()),
             "distortion_corrected": bool(correct_distortion),

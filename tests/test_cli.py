@@ -296,6 +296,18 @@ def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):
         assert f.attrs["interpolation"] == "cubic" and f.attrs["strain_reference"] == "relative"
 
 
+def test_map_with_rigid_spots_records_the_model_and_writes_finite_valid_strain(chain, tmp_path):
+    assert chain["train"]["returncode"] == 0
+    out = tmp_path / "rigid.h5"
+    assert cli.main(["map", chain["run"], chain["sim"], "--out", str(out), "--rigid-spots", "--quiet"]) == 0
+    import h5py
+
+    with h5py.File(out, "r") as f:
+        assert f.attrs["rigid_spots"]
+        valid = f["valid"][()]
+        assert valid.mean() > 0.9 and np.isfinite(f["strain_xx"][()][valid]).all()
+
+
 def test_train_without_a_terminal_says_what_it_read_and_logs_one_line_per_epoch(chain, tmp_path):
     assert chain["train"]["returncode"] == 0
     run = tmp_path / "run"

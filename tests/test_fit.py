@@ -35,6 +35,36 @@ def test_fit_recovers_known_strain_against_the_true_base(interpolation, spot_sig
     assert np.abs(err).max() < 6e-4 and np.abs(err).mean() < 2.5e-4
 
 
+@pytest.mark.parametrize("spot_sigma", [3.0, 5.0])
+def test_rigid_spots_recover_the_strain_of_wide_disks_better_than_a_stretched_base(spot_sigma):
+    """Strain moves disks without stretching them: a model that moves each spot rigidly with its centre fits wide
+    spots with less bias than the whole base stretched by the affine warp."""
+    size, g = 128, 26.0
+    rot = np.full(6, 0.4)
+    data, labels = hex_patterns(6, size=size, g=g, spot_sigma=spot_sigma, rotations=rot, seed=2)
+    base, _ = hex_patterns(1, size=size, g=g, spot_sigma=spot_sigma, rotations=rot[:1], max_strain=0.0)
+    args = (affine.identity_warp((6,)), jnp.asarray(data), jnp.full((6, 2), size // 2.0), jnp.zeros(6, jnp.int32))
+    errors = {}
+    for rigid in (None, 2 * spot_sigma):
+        table = fit.prepare_bases(jnp.asarray(base), (size // 2, size // 2), min_radius=g / 2, rigid_radius=rigid)
+        res = fit.fit_patterns(*args, table, steps=8)
+        errors[rigid] = np.abs(_strain(res.theta, size) - labels[:, :3]).max()
+    assert errors[2 * spot_sigma] < 0.5 * errors[None], errors
+
+
+def test_spot_centres_are_found_at_the_lattice_points_and_not_at_the_zero_beam():
+    size, g = 128, 26.0
+    base, _ = hex_patterns(1, size=size, g=g, spot_sigma=2.0, rotations=[0.3], max_strain=0.0)
+    found = fit.spot_centres(base - base.min(), (size // 2, size // 2), 4.0)[0]
+    angles = np.arange(6) * np.pi / 3 + 0.3
+    want = [size // 2 + r * np.array([np.cos(a), np.sin(a)]) for r, off in ((g, 0.0), (np.sqrt(3) * g, np.pi / 6))
+            for a in angles + off]
+    want = np.array([p for p in want if (p > 3).all() and (p < size - 4).all()])
+    dist = np.hypot(*(found[:, None, :] - want[None, :, :]).transpose(2, 0, 1))
+    assert len(found) == len(want)
+    assert dist.min(1).max() < 0.5  # every centre within half a pixel of a lattice point
+
+
 def test_fit_never_ends_with_a_higher_weighted_misfit_than_its_start():
     data, _ = hex_patterns(4, size=64, g=18.0, seed=4)
     base, _ = hex_patterns(1, size=64, g=18.0, rotations=[1.0], max_strain=0.0)  # a poor match on purpose

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from _patterns import hex_geometry, hex_patterns
-from ccstae_jax.ops import affine
+from ccstae_jax.ops import affine, warp
 from ccstae_jax.data.simulate import SimulationConfig, pattern_function, simulate_scan
 from ccstae_jax.model.geometry import measure_geometry
 from ccstae_jax.model.masks import static_ring_mask
@@ -43,7 +43,7 @@ def test_reestimated_base_is_the_symmetrised_mean_of_the_aligned_patterns_withou
     x, _ = hex_patterns(3, size=64, g=18.0, seed=5)
     task, params = _fast_task(x)
     sums, coverage, counts = bases.make_accumulator(task)(jnp.asarray(x), affine.identity_warp((3,)),
-                                                          jnp.zeros(3, jnp.int32), jnp.array([1.0, 1.0, 0.0]))
+                                                          jnp.zeros(3, jnp.int32), jnp.array([1.0, 1.0, 0.0]), None)
     np.testing.assert_array_equal(np.asarray(counts), [2.0])  # the third pattern is padding
     got = bases.reestimate(task, params, sums, coverage, counts)
     scale = task.model_cfg.intensity_scale
@@ -62,11 +62,39 @@ def test_reestimated_base_averages_each_pixel_over_the_patterns_that_saw_it():
     shift = np.asarray(affine.identity_warp((2,))).copy()
     shift[1, 0, 2] = 1.0  # the second pattern is pulled half a frame to the side: the right half sees nothing
     sums, coverage, counts = bases.make_accumulator(task)(jnp.asarray(x), jnp.asarray(shift),
-                                                          jnp.zeros(2, jnp.int32), jnp.ones(2))
+                                                          jnp.zeros(2, jnp.int32), jnp.ones(2), None)
     got = bases.reestimate(task, params, sums, coverage, counts, min_support=0.75)
     want = 2.0 * task.model_cfg.intensity_scale
     np.testing.assert_allclose(np.asarray(got.bases)[0][np.asarray(got.support)[0]], want, rtol=1e-4)
     assert np.asarray(got.support)[0, :, :31].all() and not np.asarray(got.support)[0, :, 33:].any()
+
+
+def test_a_rigid_pull_puts_strained_wide_disks_back_on_the_base_unstretched():
+    """With rigid spots each disk is pulled back by the shift of its centre: the aligned pattern equals the base,
+    where the affine pull leaves every disk stretched by the strain."""
+    size, g, sigma = 128, 26.0, 4.0
+    rows, cols = np.mgrid[:size, :size] - size // 2
+
+    def pattern(m):
+        img = np.zeros((size, size))
+        for a in np.arange(6) * np.pi / 3 + 0.2:
+            r, c = m @ (g * np.array([np.cos(a), np.sin(a)]))
+            img += np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2))
+        return img.astype(np.float32)
+
+    base, strained = pattern(np.eye(2)), pattern(np.diag([1.03, 0.98]))
+    table = fit.prepare_bases(jnp.asarray(base)[None], (size // 2, size // 2), min_radius=g / 2,
+                              rigid_radius=2 * sigma)
+    centre = (2 * (size // 2) + 1) / size - 1
+    lin = np.diag([0.98, 1.03])  # (x, y) = (column, row)
+    theta = np.concatenate([lin, (centre - lin @ [centre, centre])[:, None]], 1)[None].astype(np.float32)
+    grid = bases.rigid_grid(jnp.asarray(theta), table.centres, table.owner)
+    rigid = np.asarray(warp.grid_sample(jnp.asarray(strained)[None, ..., None], grid, mode="cubic"))[0, ..., 0]
+    stretched = np.asarray(warp.affine_warp(jnp.asarray(strained)[None, ..., None], jnp.asarray(theta),
+                                            mode="cubic"))[0, ..., 0]
+    ring = static_ring_mask((size, size), g - 2 * sigma, g + 2 * sigma)
+    err_rigid, err_stretched = np.abs(rigid - base)[ring].max(), np.abs(stretched - base)[ring].max()
+    assert err_rigid < 0.25 * err_stretched, (err_rigid, err_stretched)
 
 
 def test_a_class_without_patterns_keeps_its_learned_base():

@@ -2,7 +2,8 @@
 
 The learned bases are trained through the network's masks and blurred by the spread of its early warps. Given each
 pattern's fitted warp, the mean of the patterns of a class pulled onto the base frame is the maximum-likelihood base
-for that alignment; `make_accumulator` sums them batch by batch and `reestimate` divides.
+for that alignment; `make_accumulator` sums them batch by batch and `reestimate` divides. The pull follows the fit's
+model: the whole pattern by its affine warp, or, with rigid spots, each spot by the shift of its centre.
 """
 from __future__ import annotations
 
@@ -27,21 +28,46 @@ class UpdatedBases(NamedTuple):
     support: jax.Array
 
 
+def rigid_grid(theta: jax.Array, centres: jax.Array, owner: jax.Array) -> jax.Array:
+    """Sampling grid ``(B, H, W, 2)`` (normalised ``(x, y)``) that pulls patterns onto the base frame with rigid
+    spots: base pixel ``b`` reads the data at ``b + theta(c) - c``, ``c`` the centre of its spot.
+
+    Args:
+      theta: ``(B, 2, 3)`` pull warps (base frame -> data frame).
+      centres: ``(B, S, 2)`` spot centres of each pattern's base (`ccstae_jax.mapping.fit.BaseTable.centres`).
+      owner: ``(B, H, W)`` int, the spot of each base pixel.
+    """
+    b, h, w = owner.shape
+    c = jnp.take_along_axis(centres, owner.reshape(b, h * w, 1), axis=1).reshape(b, h, w, 2)
+    moved = jnp.einsum("bij,bhwj->bhwi", theta[:, :, :2], c, precision=_HP) + theta[:, None, None, :, 2]
+    x = (2 * jnp.arange(w, dtype=jnp.float32) + 1) / w - 1
+    y = (2 * jnp.arange(h, dtype=jnp.float32) + 1) / h - 1
+    grid = jnp.stack(jnp.broadcast_arrays(x[None, :], y[:, None]), -1)
+    return grid[None] + moved - c
+
+
 @functools.lru_cache(maxsize=16)
 def make_accumulator(task, *, interpolation: str = "cubic", mesh=None) -> Callable:
-    """A jitted ``(images (B, H, W), theta (B, 2, 3), class_index (B,), weights (B,))`` ->
+    """A jitted ``(images (B, H, W), theta (B, 2, 3), class_index (B,), weights (B,), spots)`` ->
     ``(sums (K, H, W), coverage (K, H, W), counts (K,))``: each class's patterns (scaled as the model scales them)
     pulled onto the base frame by their warps and summed, the same sum of an all-ones image (how much of each base
     pixel the patterns saw: a pull from outside the detector adds nothing), and how many patterns there were
-    (``weights`` 0 for padding). ``interpolation`` is the pull's kernel (``"cubic"``: Keys, or ``"bilinear"``). With
-    a ``mesh`` the batch is split over its devices and the sums are replicated. One function per task, kernel and
-    mesh in a process."""
+    (``weights`` 0 for padding). ``spots``: None (the whole pattern pulled by its affine warp), or the
+    ``(centres (K, S, 2), owner (K, H, W))`` of a rigid-spot table (each spot pulled by the shift of its centre,
+    `rigid_grid`), the model the warps were fitted with. ``interpolation`` is the pull's kernel (``"cubic"``: Keys,
+    or ``"bilinear"``). With a ``mesh`` the batch is split over its devices and the sums are replicated. One function
+    per task, kernel and mesh in a process."""
     cfg = task.model_cfg
     mode = "cubic" if interpolation == "cubic" else "bilinear"
 
-    def accumulate(images, theta, class_index, weights):
+    def accumulate(images, theta, class_index, weights, spots):
         x = images.astype(jnp.float32) * cfg.intensity_scale
-        pulled = warp.affine_warp(jnp.stack([x, jnp.ones_like(x)], -1), theta, mode=mode)
+        stack = jnp.stack([x, jnp.ones_like(x)], -1)
+        if spots is None:
+            pulled = warp.affine_warp(stack, theta, mode=mode)
+        else:
+            centres, owner = spots
+            pulled = warp.grid_sample(stack, rigid_grid(theta, centres[class_index], owner[class_index]), mode=mode)
         onehot = jax.nn.one_hot(class_index, cfg.num_bases, dtype=jnp.float32) * weights[:, None]
         sums = jnp.einsum("bk,bhwc->ckhw", onehot, pulled, precision=_HP)
         return sums[0], sums[1], jnp.sum(onehot, 0)
@@ -49,7 +75,7 @@ def make_accumulator(task, *, interpolation: str = "cubic", mesh=None) -> Callab
     if mesh is None:
         return jax.jit(accumulate)
     data, repl = data_sharding(mesh), replicated_sharding(mesh)
-    return jax.jit(accumulate, in_shardings=(data, data, data, data), out_shardings=repl)
+    return jax.jit(accumulate, in_shardings=(data, data, data, data, repl), out_shardings=repl)
 
 
 def reestimate(task, params, sums, coverage, counts, *, min_support: float = 0.25) -> UpdatedBases:

@@ -5,7 +5,14 @@ The model of one observed pattern ``x`` (data frame, pixels ``q``) is its base p
     mu(q) = bg(|q - z|) + spots(phi q),        phi = theta^{-1}  (normalised coordinates, `ccstae_jax.ops.affine`),
 
 with ``spots`` the part of the base that moves with the lattice, ``bg`` its radially symmetric part (the central disk
-and the diffuse glow, which stay centred on the zero beam ``z`` of that pattern) and ``phi`` six free numbers. The
+and the diffuse glow, which stay centred on the zero beam ``z`` of that pattern) and ``phi`` six free numbers. With
+*rigid spots* (`prepare_bases` given a disk radius) each spot is moved, not stretched: strain moves the diffracted
+disks while each keeps the probe's shape, so a pixel near the spot centred at ``c`` in the base is modelled as
+
+    mu(q) = bg(|q - z|) + spots(c + q - phi^{-1} c),
+
+the spot's own pixel offset from where the warp puts its centre. For disks a few pixels wide the two models agree;
+for wide disks a stretched base misplaces their edges by the strain times the disk radius. The
 fit is Fisher scoring of the Poisson likelihood (iteratively reweighted least squares with weights ``1 / mu``) with
 Levenberg-Marquardt damping, one independent problem per pattern, vectorised over the batch.
 
@@ -37,6 +44,9 @@ from ccstae_jax.ops import affine, warp
 
 #: Sub-pixel factor of the tabulated interpolant (value and derivatives of the cubic base on a grid this much finer).
 FINE = 4
+#: Quantile of each radius bin taken as a base's background with rigid spots: their edges are modelled pixel by
+#: pixel, so the background must be free of their tails, which lift the median where wide spots fill a circle.
+RIGID_BACKGROUND_QUANTILE = 0.2
 #: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
 INTERPOLATIONS = ("cubic", "bilinear")
 _HP = jax.lax.Precision.HIGHEST
@@ -54,12 +64,17 @@ class BaseTable:
       profile: ``(K, n_bins)`` float32 radial background of each base, value at radius ``i + 0.5`` pixels.
       mask: ``(K, H, W)`` bool, the base-frame pixels fitted (`information_mask`).
       n_points: static length of each pattern's pixel list (enough for the largest mask plus margin).
+      centres: ``(K, S, 2)`` float32 spot centres of each base in normalised ``(x, y)`` coordinates (index 0: the
+        zero beam; padding far outside the frame), or None: the whole base follows the affine warp.
+      owner: ``(K, H, W)`` int32, the spot (index into ``centres``) nearest each base pixel, or None.
     """
 
     table: jax.Array
     profile: jax.Array
     mask: jax.Array
     n_points: int = struct.field(pytree_node=False)
+    centres: jax.Array | None = None
+    owner: jax.Array | None = None
 
 
 class FitResult(NamedTuple):
@@ -80,11 +95,13 @@ class FitResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------- base preparation
-def radial_profile(images: jax.Array, center: tuple[float, float]) -> jax.Array:
-    """Median of each 1-pixel radius bin about ``center`` (row, col): ``(..., H, W)`` -> ``(..., n_bins)``.
+def radial_profile(images: jax.Array, center: tuple[float, float], quantile: float = 0.5) -> jax.Array:
+    """Median (or another ``quantile``) of each 1-pixel radius bin about ``center`` (row, col): ``(..., H, W)`` ->
+    ``(..., n_bins)``.
 
     Spots fill a small fraction of every circle about the centre, so the bin median is the diffuse background (the
-    central disk, its tails and the glow) without them. Bin ``i`` holds the pixels with ``i <= r < i + 1``.
+    central disk, its tails and the glow) without them; where wide spots fill much of a circle their tails lift the
+    median, and a low quantile is the background. Bin ``i`` holds the pixels with ``i <= r < i + 1``.
     """
     images = jnp.asarray(images, jnp.float32)
     h, w = images.shape[-2:]
@@ -99,7 +116,7 @@ def radial_profile(images: jax.Array, center: tuple[float, float]) -> jax.Array:
     table[ring[order], slot] = order
     flat = images.reshape(images.shape[:-2] + (h * w,))
     padded = jnp.concatenate([flat, jnp.full(flat.shape[:-1] + (1,), jnp.nan, jnp.float32)], -1)
-    return jnp.nanmedian(padded[..., table], axis=-1)
+    return jnp.nanquantile(padded[..., table], quantile, axis=-1)
 
 
 def profile_at(profile: jax.Array, radius: jax.Array) -> jax.Array:
@@ -246,6 +263,60 @@ def information_mask(
     return out
 
 
+def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: float, *,
+                 threshold: float = 0.15) -> list[np.ndarray]:
+    """The spot centres of each base, ``(K, H, W)`` spots -> K arrays ``(n_k, 2)`` (row, col) in pixels.
+
+    A centre is a maximum of the spots smoothed by half a disk radius, the largest within a disk diameter, brighter
+    than ``threshold`` times the brightest one beyond a disk diameter of ``center``, refined to the centroid of the
+    positive spots within a disk radius plus one pixel. The zero beam (``center``) is not among them."""
+    from scipy import ndimage
+
+    spots = np.asarray(spots, np.float64)
+    k, h, w = spots.shape
+    r_disk = max(float(disk_radius), 0.5)
+    far = _radius_image((h, w), center) > 2 * r_disk
+    rr, cc = np.mgrid[:h, :w]
+    out = []
+    for i in range(k):
+        smooth = ndimage.gaussian_filter(spots[i], max(1.0, 0.5 * r_disk))
+        top = smooth[far].max() if far.any() else 0.0
+        size = 2 * int(np.ceil(r_disk)) + 1
+        peaks = (smooth == ndimage.maximum_filter(smooth, size=size)) & far & (smooth > threshold * top) & (top > 0)
+        pos = np.clip(spots[i], 0.0, None)
+        found = []
+        for r, c in zip(*np.nonzero(peaks)):
+            near = np.hypot(rr - r, cc - c) <= r_disk + 1
+            wts = pos[near]
+            if wts.sum() <= 0:
+                continue
+            found.append(((rr[near] * wts).sum() / wts.sum(), (cc[near] * wts).sum() / wts.sum()))
+        out.append(np.asarray(found, np.float64).reshape(-1, 2))
+    return out
+
+
+def _spot_owners(centres: list[np.ndarray], shape: tuple[int, int], center: tuple[float, float],
+                 min_spots: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(K, S, 2)`` normalised ``(x, y)`` centres (index 0 the zero beam, padding far outside) and the ``(K, H, W)``
+    index of the nearest of them for every base pixel (S a multiple of 16, at least ``min_spots``)."""
+    h, w = shape
+    n = max(len(c) for c in centres) + 1
+    s = max(int(np.ceil(n / 16)) * 16, int(min_spots))
+    table = np.full((len(centres), s, 2), 1e3, np.float32)  # padding: never the nearest
+    owner = np.zeros((len(centres), h, w), np.int32)
+    rr, cc = np.mgrid[:h, :w]
+    for i, found in enumerate(centres):
+        pix = np.concatenate([np.asarray(center, np.float64)[None], found], 0)  # (n_i, 2) row, col
+        nearest = np.full((h, w), np.inf)
+        for j, (r, c) in enumerate(pix):  # one spot at a time: memory of one image, whatever the spot count
+            dist = (rr - r) ** 2 + (cc - c) ** 2
+            closer = dist < nearest
+            owner[i][closer], nearest[closer] = j, dist[closer]
+        table[i, : len(pix), 0] = (2 * pix[:, 1] + 1) / w - 1
+        table[i, : len(pix), 1] = (2 * pix[:, 0] + 1) / h - 1
+    return table, owner
+
+
 def prepare_bases(
     bases: jax.Array,
     center: tuple[float, float],
@@ -259,19 +330,27 @@ def prepare_bases(
     grow: int = 1,
     blur: float = 0.0,
     stride: int = 1,
-    min_points: int = 0,
+    rigid_radius: float | None = None,
+    like: BaseTable | None = None,
 ) -> BaseTable:
     """Splits each base into a radial background and spots, tabulates the spots' interpolant and selects the fitted
     pixels (`information_mask`, beyond ``min_radius`` of the centre, grown by ``grow`` pixels, every ``stride``-th
     row and column). ``bases`` ``(K, H, W)`` (scaled as the model scales patterns); ``center`` the base's zero beam
     (row, col) in pixels. ``blur`` > 0 smooths the spots with a Gaussian of that many pixels first: a coarse model
-    whose basin is wider, for a first fit from a rough start. ``min_points``: the pixel lists are at least this long
-    (a table of the same length as an earlier one reuses the fit compiled for it)."""
+    whose basin is wider, for a first fit from a rough start. ``rigid_radius`` (the disk radius in pixels) makes the
+    spots rigid (module docstring): their centres (`spot_centres`) are found in the unblurred spots, and the background
+    is the `RIGID_BACKGROUND_QUANTILE` of each radius bin instead of its median. ``like``: an earlier table whose pixel
+    lists and spot lists these are made at least as long as (so the fit compiled for it serves this one)."""
     bases = jnp.asarray(bases, jnp.float32)
-    profile = radial_profile(bases, center)
+    profile = radial_profile(bases, center, 0.5 if rigid_radius is None else RIGID_BACKGROUND_QUANTILE)
     radius = jnp.asarray(_radius_image(bases.shape[-2:], center))
     background = jax.vmap(lambda p: profile_at(p, radius))(profile)
     spots = bases - background
+    centres = owner = None
+    if rigid_radius is not None:
+        centres, owner = _spot_owners(spot_centres(np.asarray(spots), center, rigid_radius), bases.shape[-2:], center,
+                                      min_spots=0 if like is None or like.centres is None else like.centres.shape[1])
+        centres, owner = jnp.asarray(centres), jnp.asarray(owner)
     if blur > 0:
         spots = gaussian_blur(spots, blur)
     mask = information_mask(np.asarray(spots), np.asarray(background), support=support, share=share,
@@ -279,23 +358,53 @@ def prepare_bases(
                             min_radius=min_radius, grow=grow, stride=stride)
     n_max = int(mask.reshape(mask.shape[0], -1).sum(1).max())
     n_points = int(np.ceil(1.1 * n_max / 64) + 1) * 64  # room for a pattern whose warp enlarges the mask
-    return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask),
-                     max(n_points, int(min_points)))
+    if like is not None:
+        n_points = max(n_points, like.n_points)
+    return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points, centres, owner)
 
 
 # ----------------------------------------------------------------------------------------------- the fit
-def _pulled_mask(mask: jax.Array, k: jax.Array, phi: jax.Array) -> jax.Array:
-    """Data-frame pixels ``q`` whose nearest base pixel to ``phi q`` is in ``mask[k]`` (``mask`` ``(K, H, W)``):
-    ``(H, W)`` bool."""
-    h, w = mask.shape[-2:]
-    u = (2 * jnp.arange(w, dtype=jnp.float32) + 1) / w - 1
-    v = (2 * jnp.arange(h, dtype=jnp.float32) + 1) / h - 1
-    pu = phi[0] * u[None, :] + phi[1] * v[:, None] + phi[2]
-    pv = phi[3] * u[None, :] + phi[4] * v[:, None] + phi[5]
-    c = jnp.round(((pu + 1) * w - 1) / 2).astype(jnp.int32)
-    r = jnp.round(((pv + 1) * h - 1) / 2).astype(jnp.int32)
+def _nearest_pixel(table_hw: jax.Array, k: jax.Array, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``table_hw[k]`` (``(K, H, W)``) at the pixel nearest each normalised point, and whether it is in the frame."""
+    h, w = table_hw.shape[-2:]
+    c = jnp.round(((x + 1) * w - 1) / 2).astype(jnp.int32)
+    r = jnp.round(((y + 1) * h - 1) / 2).astype(jnp.int32)
     inside = (c >= 0) & (c < w) & (r >= 0) & (r < h)
-    return inside & mask.reshape(-1)[(k * h + jnp.clip(r, 0, h - 1)) * w + jnp.clip(c, 0, w - 1)]
+    return table_hw.reshape(-1)[(k * h + jnp.clip(r, 0, h - 1)) * w + jnp.clip(c, 0, w - 1)], inside
+
+
+def _spot_of(bases: BaseTable, k: jax.Array, phi: jax.Array, u: jax.Array, v: jax.Array):
+    """Centre ``(x, y)`` of the spot each data point ``(u, v)`` belongs to (the base's spot nearest its pre-image
+    under ``phi``)."""
+    j, _ = _nearest_pixel(bases.owner, k, phi[0] * u + phi[1] * v + phi[2], phi[3] * u + phi[4] * v + phi[5])
+    c = bases.centres[k, j]
+    return c[..., 0], c[..., 1]
+
+
+def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=None, cy=None):
+    """Base-frame point ``(x, y)`` that the model reads for data point ``(u, v)`` (normalised): ``phi`` applied to
+    it, or with rigid spots the point at the same offset from its spot's centre ``(cx, cy)`` as ``(u, v)`` has from
+    where ``phi`` puts that centre in the data frame (module docstring). Also returns that centre's data-frame
+    position ``(U, V)`` (None without rigid spots)."""
+    if bases.centres is None:
+        return phi[0] * u + phi[1] * v + phi[2], phi[3] * u + phi[4] * v + phi[5], None
+    det = phi[0] * phi[4] - phi[1] * phi[3]
+    dx, dy = cx - phi[2], cy - phi[5]
+    big_u = (phi[4] * dx - phi[1] * dy) / det
+    big_v = (phi[0] * dy - phi[3] * dx) / det
+    return cx + u - big_u, cy + v - big_v, (big_u, big_v)
+
+
+def _pulled_mask(bases: BaseTable, k: jax.Array, phi: jax.Array) -> jax.Array:
+    """Data-frame pixels whose model reads a fitted base pixel (nearest pixel to `_preimage` in ``bases.mask[k]``):
+    ``(H, W)`` bool."""
+    h, w = bases.mask.shape[-2:]
+    u = jnp.broadcast_to((2 * jnp.arange(w, dtype=jnp.float32) + 1) / w - 1, (h, w))
+    v = jnp.broadcast_to(((2 * jnp.arange(h, dtype=jnp.float32) + 1) / h - 1)[:, None], (h, w))
+    spot = (None, None) if bases.centres is None else _spot_of(bases, k, phi, u, v)
+    px, py, _ = _preimage(bases, phi, u, v, *spot)
+    fitted, inside = _nearest_pixel(bases.mask, k, px, py)
+    return inside & fitted
 
 
 def _compact_host(mask: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -390,21 +499,27 @@ def fit_patterns(
 
     def one(phi_start, x, z, k):
         # Data pixels whose pre-image under the starting warp is a fitted base pixel (nearest base pixel).
-        flat_index, count = _compact(_pulled_mask(bases.mask, k, phi_start), n, on_host)
+        flat_index, count = _compact(_pulled_mask(bases, k, phi_start), n, on_host)
         rows, cols = flat_index // w, flat_index % w
         used = (jnp.arange(n) < count).astype(jnp.float32)
         xq = x[rows, cols]
         u = (2 * cols.astype(jnp.float32) + 1) / w - 1
         v = (2 * rows.astype(jnp.float32) + 1) / h - 1
         bg = profile_at(bases.profile[k], jnp.hypot(rows - z[0], cols - z[1]))
+        spot = (None, None) if bases.centres is None else _spot_of(bases, k, phi_start, u, v)
 
         def model(phi):
-            pu = phi[0] * u + phi[1] * v + phi[2]
-            pv = phi[3] * u + phi[4] * v + phi[5]
+            pu, pv, centre = _preimage(bases, phi, u, v, *spot)
             s = _sample_table(bases.table, k, ((pv + 1) * h - 1) / 2, ((pu + 1) * w - 1) / 2)
             mu = bg + s[:, 0]
             gu, gv = s[:, 2] * (w / 2), s[:, 1] * (h / 2)  # per normalised unit
-            jac = jnp.stack([gu * u, gu * v, gu, gv * u, gv * v, gv], -1)
+            if centre is None:  # d(phi q)/d(phi)
+                lever_u, lever_v = u, v
+            else:  # d(c - phi^{-1} c)/d(phi) = A^{-1} e_a [U, V, 1]_b: the gradient turned by A^{-T}
+                det = phi[0] * phi[4] - phi[1] * phi[3]
+                gu, gv = (phi[4] * gu - phi[3] * gv) / det, (phi[0] * gv - phi[1] * gu) / det
+                lever_u, lever_v = centre
+            jac = jnp.stack([gu * lever_u, gu * lever_v, gu, gv * lever_u, gv * lever_v, gv], -1)
             return mu, jac
 
         def weights(mu):

@@ -39,6 +39,8 @@ class MapConfig:
       steps: Levenberg-Marquardt iterations of each pattern's fit (0 = the encoder's warps as they are).
       reselect: after this many of them each pattern's fitted pixels are chosen again about its current warp, so
         the pixels fitted are those where its spots' edges are, not where its start put them (0 = never).
+      rigid_spots: each spot moves rigidly with its centre instead of the whole base being stretched
+        (`ccstae_jax.mapping.fit`): the right model for disks many pixels wide, measured best on noise-free data.
       base_update: re-estimate the bases from the aligned patterns of a subset of the scan before the final fit.
       subset: at most this many patterns (whole scan rows, spread over the scan) re-estimate the bases.
       base_rounds: rounds of fitting the subset and re-estimating the bases from it.
@@ -52,6 +54,7 @@ class MapConfig:
 
     steps: int = 5
     reselect: int = 2
+    rigid_spots: bool = False
     base_update: bool = True
     subset: int = 1024
     base_rounds: int = 2
@@ -238,20 +241,20 @@ def _tables(task, bases, support, config: MapConfig,
             like: tuple[fit_lib.BaseTable, fit_lib.BaseTable | None] | None = None,
             ) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
     """The fine table of ``bases`` and, with `MapConfig.coarse_steps`, the coarse one (spots blurred by half a disk
-    radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur). With ``like`` (tables
-    made before), pixel lists are at least as long as theirs, so the fit compiled for them serves these too."""
+    radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur); with
+    `MapConfig.rigid_spots` the spots move rigidly (`fit.prepare_bases`). With ``like`` (tables made before), the
+    pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these too."""
     cfg = task.model_cfg
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
-              interpolation=config.interpolation)
-    fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow,
-                                 min_points=0 if like is None else like[0].n_points, **kw)
+              interpolation=config.interpolation, rigid_radius=geometry.disk_radius if config.rigid_spots else None)
+    fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, like=None if like is None else like[0], **kw)
     coarse = None
     if config.coarse_steps:
         blur = max(1.0, 0.5 * geometry.disk_radius)
         coarse = fit_lib.prepare_bases(bases, cfg.center_px, grow=int(np.ceil(geometry.disk_radius)) + 1,
-                                       blur=blur, stride=max(2, int(blur)),
-                                       min_points=0 if like is None or like[1] is None else like[1].n_points, **kw)
+                                       blur=blur, stride=max(2, int(blur)), like=None if like is None else like[1],
+                                       **kw)
     return fine, coarse
 
 
@@ -278,11 +281,12 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
     fit = _fit_fn(task, config, mesh)
     for round_ in range(config.base_rounds):
         tables = _tables(task, current, support, config, like=tables)
+        spots = None if tables[0].centres is None else (tables[0].centres, tables[0].owner)
         sums = None
         for images, index in _row_batches(scan, rows, _batch(config, mesh)):
             slot = np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
             out = fit(params, *tables, images, start[slot])
-            part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(index >= 0, jnp.float32))
+            part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(index >= 0, jnp.float32), spots)
             sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
             start[slot[index >= 0]] = np.asarray(out["theta"])[index >= 0]
             if progress is not None and round_ == config.base_rounds - 1:

@@ -206,6 +206,28 @@ def strain_uncertainty(
     return out
 
 
+def _mostly_vacuum(ring_signal: np.ndarray, lattice_signal: np.ndarray, reason: np.ndarray,
+                   edge_lattice: float) -> np.ndarray:
+    """Positions whose probe falls mostly on vacuum, judged against the scan's own vacuum: ``(Rx, Ry)`` bool.
+
+    The ring intensity of a pattern mixed from specimen (fraction ``f``) and vacuum is ``f R_s + (1 - f) R_v`` and its
+    lattice harmonic ``f H_s``; ``f < 1/2`` puts both below their midpoints. ``R_v`` is the median ring of the
+    positions without a lattice (reason 2 or 4); it is used only when it is clearly below the specimen's ``R_s``, so a
+    scan without vacuum, whose lattice-free positions are grain boundaries, flags nothing here."""
+    valid = reason == 0
+    weak = (reason == 2) | (reason == 4)
+    if valid.sum() < 3 or weak.sum() < max(3, 0.005 * reason.size):
+        return np.zeros(reason.shape, bool)
+    r_spec = np.median(ring_signal[valid])
+    spread = 1.4826 * np.median(np.abs(ring_signal[valid] - r_spec))
+    r_vac = np.median(ring_signal[weak])
+    if not (r_spec - r_vac > 5 * spread or r_vac < 0.5 * r_spec):
+        return np.zeros(reason.shape, bool)
+    harmonic = lattice_signal * np.abs(ring_signal)
+    below = ring_signal < 0.5 * (r_spec + r_vac)
+    return below & (weak | (valid & (harmonic < edge_lattice * np.median(harmonic[valid]))))
+
+
 def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *, min_lattice_signal: float = 0.05,
              min_significance: float = 3.0, vacuum_level: float = 0.8, edge_lattice: float = 0.5) -> np.ndarray:
     """``(Rx, Ry)`` uint8 reason codes (`INVALID_REASONS`, 0 = valid) from `ccstae_jax.mapping.predict` outputs.
@@ -215,9 +237,13 @@ def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *,
     level of the orders no lattice has (about 4e-3 of pure-noise patterns pass at 3): then 5 (two lattices) if its
     ``2n``-fold harmonic is significant, else 4 (vacuum) if its ring holds less than ``vacuum_level`` of the median
     ring intensity of the positions with a lattice, else 2 (no lattice); or when the fitted warp is not finite (3).
-    A position at the edge of a specimen, whose probe falls partly on vacuum, is vacuum too (4): its harmonic is
-    below ``edge_lattice`` times the scan's median and its ring below ``vacuum_level`` of the specimen's (a grain
-    boundary weakens the harmonic but keeps the ring's intensity, so it stays valid).
+    A position at the edge of a specimen, whose probe falls mostly on vacuum, is vacuum too (4): its harmonic is
+    below ``edge_lattice`` times the scan's median and its ring below ``vacuum_level`` of the specimen's, or, when
+    the scan holds vacuum (positions without a lattice whose ring is clearly darker than the specimen's: by 5 median
+    absolute deviations of the specimen's ring, or by half), its harmonic amplitude is below ``edge_lattice`` of the
+    specimen's and its ring below the midpoint of the vacuum's and the specimen's. A grain boundary weakens the
+    harmonic but keeps the ring's intensity, so it stays valid. In a scan without any position showing a lattice,
+    nothing is called vacuum or two lattices: there is no specimen to compare with.
     """
     rx, ry = scan_shape
     theta = predictions["theta"].reshape(rx, ry, 2, 3)
@@ -231,12 +257,13 @@ def validity(predictions: dict[str, np.ndarray], scan_shape: tuple[int, int], *,
     if "lattice_significance" in predictions:
         weak |= ~(predictions["lattice_significance"].reshape(rx, ry) >= min_significance)
     specimen = lit & ~weak
-    level = np.median(ring_signal[specimen]) if specimen.any() else np.inf
+    level = np.median(ring_signal[specimen]) if specimen.any() else 0.0  # no specimen: nothing to call darker
     reason[weak & (reason == 0)] = 2
     dark = ring_signal < vacuum_level * level
     reason[weak & (reason == 2) & dark] = 4
     reason[(lattice_signal < edge_lattice * typical) & dark & lit & (reason == 0)] = 4
-    if "double_significance" in predictions:
+    reason[_mostly_vacuum(ring_signal, lattice_signal, reason, edge_lattice) & lit] = 4
+    if "double_significance" in predictions and specimen.any():  # two lattices need a scan with a lattice
         mixed = predictions["double_significance"].reshape(rx, ry) >= min_significance
         reason[weak & (reason == 2) & mixed] = 5
     reason[~lit] = 1
