@@ -132,6 +132,24 @@ def test_error_table_measures_a_known_offset():
     assert table["rotation_deg"]["mae"] == pytest.approx(0.5, rel=1e-3)
 
 
+def test_error_table_calibrates_the_errors_over_grain_interiors_apart():
+    """Positions whose probe straddles two grains are scored against one grain's label: their errors exceed the
+    fit's sigma there, so the calibration over the interiors is reported on its own."""
+    lab = _labels()
+    ref = referenced_labels(lab, reference_region=(0, 2, 0, 2))
+    rng = np.random.default_rng(3)
+    sigma = 1e-3
+    pred = {k: ref[k] + sigma * rng.standard_normal((8, 8)) for k in ref}
+    interior = np.ones((8, 8), bool)
+    interior[4:] = False
+    pred["strain_xx"] = np.where(interior, pred["strain_xx"], pred["strain_xx"] + 10 * sigma)  # boundary mixtures
+    pred["strain_xx"][:2, :2] = ref["strain_xx"][:2, :2]  # a clean reference region
+    for k in ref:
+        pred[f"uncertainty_{k}"] = np.full((8, 8), sigma)
+    row = error_table(pred, lab, reference_region=(0, 2, 0, 2), interior=interior)["strain_xx"]
+    assert row["z_std"] > 3 and 0.6 < row["z_std_interior"] < 1.4
+
+
 def test_labels_of_another_shape_are_rejected():
     lab = _labels()
     pred = {k: np.zeros((4, 4)) for k in lab}

@@ -65,7 +65,8 @@ def error_table(
       positions are counted in ``valid_fraction``, never as zero error. When ``pred`` holds per-position 1-sigma
       errors (``uncertainty_<quantity>``, as `ccstae map` writes), each row also has ``sigma_median`` (same units)
       and the calibration of the errors against them: ``z_std`` (standard deviation of error / sigma; 1 when
-      calibrated) and ``z_within_2`` (share of positions with ``|error| <= 2 sigma``; 0.95 for Gaussian errors).
+      calibrated) and ``z_within_2`` (share of positions with ``|error| <= 2 sigma``; 0.95 for Gaussian errors),
+      with ``interior`` also ``z_std_interior`` (the same over grain interiors, where no probe straddles a boundary).
       Labels with a ``vacuum`` mask leave its positions out of the errors (``valid_fraction`` counts only the
       specimen) and add a ``"vacuum"`` row: the share of vacuum positions the map flags invalid. Labels with a
       ``phase`` map (0, 1, ...; -1 in vacuum) add a ``"phases"`` row: per phase, the MAE and the mean (signed) error
@@ -111,6 +112,9 @@ def error_table(
             sel = ok & np.asarray(interior, bool)
             row["mae_interior"] = float(np.mean(np.abs(diff[sel]))) if sel.any() else float("nan")
             row["std_interior"] = float(np.std(diff[sel])) if sel.any() else float("nan")
+            if sigma_key in pred:  # where the label is one grain's, not a mixture's under the probe
+                inner = sel & np.isfinite(sigma) & (sigma > 0)
+                row["z_std_interior"] = float(np.std(diff[inner] / sigma[inner])) if inner.any() else float("nan")
         table["rotation_deg" if k == "rotation" else k] = row
     if vacuum.any():
         table["vacuum"] = {"flagged_fraction": float(np.mean(~valid[vacuum])), "positions": int(vacuum.sum())}
@@ -159,9 +163,10 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     valid positions in %; with per-position errors, their median and calibration (``std(z)``, ``|z| <= 2``)."""
     rows = {k: v for k, v in table.items() if k not in ("vacuum", "phases")}
     calibrated = all("z_std" in row for row in rows.values())
+    inner = calibrated and all("z_std_interior" in row for row in rows.values())
     head = ["quantity", "MAE", "median abs", "MAE interior", "std interior", "valid"]
     if calibrated:
-        head += ["median 1-sigma", "std(z)", "|z| <= 2"]
+        head += ["median 1-sigma", "std(z)", "|z| <= 2"] + (["std(z) interior"] if inner else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, row in rows.items():
         name, scale, digits = ("rotation (deg)", 1.0, 3) if k == "rotation_deg" else (f"{k} (%)", 100.0, 4)
@@ -170,7 +175,7 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
         cells.append(f"{100 * row['valid_fraction']:.1f} %")
         if calibrated:
             cells += [f"{row['sigma_median'] * scale:.{digits}f}", f"{row['z_std']:.2f}",
-                      f"{100 * row['z_within_2']:.1f} %"]
+                      f"{100 * row['z_within_2']:.1f} %"] + ([f"{row['z_std_interior']:.2f}"] if inner else [])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "vacuum" in table:
         v = table["vacuum"]
