@@ -144,18 +144,28 @@ def test_per_position_errors_are_calibrated_on_simulated_noisy_patterns():
         assert np.mean(np.abs(z) <= 2) > 0.88, k
 
 
+def _tiny_scan(tmp_path, seed: int):
+    """A simulated 4 x 8 scan of 64 x 64 patterns at 25 % noise, two grains."""
+    from ccstae_jax.data.simulate import simulate_to_hdf5
+
+    cfg = SimulationConfig(scan_shape=(4, 8), detector_size=64, crop=(0, 64), n_grains=2, noise_level=0.25,
+                           seed=seed)
+    return simulate_to_hdf5(tmp_path / "s.h5", cfg, progress=False)
+
+
+def _task_of(scan):
+    x = scan.read(0, scan.n_positions)
+    return _fast_task(x, geometry=measure_geometry(x))
+
+
 def test_a_map_split_over_four_devices_equals_the_one_device_map(tmp_path):
     """The map's steps are data-parallel: the same warps from a 4-device mesh as from one device."""
     from ccstae_jax.data.readers import open_scan
-    from ccstae_jax.data.simulate import simulate_to_hdf5
     from ccstae_jax.mapping.predict import MapConfig, map_scan
     from ccstae_jax.train.parallel import make_mesh
 
-    cfg = SimulationConfig(scan_shape=(4, 8), detector_size=64, crop=(0, 64), n_grains=2, noise_level=0.25, seed=1)
-    path = simulate_to_hdf5(tmp_path / "s.h5", cfg, progress=False)
-    with open_scan(path) as scan:
-        x = scan.read(0, scan.n_positions)
-        task, params = _fast_task(x, geometry=measure_geometry(x))
+    with open_scan(_tiny_scan(tmp_path, seed=1)) as scan:
+        task, params = _task_of(scan)
         config = MapConfig(steps=2, batch_size=8, subset=16, base_rounds=1, coarse_steps=1)
         one = map_scan(task, params, scan, config, mesh=None)
         four = map_scan(task, params, scan, config, mesh=make_mesh())
@@ -167,14 +177,10 @@ def test_the_fit_compiles_once_for_every_round_of_the_map_and_not_again_for_a_se
     """The dictionaries of the base-estimate rounds and of the final pass are arguments of one compiled fit, and a
     second map of a scan with the same run reuses it."""
     from ccstae_jax.data.readers import open_scan
-    from ccstae_jax.data.simulate import simulate_to_hdf5
     from ccstae_jax.mapping.predict import MapConfig, make_fit_fn, map_scan
 
-    cfg = SimulationConfig(scan_shape=(4, 8), detector_size=64, crop=(0, 64), n_grains=2, noise_level=0.25, seed=2)
-    path = simulate_to_hdf5(tmp_path / "s.h5", cfg, progress=False)
-    with open_scan(path) as scan:
-        x = scan.read(0, scan.n_positions)
-        task, params = _fast_task(x, geometry=measure_geometry(x))
+    with open_scan(_tiny_scan(tmp_path, seed=2)) as scan:
+        task, params = _task_of(scan)
         config = MapConfig(steps=2, batch_size=8, subset=16, base_rounds=3, coarse_steps=1)
         fit_fn = make_fit_fn(task, config.steps, coarse_steps=config.coarse_steps, reselect=config.reselect,
                              mesh=None)
