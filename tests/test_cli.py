@@ -351,7 +351,8 @@ def test_evaluate_prints_strain_in_percent_and_valid_as_a_percentage(chain, caps
     out = capsys.readouterr().out
     assert "strain in %, rotation in degrees" in out
     assert "| strain_xx (%) |" in out and "| rotation (deg) |" in out
-    assert re.search(r"\| \d+\.\d % \|$", out.splitlines()[-1])
+    assert "| std(z) interior |" in out  # the simulation's labels mark the grain interiors
+    assert re.search(r"\| \d+\.\d % \| \d+\.\d\d \|$", out.splitlines()[-1])  # |z| <= 2 in %, then std(z)
 
 
 def test_evaluate_of_the_chain_prints_an_error_table(chain, capsys):
