@@ -293,7 +293,7 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
                 progress.update(int((index >= 0).sum()))
         upd = bases_lib.reestimate(task, params, *sums)
         current, support = upd.bases, np.asarray(upd.support)
-    by_position = np.full((scan.n_positions, 2, 3), np.nan, np.float32)
+    by_position = _no_start(scan.n_positions)
     for r in rows:
         by_position[int(r) * ry:(int(r) + 1) * ry] = start[local[int(r)]: local[int(r)] + ry]
     return upd, by_position, tables
@@ -329,11 +329,10 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     mesh = default_mesh() if mesh == "auto" else mesh
     params = jax.device_put(params, jax.devices()[0] if mesh is None else replicated_sharding(mesh))
     registration = None
-    start = _no_start(scan.n_positions)
     if config.steps == 0:
         fn = make_encode_fn(task, mesh=mesh)
     else:
-        tables = None
+        tables, start = None, _no_start(scan.n_positions)
         if config.base_update:
             upd, start, tables = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
             base_images, support = upd.bases, np.asarray(upd.support)
