@@ -65,6 +65,24 @@ def test_spot_centres_are_found_at_the_lattice_points_and_not_at_the_zero_beam()
     assert dist.min(1).max() < 0.5  # every centre within half a pixel of a lattice point
 
 
+def test_spot_centres_are_found_beside_a_central_beam_whose_tails_outshine_them():
+    size, g = 128, 26.0
+    base, _ = hex_patterns(1, size=size, g=g, spot_sigma=1.0, rotations=[0.3], max_strain=0.0)
+    rows, cols = np.mgrid[:size, :size] - size // 2
+    base = base + 200.0 * np.exp(-np.hypot(rows, cols) / 3.0)  # brighter than the spots out to ~12 px
+    found = fit.spot_centres(base - base.min(), (size // 2, size // 2), 2.0, min_radius=g / 2)[0]
+    radii = np.hypot(found[:, 0] - size // 2, found[:, 1] - size // 2)
+    assert (np.abs(radii - g) < 0.5).sum() == 6
+
+
+def test_rigid_spots_on_a_base_without_spots_are_refused_with_what_to_do():
+    size = 64
+    rows, cols = np.mgrid[:size, :size] - size // 2
+    blank = np.exp(-np.hypot(rows, cols) / 4.0)[None].astype(np.float32)  # the central beam alone
+    with pytest.raises(ValueError, match="rigid spots: base 0 shows 0 diffracted spots.*without --rigid-spots"):
+        fit.prepare_bases(jnp.asarray(blank), (size // 2, size // 2), min_radius=9.0, rigid_radius=2.0)
+
+
 def test_fit_never_ends_with_a_higher_weighted_misfit_than_its_start():
     data, _ = hex_patterns(4, size=64, g=18.0, seed=4)
     base, _ = hex_patterns(1, size=64, g=18.0, rotations=[1.0], max_strain=0.0)  # a poor match on purpose

@@ -263,19 +263,20 @@ def information_mask(
     return out
 
 
-def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: float, *,
+def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: float, *, min_radius: float = 0.0,
                  threshold: float = 0.15) -> list[np.ndarray]:
     """The spot centres of each base, ``(K, H, W)`` spots -> K arrays ``(n_k, 2)`` (row, col) in pixels.
 
     A centre is a maximum of the spots smoothed by half a disk radius, the largest within a disk diameter, brighter
-    than ``threshold`` times the brightest one beyond a disk diameter of ``center``, refined to the centroid of the
-    positive spots within a disk radius plus one pixel. The zero beam (``center``) is not among them."""
+    than ``threshold`` times the brightest one farther from ``center`` than a disk diameter and ``min_radius`` (the
+    fitted region: the central disk's tails must not set the scale), refined to the centroid of the positive spots
+    within a disk radius plus one pixel. The zero beam (``center``) is not among them."""
     from scipy import ndimage
 
     spots = np.asarray(spots, np.float64)
     k, h, w = spots.shape
     r_disk = max(float(disk_radius), 0.5)
-    far = _radius_image((h, w), center) > 2 * r_disk
+    far = _radius_image((h, w), center) > max(2 * r_disk, float(min_radius))
     rr, cc = np.mgrid[:h, :w]
     out = []
     for i in range(k):
@@ -348,7 +349,13 @@ def prepare_bases(
     spots = bases - background
     centres = owner = None
     if rigid_radius is not None:
-        centres, owner = _spot_owners(spot_centres(np.asarray(spots), center, rigid_radius), bases.shape[-2:], center,
+        found = spot_centres(np.asarray(spots), center, rigid_radius, min_radius=min_radius)
+        few = [i for i, c in enumerate(found) if len(c) < 3]
+        if few:
+            raise ValueError(f"rigid spots: base {few[0]} shows {len(found[few[0]])} diffracted spots beyond "
+                             f"{min_radius:.1f} px of the zero beam (at least 3 are needed to anchor its lattice); "
+                             "map without --rigid-spots")
+        centres, owner = _spot_owners(found, bases.shape[-2:], center,
                                       min_spots=0 if like is None or like.centres is None else like.centres.shape[1])
         centres, owner = jnp.asarray(centres), jnp.asarray(owner)
     if blur > 0:
