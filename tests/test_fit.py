@@ -75,6 +75,39 @@ def test_spot_centres_are_found_beside_a_central_beam_whose_tails_outshine_them(
     assert (np.abs(radii - g) < 0.5).sum() == 6
 
 
+def _two_order_pattern(size, g, sigma, m, faint):
+    """Six spots at ``g`` and six ``faint`` times dimmer at ``sqrt(3) g``, all moved by the (row, col) matrix ``m``."""
+    rows, cols = np.mgrid[:size, :size] - size // 2
+    img = np.zeros((size, size))
+    for radius, offset, amp in ((g, 0.0, 1.0), (np.sqrt(3) * g, np.pi / 6, faint)):
+        for a in np.arange(6) * np.pi / 3 + 0.2 + offset:
+            r, c = m @ (radius * np.array([np.cos(a), np.sin(a)]))
+            img += amp * np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2))
+    return img.astype(np.float32)
+
+
+def test_rigid_spots_too_faint_to_be_found_move_with_the_warp_not_with_a_distant_centre(monkeypatch):
+    size, g, sigma = 128, 24.0, 2.5
+    lin = np.diag([1.02, 0.985])  # (row, col) spot scaling
+    base = _two_order_pattern(size, g, sigma, np.eye(2), faint=0.1)
+    data = _two_order_pattern(size, g, sigma, lin, faint=0.1)[None]
+    centre = (2 * (size // 2) + 1) / size - 1
+    xy = np.diag(lin.diagonal()[::-1])  # the pull warp in (x, y) = (column, row)
+    want = np.concatenate([xy, (centre - xy @ [centre, centre])[:, None]], 1)
+    errors = {}
+    for reach in ("default", np.inf):
+        if reach == np.inf:
+            monkeypatch.setattr(fit, "RIGID_REACH", reach)
+        table = fit.prepare_bases(jnp.asarray(base)[None], (size // 2, size // 2), min_radius=g / 2,
+                                  rigid_radius=2 * sigma)
+        assert len(fit.spot_centres(np.asarray(base)[None] - base.min(), (size // 2, size // 2), 2 * sigma,
+                                    min_radius=g / 2)[0]) == 6  # the faint spots are not found
+        res = fit.fit_patterns(affine.identity_warp((1,)), jnp.asarray(data), jnp.full((1, 2), size // 2.0),
+                               jnp.zeros(1, jnp.int32), table, steps=8)
+        errors[reach] = np.abs(np.asarray(res.theta)[0, :, :2] - want[:, :2]).max()
+    assert errors["default"] < 0.7 * errors[np.inf], errors
+
+
 def test_rigid_spots_on_a_base_without_spots_are_refused_with_what_to_do():
     size = 64
     rows, cols = np.mgrid[:size, :size] - size // 2

@@ -97,6 +97,21 @@ def test_a_rigid_pull_puts_strained_wide_disks_back_on_the_base_unstretched():
     assert err_rigid < 0.25 * err_stretched, (err_rigid, err_stretched)
 
 
+def test_a_rigid_pull_moves_pixels_owned_by_no_spot_with_the_affine_warp():
+    h = w = 16
+    centres = jnp.asarray([[[0.0, 0.0], [0.5, 0.5]]], jnp.float32)
+    owner = np.ones((1, h, w), np.int32)
+    owner[0, :4, :4] = -1  # out of every spot's reach
+    theta = jnp.asarray([[[1.02, 0.01, 0.03], [-0.01, 0.97, -0.02]]], jnp.float32)
+    grid = np.asarray(bases.rigid_grid(theta, centres, jnp.asarray(owner)))
+    x = (2 * np.arange(w) + 1) / w - 1
+    xy = np.stack(np.broadcast_arrays(x[None, :], x[:, None]), -1)
+    affine_grid = xy @ np.asarray(theta[0, :, :2]).T + np.asarray(theta[0, :, 2])
+    np.testing.assert_allclose(grid[0, :4, :4], affine_grid[:4, :4], atol=1e-6)
+    shift = np.asarray(theta[0, :, :2]) @ [0.5, 0.5] + np.asarray(theta[0, :, 2]) - 0.5
+    np.testing.assert_allclose(grid[0, 8:, 8:], xy[8:, 8:] + shift, atol=1e-6)  # spot 1: moved by its centre's shift
+
+
 def test_a_class_without_patterns_keeps_its_learned_base():
     x, _ = hex_patterns(2, size=64, g=18.0, seed=5)
     task, params = _fast_task(x, num_bases=2)

@@ -66,7 +66,7 @@ def test_markdown_table_and_plot_are_written(sweep):
     rows = [line for line in md.splitlines() if line.startswith("| 25%")]
     assert len(rows) == 2  # the MAE table, then the calibration of the 1-sigma errors
     assert rows[0].count("|") == 22  # level + 4 quantities x (py4DSTEM, CC-ST-AE, encoder only, CRB, absolute)
-    assert rows[1].count("|") == 18  # level + 4 quantities x (median sigma, CRB, std(z), |z| <= 2)
+    assert rows[1].count("|") == 18  # level + 4 quantities x (median sigma, CRB sigma, std(z), |z| <= 2)
     sigma = results["tables"]["ccstae"][0]["strain_xx"]["sigma_median"]
     assert f"| 25% | {sigma * 1e3:.2f} |" in rows[1]
     assert Path(paths["plot"]).stat().st_size > 10_000
@@ -148,3 +148,13 @@ def test_crb_for_scan_weights_each_grain_by_its_positions(tmp_path):
     np.testing.assert_allclose(got["rotation_deg"], np.degrees(want[3]), rtol=1e-9)
     top2 = ns.crb_for_scan(path, cfg, 0.3, max_grains=2)  # grains 0 and 2 only
     np.testing.assert_allclose(top2["strain_xx"], (3 * mae[0, 0] + 2 * mae[2, 0]) / 5, rtol=1e-9)
+
+
+def test_calibration_table_sets_the_median_sigma_beside_the_bound_on_sigma_not_on_the_mae():
+    common = load_script("_common", "benchmarks/_common.py")
+    row = {"sigma_median": 1.5e-3, "z_std": 1.0, "z_within_2": 0.95}
+    table = {q: dict(row, sigma_median=0.06 if q == "rotation_deg" else 1.5e-3) for q in common.QUANTITIES}
+    crb_mae = {q: math.sqrt(2 / math.pi) * (0.04 if q == "rotation_deg" else 1e-3) for q in common.QUANTITIES}
+    cells = common.calibration_markdown([("25%", table, crb_mae)])[2].split("|")[1:-1]
+    assert [c.strip() for c in cells[1:5]] == ["1.50", "1.00", "1.00", "95%"]
+    assert [c.strip() for c in cells[13:15]] == ["0.060", "0.040"]

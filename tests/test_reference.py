@@ -8,8 +8,8 @@ import pytest
 
 from ccstae_jax.ops import affine
 from ccstae_jax.evaluate.metrics import error_table, referenced_labels
-from ccstae_jax.mapping.reference import (lattice_covariance, map_warnings, referenced_strain, region_mask,
-                                          strain_maps, strain_uncertainty)
+from ccstae_jax.mapping.reference import (lattice_covariance, map_warnings, mixing_uncertainty, referenced_strain,
+                                          region_mask, strain_maps, strain_uncertainty)
 from ccstae_jax.report.files import read_strain_h5, write_strain_h5
 
 
@@ -284,3 +284,30 @@ def test_a_mostly_invalid_map_is_flagged():
     flags = map_warnings(_map_with(lambda rng, s: 1e-3 * rng.standard_normal(s), 1e-3, valid))
     assert flags == ["only 25 % of the positions are valid (see /invalid_reason)"]
     assert map_warnings({"valid": np.zeros((4, 4), bool)})[0].startswith("no valid position")
+
+
+def test_mixing_uncertainty_covers_a_position_between_two_grains_with_its_distance_to_the_nearer():
+    values = np.zeros((6, 7))
+    values[:, 3] = 0.3  # the probe straddles the boundary: a mixture, nearer the left grain
+    values[:, 4:] = 1.0
+    sigma = np.full(values.shape, 0.01)
+    got = mixing_uncertainty(values, sigma)
+    np.testing.assert_allclose(got[:, 3], 0.3)
+    np.testing.assert_array_equal(np.delete(got, 3, axis=1), 0.0)  # both grains, boundary columns included
+
+
+def test_mixing_uncertainty_is_rare_and_small_in_a_noisy_uniform_grain():
+    rng = np.random.default_rng(3)
+    sigma = np.full((64, 64), 1e-3)
+    got = mixing_uncertainty(rng.normal(0.0, 1e-3, sigma.shape), sigma)
+    assert np.mean(got > 0) < 0.02
+    assert got.max() < 5e-3
+
+
+def test_mixing_uncertainty_wraps_angles_and_skips_invalid_neighbours():
+    period = np.pi / 3
+    values = np.full((3, 3), period / 2 - 0.001)
+    values[0, :] = -period / 2 + 0.001  # the same orientation, across the wrap
+    values[2, :] = np.nan  # invalid: not a neighbour
+    got = mixing_uncertainty(values, np.full((3, 3), 1e-4), period=period)
+    np.testing.assert_array_equal(got[:2], 0.0)

@@ -35,14 +35,15 @@ def rigid_grid(theta: jax.Array, centres: jax.Array, owner: jax.Array) -> jax.Ar
     Args:
       theta: ``(B, 2, 3)`` pull warps (base frame -> data frame).
       centres: ``(B, S, 2)`` spot centres of each pattern's base (`ccstae_jax.mapping.fit.BaseTable.centres`).
-      owner: ``(B, H, W)`` int, the spot of each base pixel.
+      owner: ``(B, H, W)`` int, the spot of each base pixel; -1: none (the pixel is pulled by the warp itself).
     """
     b, h, w = owner.shape
-    c = jnp.take_along_axis(centres, owner.reshape(b, h * w, 1), axis=1).reshape(b, h, w, 2)
-    moved = jnp.einsum("bij,bhwj->bhwi", theta[:, :, :2], c, precision=_HP) + theta[:, None, None, :, 2]
     x = (2 * jnp.arange(w, dtype=jnp.float32) + 1) / w - 1
     y = (2 * jnp.arange(h, dtype=jnp.float32) + 1) / h - 1
     grid = jnp.stack(jnp.broadcast_arrays(x[None, :], y[:, None]), -1)
+    c = jnp.take_along_axis(centres, jnp.maximum(owner, 0).reshape(b, h * w, 1), axis=1).reshape(b, h, w, 2)
+    c = jnp.where((owner >= 0)[..., None], c, grid[None])
+    moved = jnp.einsum("bij,bhwj->bhwi", theta[:, :, :2], c, precision=_HP) + theta[:, None, None, :, 2]
     return grid[None] + moved - c
 
 

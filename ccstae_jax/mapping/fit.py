@@ -11,7 +11,9 @@ disks while each keeps the probe's shape, so a pixel near the spot centred at ``
 
     mu(q) = bg(|q - z|) + spots(c + q - phi^{-1} c),
 
-the spot's own pixel offset from where the warp puts its centre. For disks a few pixels wide the two models agree;
+the spot's own pixel offset from where the warp puts its centre. A pixel farther than `RIGID_REACH` disk radii (plus
+2 px) from every spot found in the base (a spot too faint to be found, or the background between spots) is not
+forced onto a distant centre: it moves with the warp. For disks a few pixels wide the two models agree;
 for wide disks a stretched base misplaces their edges by the strain times the disk radius. The
 fit is Fisher scoring of the Poisson likelihood (iteratively reweighted least squares with weights ``1 / mu``) with
 Levenberg-Marquardt damping, one independent problem per pattern, vectorised over the batch.
@@ -47,6 +49,8 @@ FINE = 4
 #: Quantile of each radius bin taken as a base's background with rigid spots: their edges are modelled pixel by
 #: pixel, so the background must be free of their tails, which lift the median where wide spots fill a circle.
 RIGID_BACKGROUND_QUANTILE = 0.2
+#: With rigid spots, base pixels within this many disk radii (plus 2 px) of a found spot centre move with that spot.
+RIGID_REACH = 1.5
 #: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
 INTERPOLATIONS = ("cubic", "bilinear")
 _HP = jax.lax.Precision.HIGHEST
@@ -66,7 +70,8 @@ class BaseTable:
       n_points: static length of each pattern's pixel list (enough for the largest mask plus margin).
       centres: ``(K, S, 2)`` float32 spot centres of each base in normalised ``(x, y)`` coordinates (index 0: the
         zero beam; padding far outside the frame), or None: the whole base follows the affine warp.
-      owner: ``(K, H, W)`` int32, the spot (index into ``centres``) nearest each base pixel, or None.
+      owner: ``(K, H, W)`` int32, the spot (index into ``centres``) nearest each base pixel, -1 where none is within
+        reach (the pixel moves with the warp), or None.
     """
 
     table: jax.Array
@@ -297,9 +302,11 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
 
 
 def _spot_owners(centres: list[np.ndarray], shape: tuple[int, int], center: tuple[float, float],
-                 min_spots: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 min_spots: int = 0, reach: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
     """``(K, S, 2)`` normalised ``(x, y)`` centres (index 0 the zero beam, padding far outside) and the ``(K, H, W)``
-    index of the nearest of them for every base pixel (S a multiple of 16, at least ``min_spots``)."""
+    index of the nearest of them for every base pixel, -1 where that is farther than ``reach`` pixels (a spot too
+    faint to be found, or the background between spots: such a pixel moves with the warp itself) (S a multiple of
+    16, at least ``min_spots``)."""
     h, w = shape
     n = max(len(c) for c in centres) + 1
     s = max(int(np.ceil(n / 16)) * 16, int(min_spots))
@@ -313,6 +320,7 @@ def _spot_owners(centres: list[np.ndarray], shape: tuple[int, int], center: tupl
             dist = (rr - r) ** 2 + (cc - c) ** 2
             closer = dist < nearest
             owner[i][closer], nearest[closer] = j, dist[closer]
+        owner[i][nearest > reach ** 2] = -1
         table[i, : len(pix), 0] = (2 * pix[:, 1] + 1) / w - 1
         table[i, : len(pix), 1] = (2 * pix[:, 0] + 1) / h - 1
     return table, owner
@@ -355,7 +363,7 @@ def prepare_bases(
             raise ValueError(f"rigid spots: base {few[0]} shows {len(found[few[0]])} diffracted spots beyond "
                              f"{min_radius:.1f} px of the zero beam (at least 3 are needed to anchor its lattice); "
                              "map without --rigid-spots")
-        centres, owner = _spot_owners(found, bases.shape[-2:], center,
+        centres, owner = _spot_owners(found, bases.shape[-2:], center, reach=RIGID_REACH * rigid_radius + 2,
                                       min_spots=0 if like is None or like.centres is None else like.centres.shape[1])
         centres, owner = jnp.asarray(centres), jnp.asarray(owner)
     if blur > 0:
@@ -382,10 +390,11 @@ def _nearest_pixel(table_hw: jax.Array, k: jax.Array, x: jax.Array, y: jax.Array
 
 def _spot_of(bases: BaseTable, k: jax.Array, phi: jax.Array, u: jax.Array, v: jax.Array):
     """Centre ``(x, y)`` of the spot each data point ``(u, v)`` belongs to (the base's spot nearest its pre-image
-    under ``phi``)."""
-    j, _ = _nearest_pixel(bases.owner, k, phi[0] * u + phi[1] * v + phi[2], phi[3] * u + phi[4] * v + phi[5])
-    c = bases.centres[k, j]
-    return c[..., 0], c[..., 1]
+    under ``phi``), or that pre-image itself where no spot owns it (the point then moves with the warp)."""
+    px, py = phi[0] * u + phi[1] * v + phi[2], phi[3] * u + phi[4] * v + phi[5]
+    j, _ = _nearest_pixel(bases.owner, k, px, py)
+    c = bases.centres[k, jnp.maximum(j, 0)]
+    return jnp.where(j >= 0, c[..., 0], px), jnp.where(j >= 0, c[..., 1], py)
 
 
 def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=None, cy=None):

@@ -206,6 +206,50 @@ def strain_uncertainty(
     return out
 
 
+#: A position is read as a mixture when its value lies this many combined sigmas above one neighbour and below another.
+MIXING_THRESHOLD = 2.0
+
+
+def mixing_uncertainty(values: np.ndarray, sigma: np.ndarray, *, threshold: float = MIXING_THRESHOLD,
+                       period: float | None = None) -> np.ndarray:
+    """1-sigma ``(Rx, Ry)`` of the mixing of lattices under the probe at grain boundaries, 0 elsewhere.
+
+    A position whose value is significantly above one of its 8 neighbours and significantly below another (by more
+    than ``threshold`` times their combined ``sigma``) lies between two regions: its pattern mixes the lattices on
+    either side, and its value can be off from the one it belongs to by as much as its distance to the nearer of them,
+    which is returned there. Noise alone puts a position significantly between two neighbours rarely (both
+    differences must exceed ``threshold`` sigmas, in opposite directions); inside a grain the result is 0.
+
+    Args:
+      values: ``(Rx, Ry)`` one quantity, NaN where invalid (invalid positions are nobody's neighbour).
+      sigma: ``(Rx, Ry)`` its 1-sigma errors.
+      period: for an angle, the period its differences are wrapped to (``2 pi / symmetry``).
+    """
+    q = np.asarray(values, np.float64)
+    s = np.asarray(sigma, np.float64)
+    rx, ry = q.shape
+    pad_q = np.pad(q, 1, constant_values=np.nan)
+    pad_s = np.pad(s, 1, constant_values=np.nan)
+    above = np.full(q.shape, np.inf)  # distance to the nearest neighbour significantly above
+    below = np.full(q.shape, np.inf)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr == dc == 0:
+                continue
+            qn = pad_q[1 + dr: 1 + dr + rx, 1 + dc: 1 + dc + ry]
+            sn = pad_s[1 + dr: 1 + dr + rx, 1 + dc: 1 + dc + ry]
+            d = qn - q
+            if period is not None:
+                d = (d + period / 2) % period - period / 2
+            limit = threshold * np.hypot(s, sn)
+            with np.errstate(invalid="ignore"):
+                up, down = d > limit, -d > limit
+            above = np.where(up, np.minimum(above, d), above)
+            below = np.where(down, np.minimum(below, -d), below)
+    between = np.isfinite(above) & np.isfinite(below)
+    return np.where(between, np.minimum(above, below), 0.0)
+
+
 def _mostly_vacuum(ring_signal: np.ndarray, lattice_signal: np.ndarray, reason: np.ndarray,
                    edge_lattice: float) -> np.ndarray:
     """Positions whose probe falls mostly on vacuum, judged against the scan's own vacuum: ``(Rx, Ry)`` bool.
@@ -324,8 +368,9 @@ def strain_maps(
     reduced chi-square divided by its median over the valid positions: 1 = a typical fit, larger = the base explains
     the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`), ``theta``, ``lattice``,
     ``class_index``, ``phase`` (the base of each valid position, -1 where invalid); with a fit (``fisher``, ``chi2``,
-    ``dof`` in ``predictions``) ``uncertainty_<quantity>`` (`strain_uncertainty`: 1-sigma, rotation in radians, NaN
-    where invalid); and ``distortion`` (a `Distortion`).
+    ``dof`` in ``predictions``) ``uncertainty_<quantity>`` (1-sigma, rotation in radians, NaN where invalid: the
+    fit's own, `strain_uncertainty`, and at grain boundaries the mixing of lattices under the probe,
+    `mixing_uncertainty`, in quadrature); and ``distortion`` (a `Distortion`).
     """
     rx, ry = scan_shape
     theta = predictions["theta"].reshape(rx, ry, 2, 3)
@@ -354,8 +399,11 @@ def strain_maps(
         cov_l = lattice_covariance(safe_theta.reshape(-1, 2, 3), cov_phi, pattern_shape)
         sigma = strain_uncertainty(lattice.reshape(-1, 2, 2), cov_l, ref.reshape(-1), symmetry=symmetry,
                                    valid=flat_valid, correct_distortion=correct_distortion)
+        period = 2 * np.pi / symmetry
         for k in QUANTITIES:
-            out[f"uncertainty_{k}"] = np.where(valid, sigma[k].reshape(rx, ry), np.nan).astype(np.float32)
+            own = np.where(valid, sigma[k].reshape(rx, ry), np.nan)
+            mixing = mixing_uncertainty(out[k], own, period=period if k == "rotation" else None)
+            out[f"uncertainty_{k}"] = np.hypot(own, mixing).astype(np.float32)
     out["valid"] = valid
     out["invalid_reason"] = reason
     out["theta"] = theta.astype(np.float32)
