@@ -489,7 +489,7 @@ def map_strain(
             "distortion_ellipticity": distortion.ellipticity,
             "distortion_angle": distortion.angle,
         }
-        flags = map_warnings(maps)
+        flags = map_warnings(maps, geometry=cfg.geometry, rigid_spots=bool(config.rigid_spots and config.steps))
         attrs["quality"] = "flagged" if flags else "ok"
         attrs["quality_warnings"] = json.dumps(flags)
         if progress:
@@ -501,7 +501,8 @@ def map_strain(
         atomic.remove_stale(out_path)
         write_strain_h5(out_path, written, attrs=attrs)
         if figures is not None:
-            save_run_figures(figures, run_dir, data_path, task, state, scan, maps, reference_region=reference_region)
+            save_run_figures(figures, run_dir, data_path, task, state, scan, maps, reference_region=reference_region,
+                             flags=flags)
             if scan_rotation is not None:
                 plots.plot_strain_frames(maps, Path(figures) / "strain_frames.png", scan_rotation=scan_rotation)
     return maps
@@ -629,7 +630,7 @@ def _shown_position(valid: np.ndarray) -> tuple[int, int]:
 
 
 def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, labels=None, baseline=None,
-                     reference_region=None) -> list[str]:
+                     reference_region=None, flags: list[str] | None = None) -> list[str]:
     """The figures of a mapped scan (`ccstae_jax.report.plots.save_all_figures`), titled with the data file and the run.
 
     Args:
@@ -640,6 +641,7 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
       maps: `map_strain`'s maps (``theta`` and ``class_index`` included).
       labels, baseline: optional maps drawn as extra rows (referenced like ``maps``).
       reference_region: ``(r0, r1, c0, c1)`` the maps are referenced to, outlined on them; None = whole scan.
+      flags: the map's `map_warnings`, named in the titles (None: those ``maps`` alone show).
 
     Returns:
       The paths written. The pattern figure shows the pattern at the centre of the scan (else the first valid
@@ -670,14 +672,14 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
         out_dir, maps=maps, labels=labels, baseline=baseline, pattern=pattern, mask=mask,
         bases=np.asarray(params["bases"]) if "bases" in params else None,
         metrics_path=str(Path(run_dir) / "metrics.jsonl"),
-        title=f"data {Path(data_path).name}, run {Path(run_dir).name}" + _flag_line(maps),
+        title=f"data {Path(data_path).name}, run {Path(run_dir).name}" + _flag_line(
+            map_warnings(maps) if flags is None else flags),
         reference_region=reference_region,
         symmetry=task.model_cfg.symmetry, pattern_title=pattern_title, mask_label=label)
 
 
-def _flag_line(maps: dict) -> str:
-    """``"\nFLAGGED: ..."`` (the short form of each `map_warnings`) for figure titles; empty for a sound map."""
-    flags = map_warnings(maps)
+def _flag_line(flags: list[str]) -> str:
+    """``"\nFLAGGED: ..."`` (the short form of each `map_warnings` flag) for figure titles; empty for a sound map."""
     return ("\nFLAGGED: " + "; ".join(f.split(":")[0] for f in flags)) if flags else ""
 
 

@@ -35,7 +35,7 @@ def test_fit_recovers_known_strain_against_the_true_base(interpolation, spot_sig
     assert np.abs(err).max() < 6e-4 and np.abs(err).mean() < 2.5e-4
 
 
-@pytest.mark.parametrize("spot_sigma", [3.0, 5.0])
+@pytest.mark.parametrize("spot_sigma", [pytest.param(3.0, marks=pytest.mark.slow), 5.0])
 def test_rigid_spots_recover_the_strain_of_wide_disks_better_than_a_stretched_base(spot_sigma):
     """Strain moves disks without stretching them: a model that moves each spot rigidly with its centre fits wide
     spots with less bias than the whole base stretched by the affine warp."""

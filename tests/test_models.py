@@ -18,6 +18,7 @@ def test_reference_preset_has_auto4dstem_parameter_count():
     assert count_params(shapes["params"]) == 4_471_621  # Auto4DSTEM 0.2.8, num_base=1
 
 
+@pytest.mark.slow  # compiles the full reference network (~15 s); its parameter count is checked in the default run
 def test_reference_preset_forward_shapes_on_small_patterns():
     cfg = ModelConfig.preset_config("reference", geometry=hex_geometry(40, 10.0), pool_list=(2, 2, 2), conv_size=8,
                                     num_bases=2)

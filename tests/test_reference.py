@@ -1,5 +1,6 @@
 """Specifications of strain referencing, detector distortion, validity, per-position errors, the strain-map file and
 the error table."""
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -284,6 +285,19 @@ def test_a_mostly_invalid_map_is_flagged():
     flags = map_warnings(_map_with(lambda rng, s: 1e-3 * rng.standard_normal(s), 1e-3, valid))
     assert flags == ["only 25 % of the positions are valid (see /invalid_reason)"]
     assert map_warnings({"valid": np.zeros((4, 4), bool)})[0].startswith("no valid position")
+
+
+def test_wide_disks_mapped_with_a_stretched_base_are_flagged_and_with_rigid_spots_are_not():
+    from ccstae_jax.model.geometry import Geometry
+
+    maps = _map_with(lambda rng, s: 1e-3 * rng.standard_normal(s), 1e-3)
+    wide = Geometry(pattern_shape=(200, 200), center=(100.0, 100.0), disk_radius=16.0, spot_spacing=36.0,
+                    symmetry=6, ring=(18.0, 85.0))
+    flags = map_warnings(maps, geometry=wide)
+    assert len(flags) == 1 and flags[0].startswith("wide disks: their radius (16.0 px) is 44 %")
+    assert "--rigid-spots" in flags[0]
+    assert map_warnings(maps, geometry=wide, rigid_spots=True) == []
+    assert map_warnings(maps, geometry=dataclasses.replace(wide, disk_radius=8.0)) == []
 
 
 def test_mixing_uncertainty_covers_a_position_between_two_grains_with_its_distance_to_the_nearer():
