@@ -141,3 +141,14 @@ def test_wrap_angle_range(period):
     w = np.asarray(affine.wrap_angle(a, period))
     assert (w >= -period / 2 - 1e-6).all() and (w < period / 2 + 1e-6).all()
     np.testing.assert_allclose(np.round((a - w) / period), (a - w) / period, atol=1e-4)
+
+
+def test_pixel_centres_span_the_normalised_frame_symmetrically():
+    n = 8
+    centres = affine.pixel_centre(np.arange(n), n)
+    np.testing.assert_allclose(centres, -centres[::-1])
+    np.testing.assert_allclose(np.diff(centres), 2 / n)
+    assert centres[0] == -1 + 1 / n
+    # a warp that shifts by one normalised pixel pitch moves pixel centres onto their neighbours
+    shift = np.asarray(affine.normalized_to_pixel(jnp.array([[1.0, 0.0, 2 / n], [0.0, 1.0, 0.0]]), (n, n)))
+    np.testing.assert_allclose(shift[:, 2], [1.0, 0.0], atol=1e-6)

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ccstae_jax.ops import warp
+from ccstae_jax.ops import affine, warp
 from ccstae_jax.model.networks import symmetrize
 from ccstae_jax.train.parallel import data_sharding, replicated_sharding
 
@@ -38,8 +38,8 @@ def rigid_grid(theta: jax.Array, centres: jax.Array, owner: jax.Array) -> jax.Ar
       owner: ``(B, H, W)`` int, the spot of each base pixel; -1: none (the pixel is pulled by the warp itself).
     """
     b, h, w = owner.shape
-    x = (2 * jnp.arange(w, dtype=jnp.float32) + 1) / w - 1
-    y = (2 * jnp.arange(h, dtype=jnp.float32) + 1) / h - 1
+    x = affine.pixel_centre(jnp.arange(w, dtype=jnp.float32), w)
+    y = affine.pixel_centre(jnp.arange(h, dtype=jnp.float32), h)
     grid = jnp.stack(jnp.broadcast_arrays(x[None, :], y[:, None]), -1)
     c = jnp.take_along_axis(centres, jnp.maximum(owner, 0).reshape(b, h * w, 1), axis=1).reshape(b, h, w, 2)
     c = jnp.where((owner >= 0)[..., None], c, grid[None])

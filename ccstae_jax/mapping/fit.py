@@ -235,8 +235,8 @@ def information_mask(
     if min_radius > 0:
         keep &= _radius_image((h, w), (h // 2, w // 2) if center is None else center)[None] >= min_radius
     gr, gc = np.gradient(spots, axis=(1, 2))
-    u = (2 * np.arange(w) + 1) / w - 1
-    v = (2 * np.arange(h) + 1) / h - 1
+    u = affine.pixel_centre(np.arange(w), w)
+    v = affine.pixel_centre(np.arange(h), h)
     lever = 1.0 + u[None, :] ** 2 + v[:, None] ** 2
     out = np.zeros((k, h, w), bool)
     for i in range(k):
@@ -321,8 +321,8 @@ def _spot_owners(centres: list[np.ndarray], shape: tuple[int, int], center: tupl
             closer = dist < nearest
             owner[i][closer], nearest[closer] = j, dist[closer]
         owner[i][nearest > reach ** 2] = -1
-        table[i, : len(pix), 0] = (2 * pix[:, 1] + 1) / w - 1
-        table[i, : len(pix), 1] = (2 * pix[:, 0] + 1) / h - 1
+        table[i, : len(pix), 0] = affine.pixel_centre(pix[:, 1], w)
+        table[i, : len(pix), 1] = affine.pixel_centre(pix[:, 0], h)
     return table, owner
 
 
@@ -415,8 +415,8 @@ def _pulled_mask(bases: BaseTable, k: jax.Array, phi: jax.Array) -> jax.Array:
     """Data-frame pixels whose model reads a fitted base pixel (nearest pixel to `_preimage` in ``bases.mask[k]``):
     ``(H, W)`` bool."""
     h, w = bases.mask.shape[-2:]
-    u = jnp.broadcast_to((2 * jnp.arange(w, dtype=jnp.float32) + 1) / w - 1, (h, w))
-    v = jnp.broadcast_to(((2 * jnp.arange(h, dtype=jnp.float32) + 1) / h - 1)[:, None], (h, w))
+    u = jnp.broadcast_to(affine.pixel_centre(jnp.arange(w, dtype=jnp.float32), w), (h, w))
+    v = jnp.broadcast_to(affine.pixel_centre(jnp.arange(h, dtype=jnp.float32), h)[:, None], (h, w))
     spot = (None, None) if bases.centres is None else _spot_of(bases, k, phi, u, v)
     px, py, _ = _preimage(bases, phi, u, v, *spot)
     fitted, inside = _nearest_pixel(bases.mask, k, px, py)
@@ -519,8 +519,8 @@ def fit_patterns(
         rows, cols = flat_index // w, flat_index % w
         used = (jnp.arange(n) < count).astype(jnp.float32)
         xq = x[rows, cols]
-        u = (2 * cols.astype(jnp.float32) + 1) / w - 1
-        v = (2 * rows.astype(jnp.float32) + 1) / h - 1
+        u = affine.pixel_centre(cols.astype(jnp.float32), w)
+        v = affine.pixel_centre(rows.astype(jnp.float32), h)
         bg = profile_at(bases.profile[k], jnp.hypot(rows - z[0], cols - z[1]))
         spot = (None, None) if bases.centres is None else _spot_of(bases, k, phi_start, u, v)
 

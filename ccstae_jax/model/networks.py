@@ -222,7 +222,7 @@ def about_center(theta: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Re-centres warps so their linear part acts about the pattern centre: ``T(c) theta T(-c)``, ``(B, 2, 3)``."""
     h, w = cfg.pattern_shape
     cr, cc = cfg.center_px
-    cu, cv = (2 * cc + 1) / w - 1, (2 * cr + 1) / h - 1
+    cu, cv = affine.pixel_centre(cc, w), affine.pixel_centre(cr, h)
     shift = jnp.array([[1.0, 0.0, cu], [0.0, 1.0, cv]], theta.dtype)
     unshift = jnp.array([[1.0, 0.0, -cu], [0.0, 1.0, -cv]], theta.dtype)
     return affine.compose(shift, affine.compose(theta, unshift))
@@ -515,8 +515,8 @@ def sample_at_points(images: jax.Array, theta: jax.Array, points: np.ndarray, *,
       ``(B, N)``, equal to ``affine_warp(images[..., None], theta)[:, rows, cols, 0]`` at a fraction of the cost.
     """
     h, w = images.shape[-2:]
-    u = jnp.asarray((2 * points[:, 1] + 1) / w - 1, jnp.float32)
-    v = jnp.asarray((2 * points[:, 0] + 1) / h - 1, jnp.float32)
+    u = jnp.asarray(affine.pixel_centre(points[:, 1], w), jnp.float32)
+    v = jnp.asarray(affine.pixel_centre(points[:, 0], h), jnp.float32)
     t = theta.astype(jnp.float32)[:, :, :, None]
     gx = t[:, 0, 0] * u + t[:, 0, 1] * v + t[:, 0, 2]  # elementwise, as affine_grid
     gy = t[:, 1, 0] * u + t[:, 1, 1] * v + t[:, 1, 2]

@@ -103,6 +103,12 @@ def identity_warp(batch_shape: tuple[int, ...] = (), dtype=jnp.float32) -> Array
     return jnp.broadcast_to(eye, tuple(batch_shape) + (2, 3))
 
 
+def pixel_centre(index, n: int):
+    """Normalised coordinate in ``[-1, 1]`` of pixel ``index`` (any real or array; its centre for an integer) along an
+    axis of ``n`` pixels: ``(2 index + 1) / n - 1``, the frame of every warp here (``align_corners=False``)."""
+    return (2 * index + 1) / n - 1
+
+
 def _frame(shape: tuple[int, int], align_corners: bool, dtype) -> tuple[Array, Array]:
     """Pixel = D * normalised + c, with D, c per axis in warp order (column, row)."""
     h, w = shape
