@@ -236,5 +236,6 @@ def test_markdown_reports_the_calibration_of_the_errors_of_noisy_cases():
               "errors": {"ccstae": table, "py4dstem": None}} for n in (0.0, 0.25)]
     md = rb.format_markdown({"cases": cases})
     rows = [line for line in md.splitlines() if line.startswith("| disk8 ") and not line.startswith("| disk8 |")]
-    assert rows == ["| disk8 25% | 1.20 | 0.80 | 1.05 | 94% | 1.20 | 0.80 | 1.05 | 94% | 1.20 | 0.60 | 1.05 | 94% "
-                    "| 0.001 | 0.020 | 1.05 | 94% |"]  # the noise-free case has no row
+    # beside each median sigma, the bound on sigma: the CRB row (an expected MAE) over sqrt(2 / pi)
+    assert rows == ["| disk8 25% | 1.20 | 1.00 | 1.05 | 94% | 1.20 | 1.00 | 1.05 | 94% | 1.20 | 0.75 | 1.05 | 94% "
+                    "| 0.001 | 0.025 | 1.05 | 94% |"]  # the noise-free case has no row
