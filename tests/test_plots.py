@@ -258,6 +258,16 @@ def test_error_map_says_high_is_worse_and_scales_from_zero_to_the_995th_percenti
     assert "dimensionless" in image.colorbar.ax.get_xlabel()
 
 
+def test_uncertainty_maps_keep_the_typical_error_visible_beside_a_few_huge_ones():
+    shape = (20, 20)
+    unc = {k: np.full(shape, 1e-3) for k in plots.QUANTITIES}
+    for k in plots.QUANTITIES:
+        unc[k][:, 10] = 5e-2  # a grain boundary: errors 50x the typical one
+    images = [ax.images[0] for ax in plots._uncertainty_figure(unc).axes if ax.images]
+    assert images[0].norm.vmax == pytest.approx(plots.UNCERTAINTY_MEDIANS * 100 * 1e-3)
+    assert images[3].norm.vmax == pytest.approx(plots.UNCERTAINTY_MEDIANS * np.degrees(1e-3))
+
+
 def test_uncertainty_maps_draw_strain_in_percent_and_rotation_in_degrees(tmp_path):
     shape = (12, 10)
     rng = np.random.default_rng(0)

@@ -35,6 +35,9 @@ from ccstae_jax.model.geometry import Geometry
 DEFAULT_DPI = 120
 STRAIN_PERCENT = 100.0  # display unit of strain: percent (strain x 100)
 COLOUR_PERCENTILE = 99.5  # automatic colour limits: this percentile of |value|, so a few outliers saturate, not grains
+#: Uncertainty maps run from 0 to this many times the median 1-sigma (or the `COLOUR_PERCENTILE`, if lower): the
+#: typical error bar sits low on the scale and the far larger ones of grain boundaries saturate, not hide it.
+UNCERTAINTY_MEDIANS = 4.0
 UNCERTAINTY_PREFIX = "uncertainty_"  # maps[UNCERTAINTY_PREFIX + quantity]: 1-sigma uncertainty maps
 
 _TITLES = {
@@ -350,8 +353,13 @@ def _uncertainty_figure(uncertainty, *, valid=None, title=None, reference_region
     panel = 2.9
     fig = _figure(4 * panel + 0.6, panel * aspect + 1.9, dpi, images=True)
     axes = fig.subplots(1, 4, squeeze=False, sharex=True, sharey=True)[0]
-    s_hi = STRAIN_PERCENT * _robust_limit([p[k] for k in STRAIN_KEYS], percentile=COLOUR_PERCENTILE, fallback=1e-3)
-    r_hi = _robust_limit([p["rotation"]], percentile=COLOUR_PERCENTILE, fallback=0.1)
+    def upper(arrays, fallback):
+        typical = _robust_limit(arrays, percentile=50.0, fallback=fallback)
+        top = _robust_limit(arrays, percentile=COLOUR_PERCENTILE, fallback=fallback)
+        return min(top, UNCERTAINTY_MEDIANS * typical)
+
+    s_hi = STRAIN_PERCENT * upper([p[k] for k in STRAIN_KEYS], 1e-3)
+    r_hi = upper([p["rotation"]], 0.1)
     cmap = _cmap("viridis")
     ims = {}
     for j, k in enumerate(QUANTITIES):
@@ -366,8 +374,9 @@ def _uncertainty_figure(uncertainty, *, valid=None, title=None, reference_region
     cb = fig.colorbar(ims["rotation"], ax=axes[3], location="bottom", shrink=0.9, aspect=24, extend="max")
     cb.set_label("1-sigma uncertainty of rotation (deg)")
     head = (title + "\n") if title else ""
-    fig.suptitle(f"{head}1-sigma uncertainty per position (0 to the {COLOUR_PERCENTILE:g}th percentile; "
-                 f"{_region_text(region)}; grey = no value)", fontsize=10)
+    fig.suptitle(f"{head}1-sigma uncertainty per position (0 to {UNCERTAINTY_MEDIANS:g}x the median or the "
+                 f"{COLOUR_PERCENTILE:g}th percentile, the lower; {_region_text(region)}; grey = no value)",
+                 fontsize=10)
     return fig
 
 
@@ -393,7 +402,8 @@ def save_uncertainty_maps(
 
     Returns:
       ``path`` as str. Strains are drawn in %, rotation in degrees, each on a sequential scale (viridis) from 0 to
-      the 99.5th percentile; the three strain panels share one scale.
+      `UNCERTAINTY_MEDIANS` times the median or the 99.5th percentile, whichever is lower (a grain boundary's far
+      larger errors saturate); the three strain panels share one scale.
     """
     dpi = _check_dpi(dpi)
     return _save(_uncertainty_figure(uncertainty, valid=valid, title=title, reference_region=reference_region,
