@@ -92,7 +92,7 @@ def error_table(
         p = np.asarray(pred[k], np.float64)
         diff = p - ref_lab[k]
         if k == "rotation":
-            diff = np.degrees((diff + period / 2) % period - period / 2)
+            diff = np.degrees(affine.wrap_angle(diff, period))
         ok = valid & np.isfinite(diff) & specimen
         row = {
             "mae": float(np.mean(np.abs(diff[ok]))) if ok.any() else float("nan"),

@@ -104,7 +104,7 @@ def referenced_strain(
     p, phi = (np.asarray(a) for a in affine.polar_left(jnp.asarray(lattice)))
     period = 2 * np.pi / symmetry
     phi_ref = np.angle(np.mean(np.exp(1j * symmetry * phi[sel]))) / symmetry
-    phi_aligned = phi_ref + (phi - phi_ref + period / 2) % period - period / 2
+    phi_aligned = phi_ref + affine.wrap_angle(phi - phi_ref, period)
     p_ref = np.median(p[sel], axis=0)
     m = p @ _rot(phi_aligned)
     m_ref = p_ref @ _rot(phi_ref)
@@ -115,7 +115,7 @@ def referenced_strain(
         s = distortion.matrix
         t = np.linalg.inv(s) @ t @ s
     out = {k: np.asarray(v, np.float64) for k, v in affine.strain_from_affine(jnp.asarray(t)).items()}
-    out["rotation"] = (out["rotation"] + period / 2) % period - period / 2
+    out["rotation"] = affine.wrap_angle(out["rotation"], period)
     return (out, distortion) if return_distortion else out
 
 
@@ -182,7 +182,7 @@ def strain_uncertainty(
     p, phi = (np.asarray(a) for a in affine.polar_left(jnp.asarray(lattice)))
     period = 2 * np.pi / symmetry
     phi_ref = np.angle(np.mean(np.exp(1j * symmetry * phi[sel]))) / symmetry
-    turn_angle = (phi - phi_ref + period / 2) % period - period / 2 - (phi - phi_ref)
+    turn_angle = affine.wrap_angle(phi - phi_ref, period) - (phi - phi_ref)
     turns = _rot(turn_angle)
     m_ref = np.median(p[sel], axis=0) @ _rot(phi_ref)
 
@@ -240,7 +240,7 @@ def mixing_uncertainty(values: np.ndarray, sigma: np.ndarray, *, threshold: floa
             sn = pad_s[1 + dr: 1 + dr + rx, 1 + dc: 1 + dc + ry]
             d = qn - q
             if period is not None:
-                d = (d + period / 2) % period - period / 2
+                d = affine.wrap_angle(d, period)
             limit = threshold * np.hypot(s, sn)
             with np.errstate(invalid="ignore"):
                 up, down = d > limit, -d > limit

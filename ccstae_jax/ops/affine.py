@@ -235,9 +235,9 @@ def inv2(m: ArrayLike) -> Array:
     return jnp.stack([jnp.stack([d, -b], -1), jnp.stack([-c, a], -1)], -2) / det[..., None, None]
 
 
-def wrap_angle(angle: ArrayLike, period: float) -> Array:
-    """Wraps angles (radians) into ``[-period/2, period/2)``."""
-    angle = jnp.asarray(angle)
+def wrap_angle(angle, period: float):
+    """Wraps angles into ``[-period/2, period/2)`` (any unit; NaN stays NaN). Keeps the input's kind: a NumPy array
+    stays NumPy (float64 stays float64), a JAX array stays JAX."""
     return (angle + period / 2) % period - period / 2
 
 

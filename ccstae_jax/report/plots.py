@@ -31,6 +31,7 @@ import numpy as np
 
 from ccstae_jax.conventions import QUANTITIES, STRAIN_KEYS
 from ccstae_jax.model.geometry import Geometry
+from ccstae_jax.ops import affine
 
 DEFAULT_DPI = 120
 STRAIN_PERCENT = 100.0  # display unit of strain: percent (strain x 100)
@@ -198,7 +199,7 @@ def _check_symmetry(symmetry) -> int:
 
 def _wrapped_degrees(a: np.ndarray, period: float) -> np.ndarray:
     """Angles in degrees wrapped into ``[-period / 2, period / 2)`` (NaN stays NaN)."""
-    return (a + period / 2) % period - period / 2
+    return affine.wrap_angle(a, period)
 
 
 def _check_region(region, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
