@@ -22,6 +22,7 @@ from ccstae_jax.data.readers import DataError, load_labels, open_scan, reference
 from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.evaluate.metrics import error_table, format_table, referenced_labels
 from ccstae_jax.mapping.fit import INTERPOLATIONS
+from ccstae_jax.mapping.phases import PHASE_SEPARATION
 from ccstae_jax.mapping.predict import MapConfig, map_scan, subset_rows
 from ccstae_jax.mapping.reference import map_warnings, region_mask, strain_maps
 from ccstae_jax.model.geometry import SYMMETRIES, GeometryError, measure_geometry
@@ -472,6 +473,7 @@ def map_strain(
                              "carry no lattice signal or gave non-finite predictions); choose another "
                              "--reference-region") from None
         distortion = maps.pop("distortion")
+        split = maps.pop("phase_split")
         attrs = {
             "method": f"ccstae-jax {cfg.preset}",
             "run_dir": os.path.abspath(run_dir),
@@ -488,12 +490,16 @@ def map_strain(
             "distortion_corrected": bool(correct_distortion),
             "distortion_ellipticity": distortion.ellipticity,
             "distortion_angle": distortion.angle,
+            "phases": split.n_phases,
+            "phase_separation": split.separation,
         }
         flags = map_warnings(maps, geometry=cfg.geometry, rigid_spots=bool(config.rigid_spots and config.steps))
         attrs["quality"] = "flagged" if flags else "ok"
         attrs["quality_warnings"] = json.dumps(flags)
         if progress:
             _report_map(maps, distortion, correct_distortion)
+            if cfg.num_bases == 1:
+                _say(_phase_line(split))
         for flag in flags:  # shown even without progress output
             print(f"ccstae map: WARNING: {flag}", file=sys.stderr, flush=True)
         attrs.update(frame_attrs(scan_rotation, scan.calibration))
@@ -506,6 +512,17 @@ def map_strain(
             if scan_rotation is not None:
                 plots.plot_strain_frames(maps, Path(figures) / "strain_frames.png", scan_rotation=scan_rotation)
     return maps
+
+
+def _phase_line(split) -> str:
+    """Console line on the phases a one-base map found (`ccstae_jax.mapping.phases`)."""
+    if split.n_phases == 2:
+        return (f"phases: 2 (their lattice spacing and diffraction-order intensities differ by {split.separation:.1f} "
+                "standard deviations); /phase says which is where, 0 being the reference region's")
+    if np.isfinite(split.separation):
+        return (f"phases: 1 (the best split of the positions into two is {split.separation:.1f} standard deviations "
+                f"apart, under the {PHASE_SEPARATION:.0f} that two phases need)")
+    return "phases: 1 (too few valid positions to look for a second)"
 
 
 def _report_map(maps: dict, distortion, corrected: bool) -> None:

@@ -310,6 +310,18 @@ def test_mixing_uncertainty_covers_a_position_between_two_grains_with_its_distan
     np.testing.assert_array_equal(np.delete(got, 3, axis=1), 0.0)  # both grains, boundary columns included
 
 
+def test_mixing_uncertainty_covers_a_value_beyond_all_its_neighbours_with_its_distance_to_the_nearest():
+    values = np.zeros((5, 5))
+    values[:, 3:] = 0.5  # two grains
+    values[2, 2] = 2.0  # a fit that settled beyond both of them
+    sigma = np.full(values.shape, 0.01)
+    got = mixing_uncertainty(values, sigma)
+    assert got[2, 2] == pytest.approx(1.5)
+    values[[1, 1, 1, 2, 3], [1, 2, 3, 1, 1]] = np.nan  # fewer than three valid neighbours left: nothing to judge by
+    values[2, 3] = np.nan  # two neighbours remain, (3, 2) and (3, 3)
+    assert mixing_uncertainty(values, sigma)[2, 2] == 0.0
+
+
 def test_mixing_uncertainty_is_rare_and_small_in_a_noisy_uniform_grain():
     rng = np.random.default_rng(3)
     sigma = np.full((64, 64), 1e-3)

@@ -51,6 +51,10 @@ FINE = 4
 RIGID_BACKGROUND_QUANTILE = 0.2
 #: With rigid spots, base pixels within this many disk radii (plus 2 px) of a found spot centre move with that spot.
 RIGID_REACH = 1.5
+#: Radial bands of the fitted pixels (equal shares of them, innermost first) in which `fit_patterns` measures how
+#: bright a pattern's spots are against its base's: the relative intensity of the diffraction orders, which tells
+#: phases apart.
+N_BANDS = 4
 #: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
 INTERPOLATIONS = ("cubic", "bilinear")
 _HP = jax.lax.Precision.HIGHEST
@@ -72,6 +76,8 @@ class BaseTable:
         zero beam; padding far outside the frame), or None: the whole base follows the affine warp.
       owner: ``(K, H, W)`` int32, the spot (index into ``centres``) nearest each base pixel, -1 where none is within
         reach (the pixel moves with the warp), or None.
+      band_edges: ``(K, N_BANDS - 1)`` float32 radii (pixels from the zero beam) between the `N_BANDS` radial bands
+        that hold equal shares of each base's fitted pixels, or None (no spot amplitudes measured).
     """
 
     table: jax.Array
@@ -80,6 +86,7 @@ class BaseTable:
     n_points: int = struct.field(pytree_node=False)
     centres: jax.Array | None = None
     owner: jax.Array | None = None
+    band_edges: jax.Array | None = None
 
 
 class FitResult(NamedTuple):
@@ -91,12 +98,16 @@ class FitResult(NamedTuple):
         ``W = 1 / mu`` in the units of the scaled data; its inverse, times ``chi2 / dof``, estimates their covariance.
       chi2: ``(B,)`` weighted squared residual ``sum W (mu - x)^2`` at the fit.
       dof: ``(B,)`` number of pixels compared minus 6.
+      spot_amplitude: ``(B, N_BANDS)`` the factor by which the base's spots, scaled in each radial band of
+        ``BaseTable.band_edges``, best fit the pattern's at the fitted warp (weighted least squares, background
+        fixed), or None without band edges. 1 where the pattern's spots are as bright as the base's.
     """
 
     theta: jax.Array
     fisher: jax.Array
     chi2: jax.Array
     dof: jax.Array
+    spot_amplitude: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------------- base preparation
@@ -375,7 +386,17 @@ def prepare_bases(
     n_points = int(np.ceil(1.1 * n_max / 64) + 1) * 64  # room for a pattern whose warp enlarges the mask
     if like is not None:
         n_points = max(n_points, like.n_points)
-    return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points, centres, owner)
+    return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points, centres, owner,
+                     jnp.asarray(band_edges(mask, center)))
+
+
+def band_edges(mask: np.ndarray, center: tuple[float, float]) -> np.ndarray:
+    """``(K, N_BANDS - 1)`` radii (pixels from ``center``, row and col) splitting each base's ``mask`` ``(K, H, W)``
+    into `N_BANDS` radial bands of equal pixel counts (all zero for an empty mask)."""
+    radius = _radius_image(mask.shape[-2:], center)
+    quantiles = np.arange(1, N_BANDS) / N_BANDS
+    return np.stack([np.quantile(radius[m], quantiles) if m.any() else np.zeros(N_BANDS - 1)
+                     for m in np.asarray(mask, bool)]).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- the fit
@@ -567,9 +588,18 @@ def fit_patterns(
             return new, jnp.where(better, lam * 0.5, lam * 4.0)
 
         best, _ = jax.lax.fori_loop(0, steps, body, (best, jnp.asarray(damping, jnp.float32)))
-        phi, _, jtj, _, cost = best
-        return phi, jtj, cost, jnp.sum(used) - 6.0
+        phi, wts, jtj, _, cost = best
+        if bases.band_edges is None:
+            amplitude = jnp.zeros((0,), jnp.float32)
+        else:  # weighted least-squares scale of the spots in each radial band (background held fixed)
+            s = model(phi)[0] - bg
+            band = jnp.searchsorted(bases.band_edges[k], jnp.hypot(rows - z[0], cols - z[1]))
+            onehot = jax.nn.one_hot(band, N_BANDS, dtype=jnp.float32) * (wts * s)[:, None]
+            amplitude = (jnp.einsum("pb,p->b", onehot, xq - bg, precision=_HP)
+                         / jnp.maximum(jnp.einsum("pb,p->b", onehot, s, precision=_HP), 1e-30))
+        return phi, jtj, cost, jnp.sum(used) - 6.0, amplitude
 
-    phi, fisher, chi2, dof = jax.vmap(one)(phi0, images, jnp.asarray(zero_beam, jnp.float32),
-                                          jnp.asarray(class_index, jnp.int32))
-    return FitResult(affine.invert(phi.reshape(b, 2, 3)), fisher, chi2, dof)
+    phi, fisher, chi2, dof, amplitude = jax.vmap(one)(phi0, images, jnp.asarray(zero_beam, jnp.float32),
+                                                      jnp.asarray(class_index, jnp.int32))
+    return FitResult(affine.invert(phi.reshape(b, 2, 3)), fisher, chi2, dof,
+                     None if bases.band_edges is None else amplitude)

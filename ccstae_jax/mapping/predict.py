@@ -29,6 +29,10 @@ from ccstae_jax.model.networks import angular_weights, prior_ring, recentred
 from ccstae_jax.train.parallel import data_sharding, make_mesh, replicated_sharding
 
 _HP = jax.lax.Precision.HIGHEST
+#: Patterns whose lattice harmonic is less than this many times the noise (`lattice_signals`) do not enter the base
+#: estimate: vacuum, or a probe beside the specimen, has no lattice to align, and its central beam pulled by a
+#: meaningless warp would smear into the bases (the threshold `ccstae_jax.mapping.reference.validity` uses).
+BASE_MIN_SIGNIFICANCE = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +143,7 @@ def make_fit_fn(task, steps: int, *, coarse_steps: int = 0, reselect: int = 0, m
     """Jitted ``(params, table, coarse, images (B, H, W), theta0 (B, 2, 3)) -> dict``: `make_encode_fn`'s outputs
     with ``theta`` fitted against ``table`` (a `fit.BaseTable`) by ``steps`` iterations (`fit.fit_patterns`, pixel
     lists rebuilt after ``reselect`` of them), plus ``theta_encoder``, ``fisher`` ``(B, 6, 6)``, ``chi2`` and
-    ``dof`` ``(B,)``.
+    ``dof`` ``(B,)`` and ``spot_amplitude`` ``(B, fit.N_BANDS)``.
 
     Each pattern starts from ``theta0`` where that is finite; a NaN row starts from the encoder's warp, first fitted
     ``coarse_steps`` times against ``coarse`` (a blurred table over sparser pixels, `fit.prepare_bases`: a wider
@@ -159,7 +163,7 @@ def make_fit_fn(task, steps: int, *, coarse_steps: int = 0, reselect: int = 0, m
         res = fit_lib.fit_patterns(start, enc["inputs"], enc["zero_beam"], k, table, steps=steps,
                                    reselect=reselect, host_compaction=host)
         return {"theta": res.theta, "theta_encoder": enc["theta"], "class_index": k, "zero_beam": enc["zero_beam"],
-                "fisher": res.fisher, "chi2": res.chi2, "dof": res.dof,
+                "fisher": res.fisher, "chi2": res.chi2, "dof": res.dof, "spot_amplitude": res.spot_amplitude,
                 **lattice_signals(task, enc["inputs"], enc["zero_beam"])}
 
     return _jit(run, mesh, n_replicated=3, n_batched=2)
@@ -286,7 +290,9 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
         for images, index in _row_batches(scan, rows, _batch(config, mesh)):
             slot = np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
             out = fit(params, *tables, images, start[slot])
-            part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(index >= 0, jnp.float32), spots)
+            lattice = np.asarray(out["lattice_significance"]) >= BASE_MIN_SIGNIFICANCE
+            part = accumulate(images, out["theta"], out["class_index"],
+                              jnp.asarray((index >= 0) & lattice, jnp.float32), spots)
             sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
             start[slot[index >= 0]] = np.asarray(out["theta"])[index >= 0]
             if progress is not None and round_ == config.base_rounds - 1:
@@ -316,7 +322,8 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
              bases_progress=None) -> dict[str, np.ndarray]:
     """Per-position results over the whole scan (module docstring), flat arrays ``(N, ...)`` in scan order:
     ``theta``, ``theta_encoder`` ``(N, 2, 3)``, ``class_index``, ``zero_beam`` ``(N, 2)``, ``fisher`` ``(N, 6, 6)``,
-    ``chi2``, ``dof``, ``ring_signal``, ``lattice_signal``, ``lattice_significance``; with ``steps == 0`` the
+    ``chi2``, ``dof``, ``spot_amplitude`` ``(N, fit.N_BANDS)``, ``ring_signal``, ``lattice_signal``,
+    ``lattice_significance``; with ``steps == 0`` the
     encoder's warps and no fit statistics. With several bases the warps are composed with `register_bases`
     (``base_registration`` ``(K, 2, 3)``), so every position is measured in base 0's frame.
 

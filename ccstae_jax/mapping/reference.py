@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccstae_jax.conventions import QUANTITIES
+from ccstae_jax.mapping import phases
 from ccstae_jax.ops import affine
 
 #: Reasons a position has no strain value (stored in /invalid_reason; 0 = valid).
@@ -217,8 +218,12 @@ def mixing_uncertainty(values: np.ndarray, sigma: np.ndarray, *, threshold: floa
     A position whose value is significantly above one of its 8 neighbours and significantly below another (by more
     than ``threshold`` times their combined ``sigma``) lies between two regions: its pattern mixes the lattices on
     either side, and its value can be off from the one it belongs to by as much as its distance to the nearer of them,
-    which is returned there. Noise alone puts a position significantly between two neighbours rarely (both
-    differences must exceed ``threshold`` sigmas, in opposite directions); inside a grain the result is 0.
+    which is returned there. A position significantly above (or below) every one of its valid neighbours, at least
+    three of them, is supported by none (a probe on a junction of several grains whose fit settled between their
+    lattices, or a failed fit): its distance to the nearest neighbour is returned. Noise alone puts a position
+    significantly between two neighbours rarely (both differences must exceed ``threshold`` sigmas, in opposite
+    directions), beyond all of them more rarely still (about 2e-4 of the positions at ``threshold`` 2); inside a
+    grain the result is 0.
 
     Args:
       values: ``(Rx, Ry)`` one quantity, NaN where invalid (invalid positions are nobody's neighbour).
@@ -232,6 +237,8 @@ def mixing_uncertainty(values: np.ndarray, sigma: np.ndarray, *, threshold: floa
     pad_s = np.pad(s, 1, constant_values=np.nan)
     above = np.full(q.shape, np.inf)  # distance to the nearest neighbour significantly above
     below = np.full(q.shape, np.inf)
+    nearest = np.full(q.shape, np.inf)  # distance to the nearest valid neighbour
+    n_valid, n_up, n_down = (np.zeros(q.shape, np.int32) for _ in range(3))
     for dr in (-1, 0, 1):
         for dc in (-1, 0, 1):
             if dr == dc == 0:
@@ -246,8 +253,12 @@ def mixing_uncertainty(values: np.ndarray, sigma: np.ndarray, *, threshold: floa
                 up, down = d > limit, -d > limit
             above = np.where(up, np.minimum(above, d), above)
             below = np.where(down, np.minimum(below, -d), below)
+            seen = np.isfinite(d)
+            nearest = np.where(seen, np.minimum(nearest, np.abs(d)), nearest)
+            n_valid, n_up, n_down = n_valid + seen, n_up + up, n_down + down
     between = np.isfinite(above) & np.isfinite(below)
-    return np.where(between, np.minimum(above, below), 0.0)
+    isolated = (n_valid >= 3) & ((n_up == n_valid) | (n_down == n_valid))
+    return np.where(between, np.minimum(above, below), np.where(isolated, nearest, 0.0))
 
 
 def _mostly_vacuum(ring_signal: np.ndarray, lattice_signal: np.ndarray, reason: np.ndarray,
@@ -378,7 +389,10 @@ def strain_maps(
     Returns a dict of arrays: the four `QUANTITIES` (NaN where invalid), ``reconstruction_error`` (the fit's
     reduced chi-square divided by its median over the valid positions: 1 = a typical fit, larger = the base explains
     the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`), ``theta``, ``lattice``,
-    ``class_index``, ``phase`` (the base of each valid position, -1 where invalid); with a fit (``fisher``, ``chi2``,
+    ``class_index``, ``phase`` (each valid position's phase, -1 where invalid: its base when several bases are used,
+    else the group `ccstae_jax.mapping.phases.split_phases` finds from the fit's ``spot_amplitude`` and the lattice
+    dilation), ``phase_split`` (a `ccstae_jax.mapping.phases.PhaseSplit`: how many phases, how far apart); with a
+    fit (``fisher``, ``chi2``,
     ``dof`` in ``predictions``) ``uncertainty_<quantity>`` (1-sigma, rotation in radians, NaN where invalid: the
     fit's own, `strain_uncertainty`, and at grain boundaries the mixing of lattices under the probe,
     `mixing_uncertainty`, in quadrature); and ``distortion`` (a `Distortion`).
@@ -420,7 +434,16 @@ def strain_maps(
     out["theta"] = theta.astype(np.float32)
     out["lattice"] = lattice.astype(np.float32)
     out["class_index"] = predictions["class_index"].reshape(rx, ry).astype(np.int32)
-    out["phase"] = np.where(valid, out["class_index"], -1).astype(np.int8)
+    if len(np.unique(out["class_index"][valid])) > 1 or "spot_amplitude" not in predictions:
+        n_phases = max(len(np.unique(out["class_index"][valid])), 1)
+        split = phases.PhaseSplit(np.where(valid, out["class_index"], -1).astype(np.int8), n_phases, float("nan"))
+    else:  # one base: the phases the patterns' lattice spacing and order intensities tell apart
+        dilation = 0.5 * (maps["strain_xx"] + maps["strain_yy"])
+        feats = phases.phase_features(predictions["spot_amplitude"], dilation.reshape(-1))
+        split = phases.split_phases(feats, valid.reshape(-1), ref.reshape(-1))
+        split = split._replace(phase=split.phase.reshape(rx, ry))
+    out["phase"] = split.phase
+    out["phase_split"] = split
     out["distortion"] = distortion
     return out
 

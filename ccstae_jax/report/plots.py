@@ -986,7 +986,8 @@ def _phase_figure(maps, *, title=None, dpi=DEFAULT_DPI):
     codes = np.where(phase >= 0, phase, np.where(reason == 4, n_phase, n_phase + 1))
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     colours = [palette[i % len(palette)] for i in range(n_phase)] + ["#202020", "#c8c8c8"]
-    names = [f"base {i}: {int((phase == i).sum())} positions" for i in range(n_phase)]
+    names = [f"phase {i}{' (reference)' if i == 0 else ''}: {int((phase == i).sum())} positions"
+             for i in range(n_phase)]
     names += [f"vacuum (no specimen): {int((codes == n_phase).sum())}",
               f"other invalid: {int((codes == n_phase + 1).sum())}"]
     cmap = ListedColormap(colours)
@@ -997,7 +998,8 @@ def _phase_figure(maps, *, title=None, dpi=DEFAULT_DPI):
     ax.imshow(codes, cmap=cmap, norm=BoundaryNorm(np.arange(len(colours) + 1) - 0.5, len(colours)),
               interpolation="nearest")
     _scan_axes(ax, xlabel=True, ylabel="scan row Rx")
-    ax.set_title(title or "phase map: the base (average pattern) each position was assigned", fontsize=10)
+    ax.set_title(title or "phase map: positions grouped by their diffraction (lattice spacing, order intensities)",
+                 fontsize=10)
     below.set_axis_off()
     handles = [Patch(facecolor=c, edgecolor="0.3", label=nm) for c, nm in zip(colours, names)]
     below.legend(handles=handles, loc="upper center", ncol=2, fontsize=8, frameon=False)
@@ -1006,8 +1008,9 @@ def _phase_figure(maps, *, title=None, dpi=DEFAULT_DPI):
 
 def plot_phase_map(maps: Mapping[str, Any], path: str | os.PathLike, *, title: str | None = None,
                    dpi: int = DEFAULT_DPI) -> str:
-    """The base each valid position was assigned (one colour per base: a phase of a heterostructure), vacuum
-    (invalid reason 4) in black and other invalid positions in grey, with the count of each."""
+    """Each valid position's phase (``maps["phase"]``: one colour per phase of a heterostructure, phase 0 the
+    reference region's), vacuum (invalid reason 4) in black and other invalid positions in grey, with the count of
+    each."""
     if "phase" not in maps:
         raise ValueError(f"maps lack 'phase' (have {sorted(maps)})")
     return _save(_phase_figure(maps, title=title, dpi=_check_dpi(dpi)), path, dpi)
