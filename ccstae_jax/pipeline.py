@@ -22,7 +22,7 @@ from ccstae_jax.data.readers import DataError, load_labels, open_scan, reference
 from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.evaluate.metrics import error_table, format_table, referenced_labels
 from ccstae_jax.mapping.fit import INTERPOLATIONS
-from ccstae_jax.mapping.phases import PHASE_SEPARATION
+from ccstae_jax.mapping.phases import MIN_MISMATCH, PHASE_SEPARATION
 from ccstae_jax.mapping.predict import MapConfig, map_scan, subset_rows
 from ccstae_jax.mapping.reference import map_warnings, region_mask, strain_maps
 from ccstae_jax.model.geometry import SYMMETRIES, GeometryError, measure_geometry
@@ -492,6 +492,7 @@ def map_strain(
             "distortion_angle": distortion.angle,
             "phases": split.n_phases,
             "phase_separation": split.separation,
+            "phase_mismatch": split.mismatch,
         }
         flags = map_warnings(maps, geometry=cfg.geometry, rigid_spots=bool(config.rigid_spots and config.steps))
         attrs["quality"] = "flagged" if flags else "ok"
@@ -518,11 +519,16 @@ def _phase_line(split) -> str:
     """Console line on the phases a one-base map found (`ccstae_jax.mapping.phases`)."""
     if split.n_phases == 2:
         return (f"phases: 2 (their lattice spacing and diffraction-order intensities differ by {split.separation:.1f} "
-                "standard deviations); /phase says which is where, 0 being the reference region's")
-    if np.isfinite(split.separation):
-        return (f"phases: 1 (the best split of the positions into two is {split.separation:.1f} standard deviations "
-                f"apart, under the {PHASE_SEPARATION:.0f} that two phases need)")
-    return "phases: 1 (too few valid positions to look for a second)"
+                f"standard deviations; phase 1's lattice is {100 * split.mismatch:+.1f} % from phase 0's); /phase "
+                "says which is where, 0 being the reference region's")
+    if not np.isfinite(split.separation):
+        return "phases: 1 (too few valid positions to look for a second)"
+    if split.separation < PHASE_SEPARATION:
+        return (f"phases: 1 (the best split of the positions in two is {split.separation:.1f} standard deviations "
+                f"apart, under the {PHASE_SEPARATION:.0f} two phases need)")
+    return (f"phases: 1 (the best split of the positions in two differs in lattice spacing by "
+            f"{100 * abs(split.mismatch):.1f} %, under the {100 * MIN_MISMATCH:.0f} % that tells two materials from "
+            "differently strained grains)")
 
 
 def _report_map(maps: dict, distortion, corrected: bool) -> None:
@@ -658,7 +664,8 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
       maps: `map_strain`'s maps (``theta`` and ``class_index`` included).
       labels, baseline: optional maps drawn as extra rows (referenced like ``maps``).
       reference_region: ``(r0, r1, c0, c1)`` the maps are referenced to, outlined on them; None = whole scan.
-      flags: the map's `map_warnings`, named in the titles (None: those ``maps`` alone show).
+      flags: the map's `map_warnings`, named in the titles (None: those of ``maps`` and the run's geometry, for a
+        map made without rigid spots).
 
     Returns:
       The paths written. The pattern figure shows the pattern at the centre of the scan (else the first valid
@@ -690,7 +697,7 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
         bases=np.asarray(params["bases"]) if "bases" in params else None,
         metrics_path=str(Path(run_dir) / "metrics.jsonl"),
         title=f"data {Path(data_path).name}, run {Path(run_dir).name}" + _flag_line(
-            map_warnings(maps) if flags is None else flags),
+            map_warnings(maps, geometry=task.model_cfg.geometry) if flags is None else flags),
         reference_region=reference_region,
         symmetry=task.model_cfg.symmetry, pattern_title=pattern_title, mask_label=label)
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from ccstae_jax.mapping import fit
-from ccstae_jax.mapping.phases import MIN_PHASE_SHARE, PHASE_SEPARATION, phase_features, split_phases
+from ccstae_jax.mapping.phases import (MIN_MISMATCH, MIN_PHASE_SHARE, PHASE_SEPARATION, phase_features,
+                                       split_phases)
 
 
 def _features(rng, n, mean, spread):
@@ -18,9 +19,23 @@ def test_two_phases_far_apart_are_told_apart_with_the_reference_regions_as_phase
     x = np.concatenate([second, first])  # the reference phase is not the first listed
     reference = np.zeros(500, bool)
     reference[200:216] = True
-    got = split_phases(x, np.ones(500, bool), reference)
+    got = split_phases(x, np.ones(500, bool), reference, dilation=x[:, 3])
     assert got.n_phases == 2 and got.separation >= PHASE_SEPARATION
+    assert got.mismatch == pytest.approx(0.04, abs=2e-3)
     np.testing.assert_array_equal(got.phase, np.r_[np.ones(200), np.zeros(300)])
+
+
+def test_groups_apart_in_order_intensities_alone_are_grains_not_phases():
+    """Noise-free grains of one material cluster by orientation in their order intensities; without a lattice
+    mismatch of `MIN_MISMATCH` such groups stay one phase."""
+    rng = np.random.default_rng(6)
+    spread = [0.01, 0.01, 0.01, 0.005]
+    x = np.concatenate([_features(rng, 200, [0.0, 0.0, 0.0, 0.0], spread),
+                        _features(rng, 200, [0.1, -0.1, 0.05, 0.01], spread)])  # 1 % apart in lattice spacing
+    assert split_phases(x, np.ones(400, bool)).n_phases == 2  # what the features alone would say
+    got = split_phases(x, np.ones(400, bool), dilation=x[:, 3])
+    assert got.n_phases == 1 and got.separation >= PHASE_SEPARATION and abs(got.mismatch) < MIN_MISMATCH
+    np.testing.assert_array_equal(got.phase, 0)
 
 
 def test_one_phase_with_noise_or_a_spread_of_strains_stays_one_phase():
@@ -49,7 +64,7 @@ def test_invalid_or_unmeasured_positions_get_no_phase():
     valid = np.ones(200, bool)
     valid[:5] = False
     x[10] = np.nan
-    got = split_phases(x, valid)
+    got = split_phases(x, valid, dilation=x[:, 3])
     assert got.n_phases == 2
     assert (got.phase[:5] == -1).all() and got.phase[10] == -1 and (got.phase[11:] >= 0).all()
 

@@ -390,3 +390,17 @@ def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, ccstae_jax.report.plots; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_phase_map_legend_names_each_phase_with_its_count_and_lattice_size():
+    maps = {k: np.zeros((6, 6), np.float32) for k in ("strain_xx", "strain_yy")}
+    phase = np.zeros((6, 6), np.int8)
+    phase[:, 3:] = 1
+    phase[0, 0] = -1
+    for k in maps:
+        maps[k][:, 3:] = 0.04  # a 4 % larger lattice
+    maps.update(phase=phase, invalid_reason=np.where(phase < 0, 4, 0).astype(np.uint8))
+    fig = plots._phase_figure(maps, dpi=DPI)
+    texts = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert texts[:3] == ["phase 0 (reference): 17 positions, lattice +0.0 %", "phase 1: 18 positions, lattice +4.0 %",
+                         "vacuum (no specimen): 1"]

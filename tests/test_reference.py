@@ -3,6 +3,7 @@ the error table."""
 import dataclasses
 import os
 
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -337,3 +338,32 @@ def test_mixing_uncertainty_wraps_angles_and_skips_invalid_neighbours():
     values[2, :] = np.nan  # invalid: not a neighbour
     got = mixing_uncertainty(values, np.full((3, 3), 1e-4), period=period)
     np.testing.assert_array_equal(got[:2], 0.0)
+
+
+def _two_phase_scan(mismatch: float):
+    """Predictions of a 12x12 scan whose right half has a lattice ``1 + mismatch`` times larger, with brighter
+    outer orders when ``mismatch`` is not 0 (fit noise on both)."""
+    rng = np.random.default_rng(5)
+    n = 144
+    scale = np.where(np.arange(n) % 12 >= 6, 1.0 / (1.0 + mismatch), 1.0)  # spots move in on a larger lattice
+    theta = np.zeros((n, 2, 3), np.float32)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale * (1 + 5e-4 * rng.standard_normal(n))
+    amp = 1.0 + 0.05 * rng.standard_normal((n, 4))
+    amp[scale < 1, 2:] *= 1.3
+    return {"theta": theta, "ring_signal": np.ones(n, np.float32), "lattice_signal": np.full(n, 0.3, np.float32),
+            "lattice_significance": np.full(n, 10.0, np.float32), "class_index": np.zeros(n, np.int32),
+            "spot_amplitude": amp.astype(np.float32)}
+
+
+def test_a_one_base_map_tells_two_phases_apart_with_the_reference_regions_as_phase_0():
+    maps = strain_maps(_two_phase_scan(0.04), (12, 12), (64, 64), reference_region=(0, 4, 8, 12))
+    assert maps["phase_split"].n_phases == 2
+    np.testing.assert_array_equal(maps["phase"][:, 6:], 0)  # the reference region's half
+    np.testing.assert_array_equal(maps["phase"][:, :6], 1)
+    chex.assert_shape(maps["spot_amplitude"], (12, 12, 4))
+
+
+def test_a_one_phase_map_is_all_phase_0():
+    maps = strain_maps(_two_phase_scan(0.0), (12, 12), (64, 64))
+    assert maps["phase_split"].n_phases == 1
+    np.testing.assert_array_equal(maps["phase"], 0)

@@ -572,11 +572,11 @@ def fit_patterns(
         mu, jac = model(phi_start)
         wts = weights(mu)
         jtj, jtr, cost = normal_equations(mu, jac, wts)
-        best = (phi_start, wts, jtj, jtr, cost)
+        best = (phi_start, wts, jtj, jtr, cost, mu)
 
         def body(_, carry):
             best, lam = carry
-            phi, wts, jtj, jtr, cost = best
+            phi, wts, jtj, jtr, cost, _ = best
             trial = phi - jnp.linalg.solve(jtj + lam * jnp.diag(jnp.diag(jtj) + 1e-30), jtr)
             mu_t, jac_t = model(trial)
             r_t = mu_t - xq
@@ -584,15 +584,15 @@ def fit_patterns(
             better = (jnp.sum(wts * r_t * r_t) < cost) & inside
             wts_t = weights(mu_t)
             jtj_t, jtr_t, cost_t = normal_equations(mu_t, jac_t, wts_t)
-            new = jax.tree.map(lambda a, b: jnp.where(better, a, b), (trial, wts_t, jtj_t, jtr_t, cost_t), best)
+            new = jax.tree.map(lambda a, b: jnp.where(better, a, b), (trial, wts_t, jtj_t, jtr_t, cost_t, mu_t), best)
             return new, jnp.where(better, lam * 0.5, lam * 4.0)
 
         best, _ = jax.lax.fori_loop(0, steps, body, (best, jnp.asarray(damping, jnp.float32)))
-        phi, wts, jtj, _, cost = best
+        phi, wts, jtj, _, cost, mu = best
         if bases.band_edges is None:
             amplitude = jnp.zeros((0,), jnp.float32)
         else:  # weighted least-squares scale of the spots in each radial band (background held fixed)
-            s = model(phi)[0] - bg
+            s = mu - bg
             band = jnp.searchsorted(bases.band_edges[k], jnp.hypot(rows - z[0], cols - z[1]))
             onehot = jax.nn.one_hot(band, N_BANDS, dtype=jnp.float32) * (wts * s)[:, None]
             amplitude = (jnp.einsum("pb,p->b", onehot, xq - bg, precision=_HP)

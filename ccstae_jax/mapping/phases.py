@@ -8,10 +8,13 @@ to the innermost band do not depend on the beam current or the thickness scaling
 
 `split_phases` divides the valid positions in two (hard expectation-maximisation of two Gaussian groups with a
 shared covariance, started from splits along the principal axis and along each feature, the best-separated result
-kept) and keeps the split only when the groups are
-farther apart than noise splits a single one: their Mahalanobis distance under the pooled within-group covariance
-exceeds `PHASE_SEPARATION` (a single Gaussian cut in two comes out near 2.7) and the smaller holds at least
-`MIN_PHASE_SHARE` of the positions. Phase 0 is the reference region's.
+kept) and keeps the split only when the groups are farther apart than noise splits a single one: their
+Mahalanobis distance under the pooled within-group covariance exceeds `PHASE_SEPARATION` (a single Gaussian cut in
+two comes out near 2.7), the smaller holds at least `MIN_PHASE_SHARE` of the positions, and their lattices differ
+by at least `MIN_MISMATCH`. Grains of one phase strained differently form groups too, and on noise-free data their
+order intensities, measured at different orientations, cluster by grain: only a lattice mismatch larger than the
+strain differences between grains (rarely above 1 %) says that two groups are two materials. Phases with the same
+lattice spacing are therefore not told apart. Phase 0 is the reference region's.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ import numpy as np
 #: Least Mahalanobis distance between the two groups' means (pooled within-group covariance) for a scan to be
 #: called two-phase. A k-means cut of one Gaussian (or of one uniform spread of strains) gives about 2.7 (3.5).
 PHASE_SEPARATION = 5.0
+#: Least difference between the two groups' median lattice dilations for them to be two phases (2 %: above the
+#: strain differences between the grains of one material, below the mismatch of common heterostructures, such as
+#: 4 % for WS2/WSe2).
+MIN_MISMATCH = 0.02
 #: Least share of the valid positions (and at least `MIN_PHASE_POSITIONS`) the smaller phase must hold.
 MIN_PHASE_SHARE = 0.03
 MIN_PHASE_POSITIONS = 8
@@ -35,11 +42,14 @@ class PhaseSplit(NamedTuple):
       phase: ``(N,)`` int8, 0 or 1 per position (0: the reference region's phase), -1 where not valid.
       n_phases: 1 or 2.
       separation: Mahalanobis distance between the two groups' mean features (NaN with too few positions).
+      mismatch: the second group's median lattice dilation minus the reference group's (NaN without dilations or
+        with too few positions).
     """
 
     phase: np.ndarray
     n_phases: int
     separation: float
+    mismatch: float = float("nan")
 
 
 def phase_features(spot_amplitude: np.ndarray, dilation: np.ndarray) -> np.ndarray:
@@ -101,13 +111,15 @@ def _two_groups(x: np.ndarray) -> tuple[np.ndarray, float]:
     return best
 
 
-def split_phases(features: np.ndarray, valid: np.ndarray, reference: np.ndarray | None = None) -> PhaseSplit:
+def split_phases(features: np.ndarray, valid: np.ndarray, reference: np.ndarray | None = None, *,
+                 dilation: np.ndarray | None = None) -> PhaseSplit:
     """One or two phases over the positions (module docstring).
 
     Args:
       features: ``(N, F)`` `phase_features` (any per-position features, NaN where unmeasured).
       valid: ``(N,)`` bool positions to consider (others get phase -1).
       reference: ``(N,)`` bool the reference region: its phase is 0 (None = the larger group's).
+      dilation: ``(N,)`` lattice dilation; the groups must differ by `MIN_MISMATCH` in it (None: no such condition).
 
     Returns:
       `PhaseSplit`.
@@ -119,11 +131,17 @@ def split_phases(features: np.ndarray, valid: np.ndarray, reference: np.ndarray 
     if n < 2 * MIN_PHASE_POSITIONS:
         return PhaseSplit(phase, 1, float("nan"))
     label, separation = _two_groups(_standardised(x[use]))
-    small = min(int(label.sum()), int((~label).sum()))
-    if not (separation >= PHASE_SEPARATION and small >= max(MIN_PHASE_POSITIONS, MIN_PHASE_SHARE * n)):
-        return PhaseSplit(phase, 1, separation)
     ref = np.zeros(len(x), bool) if reference is None else np.asarray(reference, bool)
     in_ref = label[ref[use]]
     first = (in_ref.mean() > 0.5) if in_ref.size else (label.mean() > 0.5)  # the group that is phase 0
-    phase[use] = (label != first).astype(np.int8)
-    return PhaseSplit(phase, 2, separation)
+    second = label != first
+    mismatch = float("nan")
+    if dilation is not None and second.any() and (~second).any():
+        dil = np.asarray(dilation, np.float64)[use]
+        mismatch = float(np.median(dil[second]) - np.median(dil[~second]))
+    small = min(int(label.sum()), int((~label).sum()))
+    if not (separation >= PHASE_SEPARATION and small >= max(MIN_PHASE_POSITIONS, MIN_PHASE_SHARE * n)
+            and (dilation is None or abs(mismatch) >= MIN_MISMATCH)):
+        return PhaseSplit(phase, 1, separation, mismatch)
+    phase[use] = second.astype(np.int8)
+    return PhaseSplit(phase, 2, separation, mismatch)

@@ -391,8 +391,8 @@ def strain_maps(
     the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`), ``theta``, ``lattice``,
     ``class_index``, ``phase`` (each valid position's phase, -1 where invalid: its base when several bases are used,
     else the group `ccstae_jax.mapping.phases.split_phases` finds from the fit's ``spot_amplitude`` and the lattice
-    dilation), ``phase_split`` (a `ccstae_jax.mapping.phases.PhaseSplit`: how many phases, how far apart); with a
-    fit (``fisher``, ``chi2``,
+    dilation), ``phase_split`` (a `ccstae_jax.mapping.phases.PhaseSplit`: how many phases, how far apart),
+    ``spot_amplitude`` ``(Rx, Ry, N_BANDS)`` (with a fit, NaN where invalid); with a fit (``fisher``, ``chi2``,
     ``dof`` in ``predictions``) ``uncertainty_<quantity>`` (1-sigma, rotation in radians, NaN where invalid: the
     fit's own, `strain_uncertainty`, and at grain boundaries the mixing of lattices under the probe,
     `mixing_uncertainty`, in quadrature); and ``distortion`` (a `Distortion`).
@@ -440,10 +440,13 @@ def strain_maps(
     else:  # one base: the phases the patterns' lattice spacing and order intensities tell apart
         dilation = 0.5 * (maps["strain_xx"] + maps["strain_yy"])
         feats = phases.phase_features(predictions["spot_amplitude"], dilation.reshape(-1))
-        split = phases.split_phases(feats, valid.reshape(-1), ref.reshape(-1))
+        split = phases.split_phases(feats, valid.reshape(-1), ref.reshape(-1), dilation=dilation.reshape(-1))
         split = split._replace(phase=split.phase.reshape(rx, ry))
     out["phase"] = split.phase
     out["phase_split"] = split
+    if "spot_amplitude" in predictions:
+        amp = np.asarray(predictions["spot_amplitude"], np.float32).reshape(rx, ry, -1)
+        out["spot_amplitude"] = np.where(valid[..., None], amp, np.nan)
     out["distortion"] = distortion
     return out
 

@@ -976,6 +976,17 @@ def _spot_radii(metrics_path) -> str:
     return f"{start:.1f} -> {end:.1f} px"
 
 
+def phase_dilation(maps: Mapping[str, Any], phase: int) -> float:
+    """Median lattice dilation (mean of strain_xx and strain_yy, relative to the reference) of one phase's valid
+    positions; NaN when it has none or the maps lack strain."""
+    if "strain_xx" not in maps or "strain_yy" not in maps:
+        return float("nan")
+    sel = (np.asarray(maps["phase"]) == phase)
+    dil = 0.5 * (np.asarray(maps["strain_xx"], np.float64) + np.asarray(maps["strain_yy"], np.float64))[sel]
+    dil = dil[np.isfinite(dil)]
+    return float(np.median(dil)) if dil.size else float("nan")
+
+
 def _phase_figure(maps, *, title=None, dpi=DEFAULT_DPI):
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Patch
@@ -986,7 +997,8 @@ def _phase_figure(maps, *, title=None, dpi=DEFAULT_DPI):
     codes = np.where(phase >= 0, phase, np.where(reason == 4, n_phase, n_phase + 1))
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     colours = [palette[i % len(palette)] for i in range(n_phase)] + ["#202020", "#c8c8c8"]
-    names = [f"phase {i}{' (reference)' if i == 0 else ''}: {int((phase == i).sum())} positions"
+    names = [f"phase {i}{' (reference)' if i == 0 else ''}: {int((phase == i).sum())} positions" + (
+             f", lattice {100 * d:+.1f} %" if np.isfinite(d := phase_dilation(maps, i)) else "")
              for i in range(n_phase)]
     names += [f"vacuum (no specimen): {int((codes == n_phase).sum())}",
               f"other invalid: {int((codes == n_phase + 1).sum())}"]
@@ -998,7 +1010,7 @@ def _phase_figure(maps, *, title=None, dpi=DEFAULT_DPI):
     ax.imshow(codes, cmap=cmap, norm=BoundaryNorm(np.arange(len(colours) + 1) - 0.5, len(colours)),
               interpolation="nearest")
     _scan_axes(ax, xlabel=True, ylabel="scan row Rx")
-    ax.set_title(title or "phase map: positions grouped by their diffraction (lattice spacing, order intensities)",
+    ax.set_title(title or "phase map: positions grouped by lattice spacing and order intensities",
                  fontsize=10)
     below.set_axis_off()
     handles = [Patch(facecolor=c, edgecolor="0.3", label=nm) for c, nm in zip(colours, names)]
