@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ccstae_jax.mapping import fit
-from ccstae_jax.mapping.phases import (MIN_MISMATCH, MIN_PHASE_SHARE, PHASE_SEPARATION, phase_features,
+from ccstae_jax.mapping.phases import (MIN_MISMATCH, MIN_PHASE_SHARE, PHASE_SEPARATION, PhaseSplit, phase_features,
                                        split_phases)
 
 
@@ -90,3 +90,14 @@ def test_the_split_is_rarely_called_on_one_gaussian_cloud(seed):
     rng = np.random.default_rng(10 + seed)
     got = split_phases(rng.standard_normal((400, 4)), np.ones(400, bool))
     assert got.n_phases == 1 and got.separation < 0.7 * PHASE_SEPARATION
+
+
+def test_the_console_says_how_many_phases_and_why():
+    from ccstae_jax.pipeline import _phase_line
+
+    none = np.zeros(4, np.int8)
+    two = _phase_line(PhaseSplit(none, 2, 6.3, 0.0404))
+    assert two.startswith("phases: 2 (") and "6.3 standard deviations" in two and "+4.0 %" in two
+    assert "under the 5 two phases need" in _phase_line(PhaseSplit(none, 1, 3.4, 0.011))
+    assert "1.1 %, under the 2 %" in _phase_line(PhaseSplit(none, 1, 5.5, -0.011))
+    assert "too few valid positions" in _phase_line(PhaseSplit(none, 1, float("nan")))

@@ -71,6 +71,7 @@ def _standardised(x: np.ndarray) -> np.ndarray:
 
 
 def _pooled(x: np.ndarray, label: np.ndarray):
+    """The two groups' means and their pooled within-group covariance (slightly regularised)."""
     m0, m1 = x[~label].mean(0), x[label].mean(0)
     resid = np.where(label[:, None], x - m1, x - m0)
     return m0, m1, resid.T @ resid / max(len(x) - 2, 1) + 1e-9 * np.eye(x.shape[1])
