@@ -222,8 +222,8 @@ def mixing_uncertainty(values: np.ndarray, sigma: np.ndarray, *, threshold: floa
     three of them, is supported by none (a probe on a junction of several grains whose fit settled between their
     lattices, or a failed fit): its distance to the nearest neighbour is returned. Noise alone puts a position
     significantly between two neighbours rarely (both differences must exceed ``threshold`` sigmas, in opposite
-    directions), beyond all of them more rarely still (about 2e-4 of the positions at ``threshold`` 2); inside a
-    grain the result is 0.
+    directions), beyond all of them more rarely still (an estimated 2e-4 of the positions for Gaussian noise at
+    ``threshold`` 2); inside a grain the result is 0.
 
     Args:
       values: ``(Rx, Ry)`` one quantity, NaN where invalid (invalid positions are nobody's neighbour).
