@@ -2,18 +2,19 @@
 import numpy as np
 
 
-def hex_patterns(n_patterns, *, size=64, g=18.0, spot_sigma=1.5, max_strain=0.02, seed=0, rotations=None):
+def hex_patterns(n_patterns, *, size=64, g=18.0, spot_sigma=1.5, max_strain=0.02, seed=0, rotations=None,
+                 shell_amps=(1.0, 0.5)):
     """Patterns ``(N, size, size)`` float32 and labels (strain_xx, strain_yy, shear_xy, rotation) ``(N, 4)``.
 
     Spots of the lattice ``A = (I + eps) R(rot)`` at ``A^{-T} g`` (physics frame: x = rows, y = columns), a bright
-    central spot at ``(size // 2, size // 2)``; two shells of reflections.
+    central spot at ``(size // 2, size // 2)``; two shells of reflections, as bright as ``shell_amps``.
     """
     rng = np.random.default_rng(seed)
     rows, cols = np.mgrid[:size, :size].astype(np.float64) - size // 2
     base = [g * np.array([np.cos(a), np.sin(a)]) for a in np.arange(6) * np.pi / 3]
     base += [np.sqrt(3) * g * np.array([np.cos(a), np.sin(a)]) for a in np.arange(6) * np.pi / 3 + np.pi / 6]
     base = np.array(base)
-    amps = np.array([1.0] * 6 + [0.5] * 6)
+    amps = np.repeat(np.asarray(shell_amps, np.float64), 6)
     labels = np.zeros((n_patterns, 4))
     out = np.zeros((n_patterns, size, size), np.float32)
     for i in range(n_patterns):

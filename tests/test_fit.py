@@ -257,25 +257,16 @@ def test_symmetrized_base_is_invariant_under_lattice_rotations():
     assert np.abs(np.asarray(before[0, ..., 0] - base[0])[inner]).max() > 0.2 * peak  # the input was not symmetric
 
 
-def _shells(size, g, inner, outer, strain=0.0, sigma=1.5):
-    """A pattern with a central spot and two hexagonal shells of spots of the given brightness, the lattice
-    expanded by ``strain``."""
-    rows, cols = np.mgrid[:size, :size].astype(np.float64) - size // 2
-    img = 20.0 * np.exp(-(rows**2 + cols**2) / (2 * sigma**2))
-    for a in np.arange(6) * np.pi / 3:
-        for radius, amp, turn in ((g, inner, 0.0), (np.sqrt(3) * g, outer, np.pi / 6)):
-            r = radius / (1 + strain)
-            img += amp * np.exp(-((rows - r * np.cos(a + turn)) ** 2 + (cols - r * np.sin(a + turn)) ** 2)
-                                / (2 * sigma**2))
-    return img.astype(np.float32)
-
-
 def test_spot_amplitudes_measure_how_bright_each_radial_band_of_spots_is_against_the_base():
     size, g = 96, 22.0
-    base = _shells(size, g, 1.0, 0.5)[None]
+
+    def pattern(amps, strain=0.0):  # unrotated, the lattice expanded by ``strain``
+        return hex_patterns(1, size=size, g=g / (1 + strain), max_strain=0.0, rotations=[0.0], shell_amps=amps)[0]
+
+    base = pattern((1.0, 0.5))
     table = fit.prepare_bases(jnp.asarray(base), (size // 2, size // 2), min_radius=g / 2)
     chex.assert_shape(table.band_edges, (1, fit.N_BANDS - 1))
-    data = np.stack([_shells(size, g, 1.5, 0.75, strain=0.01), _shells(size, g, 1.0, 1.0, strain=-0.01)])
+    data = np.concatenate([pattern((1.5, 0.75), strain=0.01), pattern((1.0, 1.0), strain=-0.01)])
     res = fit.fit_patterns(affine.identity_warp((2,)), jnp.asarray(data), jnp.full((2, 2), size // 2.0),
                            jnp.zeros(2, jnp.int32), table, steps=6)
     amp = np.asarray(res.spot_amplitude)

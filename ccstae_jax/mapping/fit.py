@@ -542,7 +542,8 @@ def fit_patterns(
         xq = x[rows, cols]
         u = affine.pixel_centre(cols.astype(jnp.float32), w)
         v = affine.pixel_centre(rows.astype(jnp.float32), h)
-        bg = profile_at(bases.profile[k], jnp.hypot(rows - z[0], cols - z[1]))
+        radius = jnp.hypot(rows - z[0], cols - z[1])  # from the pattern's zero beam
+        bg = profile_at(bases.profile[k], radius)
         spot = (None, None) if bases.centres is None else _spot_of(bases, k, phi_start, u, v)
 
         def model(phi):
@@ -593,7 +594,7 @@ def fit_patterns(
             amplitude = jnp.zeros((0,), jnp.float32)
         else:  # weighted least-squares scale of the spots in each radial band (background held fixed)
             s = mu - bg
-            band = jnp.searchsorted(bases.band_edges[k], jnp.hypot(rows - z[0], cols - z[1]))
+            band = jnp.searchsorted(bases.band_edges[k], radius)
             onehot = jax.nn.one_hot(band, N_BANDS, dtype=jnp.float32) * (wts * s)[:, None]
             amplitude = (jnp.einsum("pb,p->b", onehot, xq - bg, precision=_HP)
                          / jnp.maximum(jnp.einsum("pb,p->b", onehot, s, precision=_HP), 1e-30))

@@ -434,9 +434,10 @@ def strain_maps(
     out["theta"] = theta.astype(np.float32)
     out["lattice"] = lattice.astype(np.float32)
     out["class_index"] = predictions["class_index"].reshape(rx, ry).astype(np.int32)
-    if len(np.unique(out["class_index"][valid])) > 1 or "spot_amplitude" not in predictions:
-        n_phases = max(len(np.unique(out["class_index"][valid])), 1)
-        split = phases.PhaseSplit(np.where(valid, out["class_index"], -1).astype(np.int8), n_phases, float("nan"))
+    n_classes = len(np.unique(out["class_index"][valid]))
+    if n_classes > 1 or "spot_amplitude" not in predictions:
+        split = phases.PhaseSplit(np.where(valid, out["class_index"], -1).astype(np.int8), max(n_classes, 1),
+                                  float("nan"))
     else:  # one base: the phases the patterns' lattice spacing and order intensities tell apart
         dilation = 0.5 * (maps["strain_xx"] + maps["strain_yy"])
         feats = phases.phase_features(predictions["spot_amplitude"], dilation.reshape(-1))

@@ -197,11 +197,6 @@ def _check_symmetry(symmetry) -> int:
     return int(symmetry)
 
 
-def _wrapped_degrees(a: np.ndarray, period: float) -> np.ndarray:
-    """Angles in degrees wrapped into ``[-period / 2, period / 2)`` (NaN stays NaN)."""
-    return affine.wrap_angle(a, period)
-
-
 def _check_region(region, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
     if region is None:
         return None
@@ -270,7 +265,7 @@ def _strain_maps_figure(maps, *, labels=None, baseline=None, title=None, strain_
         for j, k in enumerate(QUANTITIES):
             ax = axes[i, j]
             if k == "rotation":
-                data = _wrapped_degrees(p[k], period) if period is not None else p[k]
+                data = affine.wrap_angle(p[k], period) if period is not None else p[k]
             else:
                 data = STRAIN_PERCENT * p[k]
             ims[k] = ax.imshow(data, cmap=r_cmap if k == "rotation" else s_cmap,
@@ -976,7 +971,7 @@ def _spot_radii(metrics_path) -> str:
     return f"{start:.1f} -> {end:.1f} px"
 
 
-def phase_dilation(maps: Mapping[str, Any], phase: int) -> float:
+def _phase_dilation(maps: Mapping[str, Any], phase: int) -> float:
     """Median lattice dilation (mean of strain_xx and strain_yy, relative to the reference) of one phase's valid
     positions; NaN when it has none or the maps lack strain."""
     if "strain_xx" not in maps or "strain_yy" not in maps:
@@ -998,7 +993,7 @@ def _phase_figure(maps, *, title=None, dpi=DEFAULT_DPI):
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
     colours = [palette[i % len(palette)] for i in range(n_phase)] + ["#202020", "#c8c8c8"]
     names = [f"phase {i}{' (reference)' if i == 0 else ''}: {int((phase == i).sum())} positions" + (
-             f", lattice {100 * d:+.1f} %" if np.isfinite(d := phase_dilation(maps, i)) else "")
+             f", lattice {100 * d:+.1f} %" if np.isfinite(d := _phase_dilation(maps, i)) else "")
              for i in range(n_phase)]
     names += [f"vacuum (no specimen): {int((codes == n_phase).sum())}",
               f"other invalid: {int((codes == n_phase + 1).sum())}"]
