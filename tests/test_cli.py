@@ -296,6 +296,7 @@ def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):
         assert f.attrs["interpolation"] == "cubic" and f.attrs["strain_reference"] == "relative"
 
 
+@pytest.mark.slow
 def test_map_with_rigid_spots_records_the_model_and_writes_finite_valid_strain(chain, tmp_path):
     assert chain["train"]["returncode"] == 0
     out = tmp_path / "rigid.h5"
