@@ -8,6 +8,7 @@ files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import os
@@ -41,6 +42,9 @@ def ccstae(args, *, cwd, cache_dir, timeout=300, wrapper: str | None = None, wai
     """
     env = dict(os.environ)
     env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    # Every compiled program is kept, however quick to compile: the many small ones add up over the subprocesses.
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["JAX_PLATFORMS"] = os.environ.get("CCSTAE_TEST_PLATFORM", "cpu")
     env["TQDM_DISABLE"] = "1"
     if bars:
@@ -59,7 +63,35 @@ def shared_run(tmp_path_factory) -> dict:
     Returns a dict of paths (``root``, ``sim``, ``run``, ``strain``, ``config``, ``cache``), ``train_args`` (the
     options after ``train DATA --out RUN``) and, per step, the subprocess's ``{"returncode", "stdout", "stderr"}``.
     """
-    root = tmp_path_factory.getbasetemp() / "ccstae_shared_run"
+    session = _session_dir(tmp_path_factory)
+    with _exclusive(session / "ccstae_shared_run.lock"):
+        return _build_shared_run(session)
+
+
+def _session_dir(tmp_path_factory) -> Path:
+    """The session's temporary folder, shared by all pytest-xdist workers (each has its own folder below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Holds an exclusive lock on ``lock_path`` (POSIX; elsewhere tests run in one process and need none)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_shared_run(session: Path) -> dict:
+    root = session / "ccstae_shared_run"
     record = root / "record.json"
     if record.exists():
         return json.loads(record.read_text())
@@ -68,7 +100,7 @@ def shared_run(tmp_path_factory) -> dict:
     root.mkdir()
     paths = {"root": str(root), "sim": str(root / "sim.h5"), "run": str(root / "run"),
              "strain": str(root / "strain.h5"), "config": str(root / "small.toml"),
-             "cache": str(tmp_path_factory.getbasetemp() / "jax_cache")}
+             "cache": str(session / "jax_cache")}
     Path(paths["config"]).write_text(SMALL_MODEL_TOML)
     paths["train_args"] = [*TRAIN_ARGS, "--config", paths["config"]]
     steps = {
