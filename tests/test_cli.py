@@ -76,10 +76,11 @@ def _session_dir(tmp_path_factory) -> Path:
 
 @contextlib.contextmanager
 def _exclusive(lock_path: Path):
-    """Holds an exclusive lock on ``lock_path`` (POSIX; elsewhere tests run in one process and need none)."""
+    """Holds an exclusive lock on ``lock_path`` (POSIX). Without ``fcntl`` (Windows) there is no lock: run the tests
+    in one process there (``CCSTAE_TEST_WORKERS=1``)."""
     try:
         import fcntl
-    except ImportError:  # Windows
+    except ImportError:
         yield
         return
     with open(lock_path, "w") as handle:
