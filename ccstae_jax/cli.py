@@ -284,6 +284,7 @@ def cmd_demo(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from ccstae_jax import pipeline
+    from ccstae_jax.model.geometry import WIDE_DISK_RATIO
 
     p = argparse.ArgumentParser(prog="ccstae", description=__doc__.split("\n")[0], epilog=_CONVENTIONS)
     p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
@@ -421,9 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["cubic", "bilinear"],
                    help="how the fit interpolates a base: Keys cubic (moves a spot's centroid exactly) or bilinear "
                         "(the same speed; default: %(default)s)")
-    m.add_argument("--rigid-spots", action="store_true",
+    m.add_argument("--rigid-spots", action=argparse.BooleanOptionalAction, default=None,
                    help="move each diffracted disk rigidly with its centre in the fit instead of stretching the whole "
-                        "base with the strain: for disks many pixels wide at high dose (default: the stretched base)")
+                        "base with the strain (default: rigid when the disk radius exceeds "
+                        f"{100 * WIDE_DISK_RATIO:.0f} %% of the first-order spot spacing)")
     m.add_argument("--no-distortion-correction", action="store_true",
                    help="keep the anisotropy of the reference region's lattice instead of removing it as an "
                         "elliptical detector distortion (default: removed when the lattice is 4- or 6-fold: the "

@@ -23,7 +23,7 @@ from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.evaluate.metrics import error_table, format_table, referenced_labels
 from ccstae_jax.mapping.fit import INTERPOLATIONS
 from ccstae_jax.mapping.phases import MIN_MISMATCH, PHASE_SEPARATION
-from ccstae_jax.mapping.predict import MapConfig, map_scan, subset_rows
+from ccstae_jax.mapping.predict import MapConfig, map_scan, rigid_spots_for, subset_rows
 from ccstae_jax.mapping.reference import map_warnings, region_mask, strain_maps
 from ccstae_jax.model.geometry import SYMMETRIES, GeometryError, measure_geometry
 from ccstae_jax.model.networks import ModelConfig
@@ -385,7 +385,7 @@ def map_strain(
     refine_steps: int = MapConfig.steps,
     base_update: bool = MapConfig.base_update,
     interpolation: str = MapConfig.interpolation,
-    rigid_spots: bool = MapConfig.rigid_spots,
+    rigid_spots: bool | None = MapConfig.rigid_spots,
     allow_negative: bool | None = None,
     scan_rotation: float | None = None,
     correct_distortion: bool | None = None,
@@ -396,9 +396,9 @@ def map_strain(
     Each pattern's warp is fitted (``refine_steps`` Levenberg-Marquardt iterations of the Poisson forward model,
     `ccstae_jax.mapping.fit`; 0 = the encoder's warps as they are) against bases re-estimated from the aligned
     patterns of a subset of the scan (``base_update``; else the learned bases), interpolated with ``interpolation``
-    (``"cubic"``, Keys, or ``"bilinear"``), the whole base stretched by the warp or, with ``rigid_spots``, each spot
-    moved rigidly with its centre; see `ccstae_jax.mapping.predict`. The map records each position's 1-sigma error
-    (``/uncertainty``, with a fit) and validity.
+    (``"cubic"``, Keys, or ``"bilinear"``), the whole base stretched by the warp or, with ``rigid_spots`` (None: when
+    the run's disks are wide), each spot moved rigidly with its centre; see `ccstae_jax.mapping.predict`. The map
+    records each position's 1-sigma error (``/uncertainty``, with a fit) and validity.
 
     The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan
     (median lattice). ``correct_distortion`` removes an elliptical detector distortion measured on the reference
@@ -423,7 +423,7 @@ def map_strain(
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     config = MapConfig(steps=int(refine_steps), base_update=base_update, interpolation=interpolation,
-                       rigid_spots=bool(rigid_spots), batch_size=int(batch_size))
+                       rigid_spots=None if rigid_spots is None else bool(rigid_spots), batch_size=int(batch_size))
     if scan_rotation is not None and not np.isfinite(float(scan_rotation)):
         raise ValueError(f"--scan-rotation {scan_rotation}: expected a finite angle in degrees")
     _check_output_file(out_path, data_path)
@@ -453,6 +453,11 @@ def map_strain(
         sample = scan.read(0, 1)
         state = load_checkpoint(run_dir, task, np.repeat(sample, 2, 0), which=which)
         update = bool(config.base_update and config.steps)
+        rigid = rigid_spots_for(config, cfg.geometry)
+        if progress and rigid and config.rigid_spots is None:
+            _say(f"rigid spots: the disks are wide (radius {cfg.geometry.disk_radius:.1f} px, "
+                 f"{100 * cfg.geometry.disk_radius / cfg.geometry.spot_spacing:.0f} % of the spot spacing); each moves "
+                 "with its centre instead of being stretched (--no-rigid-spots: stretched)")
         n_subset = min(scan.n_positions, len(subset_rows(scan.scan_shape, config.subset)) * scan.scan_shape[1])
         bases_bar = _progress(n_subset, "map (bases)", progress) if update else None
         bar = _progress(scan.n_positions, "map", progress)
@@ -484,7 +489,7 @@ def map_strain(
             "refine_steps": config.steps,
             "base_update": update,
             "interpolation": config.interpolation if config.steps else "none",
-            "rigid_spots": bool(config.rigid_spots and config.steps),
+            "rigid_spots": rigid,
             "strain_reference": "relative",
             "geometry": json.dumps(cfg.geometry.to_dict()),
             "distortion_corrected": bool(correct_distortion),
@@ -494,7 +499,7 @@ def map_strain(
             "phase_separation": split.separation,
             "phase_mismatch": split.mismatch,
         }
-        flags = map_warnings(maps, geometry=cfg.geometry, rigid_spots=bool(config.rigid_spots and config.steps))
+        flags = map_warnings(maps, geometry=cfg.geometry, rigid_spots=rigid)
         attrs["quality"] = "flagged" if flags else "ok"
         attrs["quality_warnings"] = json.dumps(flags)
         if progress:
@@ -665,13 +670,16 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
       labels, baseline: optional maps drawn as extra rows (referenced like ``maps``).
       reference_region: ``(r0, r1, c0, c1)`` the maps are referenced to, outlined on them; None = whole scan.
       flags: the map's `map_warnings`, named in the titles (None: those of ``maps`` and the run's geometry, for a
-        map made without rigid spots).
+        map made with `map_strain`'s defaults).
 
     Returns:
       The paths written. The pattern figure shows the pattern at the centre of the scan (else the first valid
       position) with the training loss mask of the run's last epoch, carried onto the pattern by its fitted affine.
     """
     Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if flags is None:
+        geometry = task.model_cfg.geometry
+        flags = map_warnings(maps, geometry=geometry, rigid_spots=rigid_spots_for(MapConfig(), geometry))
     r, c = _shown_position(np.asarray(maps["valid"], bool))
     ry = scan.scan_shape[1]
     pattern = scan.read(r * ry + c, r * ry + c + 1)[0]
@@ -696,8 +704,7 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
         out_dir, maps=maps, labels=labels, baseline=baseline, pattern=pattern, mask=mask,
         bases=np.asarray(params["bases"]) if "bases" in params else None,
         metrics_path=str(Path(run_dir) / "metrics.jsonl"),
-        title=f"data {Path(data_path).name}, run {Path(run_dir).name}" + _flag_line(
-            map_warnings(maps, geometry=task.model_cfg.geometry) if flags is None else flags),
+        title=f"data {Path(data_path).name}, run {Path(run_dir).name}" + _flag_line(flags),
         reference_region=reference_region,
         symmetry=task.model_cfg.symmetry, pattern_title=pattern_title, mask_label=label)
 

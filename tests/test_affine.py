@@ -152,3 +152,18 @@ def test_pixel_centres_span_the_normalised_frame_symmetrically():
     # a warp that shifts by one normalised pixel pitch moves pixel centres onto their neighbours
     shift = np.asarray(affine.normalized_to_pixel(jnp.array([[1.0, 0.0, 2 / n], [0.0, 1.0, 0.0]]), (n, n)))
     np.testing.assert_allclose(shift[:, 2], [1.0, 0.0], atol=1e-6)
+
+
+def test_turn_offsets_turns_by_the_rotation_part_measured_on_the_pixel_grid():
+    """On a 40x80 pattern: a pixel-grid rotation by 0.3 rad, stretched by 2 %, turns normalised offsets as that
+    rotation turns the same offsets in pixels."""
+    h, w = 40, 80
+    angle = 0.3
+    rot_px = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    scale = np.diag([w / 2, h / 2])  # normalised (u, v) -> pixels (col, row)
+    linear = np.linalg.inv(scale) @ (rot_px @ np.diag([1.02, 0.99])) @ scale
+    du, dv = np.array([0.1, -0.2, 0.05]), np.array([0.3, 0.1, -0.4])
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    got = np.stack([np.asarray(a) for a in affine.turn_offsets(f32(linear), f32(du), f32(dv), (h, w))], -1)
+    px = np.stack([du * w / 2, dv * h / 2], -1) @ rot_px.T
+    np.testing.assert_allclose(got, px / [w / 2, h / 2], atol=1e-5)

@@ -1,4 +1,6 @@
 """Specifications of the map of a scan: lattice signals, base re-estimation, and calibrated per-position errors."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ from ccstae_jax.data.simulate import SimulationConfig, pattern_function, simulat
 from ccstae_jax.model.geometry import measure_geometry
 from ccstae_jax.model.masks import static_ring_mask
 from ccstae_jax.mapping import bases, fit
-from ccstae_jax.mapping.predict import lattice_signals, subset_rows
+from ccstae_jax.mapping.predict import MapConfig, lattice_signals, rigid_spots_for, subset_rows
 from ccstae_jax.mapping.reference import (lattice_covariance, referenced_strain, region_mask, strain_uncertainty,
                                           warp_covariance)
 from ccstae_jax.model.networks import symmetrize
@@ -97,7 +99,7 @@ def test_a_rigid_pull_puts_strained_wide_disks_back_on_the_base_unstretched():
     assert err_rigid < 0.25 * err_stretched, (err_rigid, err_stretched)
 
 
-def test_a_rigid_pull_moves_pixels_owned_by_no_spot_with_the_affine_warp():
+def test_a_rigid_pull_moves_pixels_owned_by_no_spot_with_the_affine_warp_and_turns_a_spot_with_the_lattice():
     h = w = 16
     centres = jnp.asarray([[[0.0, 0.0], [0.5, 0.5]]], jnp.float32)
     owner = np.ones((1, h, w), np.int32)
@@ -108,8 +110,12 @@ def test_a_rigid_pull_moves_pixels_owned_by_no_spot_with_the_affine_warp():
     xy = np.stack(np.broadcast_arrays(x[None, :], x[:, None]), -1)
     affine_grid = xy @ np.asarray(theta[0, :, :2]).T + np.asarray(theta[0, :, 2])
     np.testing.assert_allclose(grid[0, :4, :4], affine_grid[:4, :4], atol=1e-6)
-    shift = np.asarray(theta[0, :, :2]) @ [0.5, 0.5] + np.asarray(theta[0, :, 2]) - 0.5
-    np.testing.assert_allclose(grid[0, 8:, 8:], xy[8:, 8:] + shift, atol=1e-6)  # spot 1: moved by its centre's shift
+    lin = np.asarray(theta[0, :, :2], np.float64)
+    moved_centre = lin @ [0.5, 0.5] + np.asarray(theta[0, :, 2])
+    angle = np.arctan2(lin[1, 0] - lin[0, 1], lin[0, 0] + lin[1, 1])  # square pattern: the same on the pixel grid
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    want = moved_centre + (xy[8:, 8:] - 0.5) @ turn.T  # spot 1: moved with its centre, turned with the lattice
+    np.testing.assert_allclose(grid[0, 8:, 8:], want, atol=1e-6)
 
 
 def test_a_class_without_patterns_keeps_its_learned_base():
@@ -219,3 +225,15 @@ def test_bases_of_two_phases_are_registered_by_their_lattice_mismatch():
     np.testing.assert_array_equal(theta[0], np.asarray(affine.identity_warp(())))
     lat = np.asarray(affine.lattice_from_warp(jnp.asarray(theta[1]), (64, 64)))
     np.testing.assert_allclose(np.diag(lat), [1.04, 1.04], atol=4e-3)
+
+
+def test_rigid_spots_are_chosen_for_wide_disks_unless_set_and_never_without_a_fit():
+    from ccstae_jax.model.geometry import Geometry
+
+    wide = Geometry(pattern_shape=(200, 200), center=(100.0, 100.0), disk_radius=16.0, spot_spacing=38.0,
+                    symmetry=6, ring=(18.0, 85.0))
+    narrow = dataclasses.replace(wide, disk_radius=3.7)
+    assert rigid_spots_for(MapConfig(), wide) and not rigid_spots_for(MapConfig(), narrow)
+    assert not rigid_spots_for(MapConfig(rigid_spots=False), wide)
+    assert rigid_spots_for(MapConfig(rigid_spots=True), narrow)
+    assert not rigid_spots_for(MapConfig(steps=0), wide)

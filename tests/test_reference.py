@@ -288,7 +288,7 @@ def test_a_mostly_invalid_map_is_flagged():
     assert map_warnings({"valid": np.zeros((4, 4), bool)})[0].startswith("no valid position")
 
 
-def test_wide_disks_mapped_with_a_stretched_base_are_flagged_and_with_rigid_spots_are_not():
+def test_wide_disks_are_flagged_naming_the_rigid_spots_for_a_stretched_base():
     from ccstae_jax.model.geometry import Geometry
 
     maps = _map_with(lambda rng, s: 1e-3 * rng.standard_normal(s), 1e-3)
@@ -296,8 +296,9 @@ def test_wide_disks_mapped_with_a_stretched_base_are_flagged_and_with_rigid_spot
                     symmetry=6, ring=(18.0, 85.0))
     flags = map_warnings(maps, geometry=wide)
     assert len(flags) == 1 and flags[0].startswith("wide disks: their radius (16.0 px) is 44 %")
-    assert "--rigid-spots" in flags[0]
-    assert map_warnings(maps, geometry=wide, rigid_spots=True) == []
+    assert "--no-rigid-spots" in flags[0]
+    (rigid,) = map_warnings(maps, geometry=wide, rigid_spots=True)
+    assert rigid.startswith("wide disks: their radius (16.0 px) is 44 %") and "rigid spots" in rigid
     assert map_warnings(maps, geometry=dataclasses.replace(wide, disk_radius=8.0)) == []
 
 

@@ -30,7 +30,8 @@ class UpdatedBases(NamedTuple):
 
 def rigid_grid(theta: jax.Array, centres: jax.Array, owner: jax.Array) -> jax.Array:
     """Sampling grid ``(B, H, W, 2)`` (normalised ``(x, y)``) that pulls patterns onto the base frame with rigid
-    spots: base pixel ``b`` reads the data at ``b + theta(c) - c``, ``c`` the centre of its spot.
+    spots: base pixel ``b`` reads the data at ``theta(c) + R (b - c)``, ``c`` the centre of its spot and ``R`` the
+    rotation part of ``theta`` (`ccstae_jax.ops.affine.turn_offsets`; the inverse of the fit's model).
 
     Args:
       theta: ``(B, 2, 3)`` pull warps (base frame -> data frame).
@@ -44,7 +45,9 @@ def rigid_grid(theta: jax.Array, centres: jax.Array, owner: jax.Array) -> jax.Ar
     c = jnp.take_along_axis(centres, jnp.maximum(owner, 0).reshape(b, h * w, 1), axis=1).reshape(b, h, w, 2)
     c = jnp.where((owner >= 0)[..., None], c, grid[None])
     moved = jnp.einsum("bij,bhwj->bhwi", theta[:, :, :2], c, precision=_HP) + theta[:, None, None, :, 2]
-    return grid[None] + moved - c
+    offset = grid[None] - c
+    du, dv = affine.turn_offsets(theta[:, None, None, :, :2], offset[..., 0], offset[..., 1], (h, w))
+    return moved + jnp.stack([du, dv], -1)
 
 
 @functools.lru_cache(maxsize=16)

@@ -9,9 +9,12 @@ and the diffuse glow, which stay centred on the zero beam ``z`` of that pattern)
 *rigid spots* (`prepare_bases` given a disk radius) each spot is moved, not stretched: strain moves the diffracted
 disks while each keeps the probe's shape, so a pixel near the spot centred at ``c`` in the base is modelled as
 
-    mu(q) = bg(|q - z|) + spots(c + q - phi^{-1} c),
+    mu(q) = bg(|q - z|) + spots(c + R_phi (q - phi^{-1} c)),
 
-the spot's own pixel offset from where the warp puts its centre. A pixel farther than `RIGID_REACH` disk radii (plus
+the spot's own pixel offset from where the warp puts its centre, turned by ``R_phi``, the rotation part of ``phi``
+(`ccstae_jax.ops.affine.turn_offsets`): a round disk reads the same either way, but whatever surrounds it in the
+base (its edge's tails, a neighbour's, the central disk's) turns with the lattice. The Jacobian leaves out the
+dependence of that turn on ``phi``: it is exact for a round disk. A pixel farther than `RIGID_REACH` disk radii (plus
 2 px) from every spot found in the base (a spot too faint to be found, or the background between spots) is not
 forced onto a distant centre: it moves with the warp. For disks a few pixels wide the two models agree;
 for wide disks a stretched base misplaces their edges by the strain times the disk radius. The
@@ -49,6 +52,9 @@ FINE = 4
 #: Quantile of each radius bin taken as a base's background with rigid spots: their edges are modelled pixel by
 #: pixel, so the background must be free of their tails, which lift the median where wide spots fill a circle.
 RIGID_BACKGROUND_QUANTILE = 0.2
+#: Quantile of each radius bin subtracted from a base before its spots are searched for: wide disks can fill 90 % of
+#: their ring, so only a low quantile leaves their plateau standing.
+SPOT_SEARCH_QUANTILE = 0.05
 #: With rigid spots, base pixels within this many disk radii (plus 2 px) of a found spot centre move with that spot.
 RIGID_REACH = 1.5
 #: Radial bands of the fitted pixels (equal shares of them, innermost first) in which `fit_patterns` measures how
@@ -283,10 +289,13 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
                  threshold: float = 0.15) -> list[np.ndarray]:
     """The spot centres of each base, ``(K, H, W)`` spots -> K arrays ``(n_k, 2)`` (row, col) in pixels.
 
-    A centre is a maximum of the spots smoothed by half a disk radius, the largest within a disk diameter, brighter
-    than ``threshold`` times the brightest one farther from ``center`` than a disk diameter and ``min_radius`` (the
-    fitted region: the central disk's tails must not set the scale), refined to the centroid of the positive spots
-    within a disk radius plus one pixel. The zero beam (``center``) is not among them."""
+    A centre is a maximum of the spots smoothed by half a disk radius (the zero beam's disk, plus 2 px, blanked
+    first, so its edge cannot outshine the first order), the largest within a disk radius (a square window; peaks
+    closer than a disk radius are one disk, the brightest kept: a brighter order nearby must not hide a disk that
+    nearly touches it), brighter than ``threshold`` times the brightest one farther from ``center`` than a disk
+    diameter and ``min_radius`` (the fitted region: the central disk's tails must not set the scale), refined to the
+    centroid of the positive spots within a disk radius plus one pixel. The zero beam (``center``) is not among
+    them."""
     from scipy import ndimage
 
     spots = np.asarray(spots, np.float64)
@@ -295,14 +304,20 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
     far = _radius_image((h, w), center) > max(2 * r_disk, float(min_radius))
     rr, cc = np.mgrid[:h, :w]
     out = []
+    zero_beam = _radius_image((h, w), center) <= r_disk + 2
     for i in range(k):
-        smooth = ndimage.gaussian_filter(spots[i], max(1.0, 0.5 * r_disk))
+        smooth = ndimage.gaussian_filter(np.where(zero_beam, 0.0, spots[i]), max(1.0, 0.5 * r_disk))
         top = smooth[far].max() if far.any() else 0.0
-        size = 2 * int(np.ceil(r_disk)) + 1
+        size = int(np.ceil(r_disk)) | 1
         peaks = (smooth == ndimage.maximum_filter(smooth, size=size)) & far & (smooth > threshold * top) & (top > 0)
+        rows, cols = np.nonzero(peaks)
+        kept = []  # brightest first; a peak within a disk radius of a kept one is the same disk
+        for j in np.argsort(-smooth[rows, cols]):
+            if all((rows[j] - rows[q]) ** 2 + (cols[j] - cols[q]) ** 2 > r_disk ** 2 for q in kept):
+                kept.append(j)
         pos = np.clip(spots[i], 0.0, None)
         found = []
-        for r, c in zip(*np.nonzero(peaks)):
+        for r, c in zip(rows[kept], cols[kept]):
             near = np.hypot(rr - r, cc - c) <= r_disk + 1
             wts = pos[near]
             if wts.sum() <= 0:
@@ -358,8 +373,9 @@ def prepare_bases(
     row and column). ``bases`` ``(K, H, W)`` (scaled as the model scales patterns); ``center`` the base's zero beam
     (row, col) in pixels. ``blur`` > 0 smooths the spots with a Gaussian of that many pixels first: a coarse model
     whose basin is wider, for a first fit from a rough start. ``rigid_radius`` (the disk radius in pixels) makes the
-    spots rigid (module docstring): their centres (`spot_centres`) are found in the unblurred spots, and the background
-    is the `RIGID_BACKGROUND_QUANTILE` of each radius bin instead of its median. ``like``: an earlier table whose pixel
+    spots rigid (module docstring): their centres (`spot_centres`) are found in the unblurred base less the
+    `SPOT_SEARCH_QUANTILE` of each radius bin, and the background is the `RIGID_BACKGROUND_QUANTILE` of each radius
+    bin instead of its median. ``like``: an earlier table whose pixel
     lists and spot lists these are made at least as long as (so the fit compiled for it serves this one)."""
     bases = jnp.asarray(bases, jnp.float32)
     profile = radial_profile(bases, center, 0.5 if rigid_radius is None else RIGID_BACKGROUND_QUANTILE)
@@ -368,7 +384,8 @@ def prepare_bases(
     spots = bases - background
     centres = owner = None
     if rigid_radius is not None:
-        found = spot_centres(np.asarray(spots), center, rigid_radius, min_radius=min_radius)
+        search = jax.vmap(lambda p: profile_at(p, radius))(radial_profile(bases, center, SPOT_SEARCH_QUANTILE))
+        found = spot_centres(np.asarray(bases - search), center, rigid_radius, min_radius=min_radius)
         few = [i for i, c in enumerate(found) if len(c) < 3]
         if few:
             raise ValueError(f"rigid spots: base {few[0]} shows {len(found[few[0]])} diffracted spots beyond "
@@ -421,15 +438,17 @@ def _spot_of(bases: BaseTable, k: jax.Array, phi: jax.Array, u: jax.Array, v: ja
 def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=None, cy=None):
     """Base-frame point ``(x, y)`` that the model reads for data point ``(u, v)`` (normalised): ``phi`` applied to
     it, or with rigid spots the point at the same offset from its spot's centre ``(cx, cy)`` as ``(u, v)`` has from
-    where ``phi`` puts that centre in the data frame (module docstring). Also returns that centre's data-frame
-    position ``(U, V)`` (None without rigid spots)."""
+    where ``phi`` puts that centre in the data frame, turned by the lattice's rotation (module docstring). Also
+    returns that centre's data-frame position ``(U, V)`` (None without rigid spots)."""
     if bases.centres is None:
         return phi[0] * u + phi[1] * v + phi[2], phi[3] * u + phi[4] * v + phi[5], None
     det = phi[0] * phi[4] - phi[1] * phi[3]
     dx, dy = cx - phi[2], cy - phi[5]
     big_u = (phi[4] * dx - phi[1] * dy) / det
     big_v = (phi[0] * dy - phi[3] * dx) / det
-    return cx + u - big_u, cy + v - big_v, (big_u, big_v)
+    linear = jnp.stack([jnp.stack([phi[0], phi[1]]), jnp.stack([phi[3], phi[4]])])
+    du, dv = affine.turn_offsets(linear, u - big_u, v - big_v, bases.mask.shape[-2:])
+    return cx + du, cy + dv, (big_u, big_v)
 
 
 def _pulled_mask(bases: BaseTable, k: jax.Array, phi: jax.Array) -> jax.Array:

@@ -44,7 +44,8 @@ class MapConfig:
       reselect: after this many of them each pattern's fitted pixels are chosen again about its current warp, so
         the pixels fitted are those where its spots' edges are, not where its start put them (0 = never).
       rigid_spots: each spot moves rigidly with its centre instead of the whole base being stretched
-        (`ccstae_jax.mapping.fit`): the right model for disks many pixels wide, measured best on noise-free data.
+        (`ccstae_jax.mapping.fit`): the right model for disks many pixels wide. None: when the run's disks are wide
+        (`ccstae_jax.model.geometry.Geometry.wide_disks`); see `rigid_spots_for`.
       base_update: re-estimate the bases from the aligned patterns of a subset of the scan before the final fit.
       subset: at most this many patterns (whole scan rows, spread over the scan) re-estimate the bases.
       base_rounds: rounds of fitting the subset and re-estimating the bases from it.
@@ -58,7 +59,7 @@ class MapConfig:
 
     steps: int = 5
     reselect: int = 2
-    rigid_spots: bool = False
+    rigid_spots: bool | None = None
     base_update: bool = True
     subset: int = 1024
     base_rounds: int = 2
@@ -79,6 +80,13 @@ class MapConfig:
             raise ValueError(f"share = {self.share!r}: expected 0 < share <= 1")
         if self.interpolation not in fit_lib.INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {fit_lib.INTERPOLATIONS}, got {self.interpolation!r}")
+
+
+def rigid_spots_for(config: MapConfig, geometry) -> bool:
+    """Whether a map with ``config`` fits rigid spots for a run of this ``geometry``: as set, or (None) when its disks
+    are wide. Without a fit (``steps`` 0) there are none."""
+    rigid = geometry.wide_disks if config.rigid_spots is None else bool(config.rigid_spots)
+    return rigid and config.steps > 0
 
 
 # ----------------------------------------------------------------------------------------------- per-batch steps
@@ -246,12 +254,14 @@ def _tables(task, bases, support, config: MapConfig,
             ) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
     """The fine table of ``bases`` and, with `MapConfig.coarse_steps`, the coarse one (spots blurred by half a disk
     radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur); with
-    `MapConfig.rigid_spots` the spots move rigidly (`fit.prepare_bases`). With ``like`` (tables made before), the
-    pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these too."""
+    rigid spots (`rigid_spots_for`) the spots move rigidly (`fit.prepare_bases`). With ``like`` (tables made
+    before), the pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these
+    too."""
     cfg = task.model_cfg
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
-              interpolation=config.interpolation, rigid_radius=geometry.disk_radius if config.rigid_spots else None)
+              interpolation=config.interpolation,
+              rigid_radius=geometry.disk_radius if rigid_spots_for(config, geometry) else None)
     fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, like=None if like is None else like[0], **kw)
     coarse = None
     if config.coarse_steps:

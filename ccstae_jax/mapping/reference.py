@@ -331,9 +331,6 @@ IMPRECISE_STRAIN = 5e-3
 #: A map whose strain spread across the scan is below this share of its own 1-sigma noise is flagged as collapsed:
 #: its values no longer follow the patterns (a well-behaved map spreads at least by its noise).
 COLLAPSE_RATIO = 0.3
-#: Disks whose radius exceeds this share of the first-order spot spacing (their edges under 30 % of the spacing
-#: apart) are wide: a base stretched with the lattice is a poor model of them.
-WIDE_DISK_RATIO = 0.35
 
 
 def map_warnings(maps: dict, *, geometry=None, rigid_spots: bool = False) -> list[str]:
@@ -342,16 +339,21 @@ def map_warnings(maps: dict, *, geometry=None, rigid_spots: bool = False) -> lis
     Flags: no valid position; fewer than half of the positions valid; a median 1-sigma strain above
     `IMPRECISE_STRAIN`; a collapse, strain that varies across the scan (robust spread, 1.4826 x the median
     absolute deviation, of strain_xx and strain_yy) less than `COLLAPSE_RATIO` times its own median 1-sigma; and,
-    given the run's ``geometry`` (`ccstae_jax.model.geometry.Geometry`), disks wider than `WIDE_DISK_RATIO` of the
-    first-order spot spacing mapped with a stretched base (``rigid_spots`` False).
+    given the run's ``geometry`` (`ccstae_jax.model.geometry.Geometry`), wide disks (`Geometry.wide_disks`): with
+    a stretched base (``rigid_spots`` False) such a map can be several 1e-3 off; with rigid spots, noisy maps of such
+    disks have read strain toward zero beyond their error bars.
     """
     out = []
-    if geometry is not None and not rigid_spots and geometry.disk_radius > WIDE_DISK_RATIO * geometry.spot_spacing:
-        out.append(f"wide disks: their radius ({geometry.disk_radius:.1f} px) is "
-                   f"{100 * geometry.disk_radius / geometry.spot_spacing:.0f} % of the spot spacing "
-                   f"({geometry.spot_spacing:.1f} px), and a base stretched with the lattice misplaces such disks' "
-                   "edges, which can leave the strain several 1e-3 off with nothing else showing it; map again with "
-                   "--rigid-spots and compare")
+    if geometry is not None and geometry.wide_disks:
+        wide = (f"wide disks: their radius ({geometry.disk_radius:.1f} px) is "
+                f"{100 * geometry.disk_radius / geometry.spot_spacing:.0f} % of the spot spacing "
+                f"({geometry.spot_spacing:.1f} px)")
+        if rigid_spots:
+            out.append(f"{wide}; fitted as rigid spots they map right on clean data, but on noisy simulated scans such "
+                       "maps read each grain's strain up to a few 1e-3 toward zero, beyond their error bars")
+        else:
+            out.append(f"{wide}, and a base stretched with the lattice misplaces such disks' edges, which can leave "
+                       "the strain several 1e-3 off with nothing else showing it; map them without --no-rigid-spots")
     valid = np.asarray(maps["valid"], bool)
     if not valid.any():
         return out + ["no valid position: nothing in this scan could be measured"]

@@ -42,6 +42,9 @@ SYMMETRIES = (6, 4, 2)
 #: are not: a crystal without inversion symmetry, e.g. 1H-WS2 under dynamical scattering, breaks Friedel's law and
 #: has a 3rd harmonic.)
 NOISE_ORDERS = (1, 5, 7, 11)
+#: Disks whose radius exceeds this share of the first-order spot spacing (their edges under 30 % of the spacing
+#: apart) are wide: a base stretched with the lattice is a poor model of them, and `ccstae map` moves them rigidly.
+WIDE_DISK_RATIO = 0.35
 
 
 class GeometryError(ValueError):
@@ -115,6 +118,11 @@ class Geometry:
         to the background, which does not move with the lattice. Halfway to the first-order spots, or just outside
         the central disk when disks overlap."""
         return max(0.5 * self.spot_spacing, self.disk_radius + 1.0)
+
+    @property
+    def wide_disks(self) -> bool:
+        """Whether the disk radius exceeds `WIDE_DISK_RATIO` of the first-order spot spacing."""
+        return self.disk_radius > WIDE_DISK_RATIO * self.spot_spacing
 
     def describe(self) -> str:
         """One line for people: what was measured and the radii derived from it."""
