@@ -301,10 +301,11 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
     spots = np.asarray(spots, np.float64)
     k, h, w = spots.shape
     r_disk = max(float(disk_radius), 0.5)
-    far = _radius_image((h, w), center) > max(2 * r_disk, float(min_radius))
+    radius = _radius_image((h, w), center)
+    far = radius > max(2 * r_disk, float(min_radius))
+    zero_beam = radius <= r_disk + 2
     rr, cc = np.mgrid[:h, :w]
     out = []
-    zero_beam = _radius_image((h, w), center) <= r_disk + 2
     for i in range(k):
         smooth = ndimage.gaussian_filter(np.where(zero_beam, 0.0, spots[i]), max(1.0, 0.5 * r_disk))
         top = smooth[far].max() if far.any() else 0.0
@@ -375,8 +376,8 @@ def prepare_bases(
     whose basin is wider, for a first fit from a rough start. ``rigid_radius`` (the disk radius in pixels) makes the
     spots rigid (module docstring): their centres (`spot_centres`) are found in the unblurred base less the
     `SPOT_SEARCH_QUANTILE` of each radius bin, and the background is the `RIGID_BACKGROUND_QUANTILE` of each radius
-    bin instead of its median. ``like``: an earlier table whose pixel
-    lists and spot lists these are made at least as long as (so the fit compiled for it serves this one)."""
+    bin instead of its median. ``like``: an earlier table whose pixel lists and spot lists these are made at least as
+    long as (so the fit compiled for it serves this one)."""
     bases = jnp.asarray(bases, jnp.float32)
     profile = radial_profile(bases, center, 0.5 if rigid_radius is None else RIGID_BACKGROUND_QUANTILE)
     radius = jnp.asarray(_radius_image(bases.shape[-2:], center))
@@ -439,16 +440,18 @@ def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=N
     """Base-frame point ``(x, y)`` that the model reads for data point ``(u, v)`` (normalised): ``phi`` applied to
     it, or with rigid spots the point at the same offset from its spot's centre ``(cx, cy)`` as ``(u, v)`` has from
     where ``phi`` puts that centre in the data frame, turned by the lattice's rotation (module docstring). Also
-    returns that centre's data-frame position ``(U, V)`` (None without rigid spots)."""
+    returns that centre's data-frame position ``(U, V)`` and the turn (`ccstae_jax.ops.affine.turn_matrix`), or
+    None without rigid spots."""
     if bases.centres is None:
         return phi[0] * u + phi[1] * v + phi[2], phi[3] * u + phi[4] * v + phi[5], None
     det = phi[0] * phi[4] - phi[1] * phi[3]
     dx, dy = cx - phi[2], cy - phi[5]
     big_u = (phi[4] * dx - phi[1] * dy) / det
     big_v = (phi[0] * dy - phi[3] * dx) / det
-    linear = jnp.stack([jnp.stack([phi[0], phi[1]]), jnp.stack([phi[3], phi[4]])])
-    du, dv = affine.turn_offsets(linear, u - big_u, v - big_v, bases.mask.shape[-2:])
-    return cx + du, cy + dv, (big_u, big_v)
+    turn = affine.turn_matrix(jnp.stack([jnp.stack([phi[0], phi[1]]), jnp.stack([phi[3], phi[4]])]),
+                              bases.mask.shape[-2:])
+    du, dv = u - big_u, v - big_v
+    return cx + turn[0, 0] * du + turn[0, 1] * dv, cy + turn[1, 0] * du + turn[1, 1] * dv, (big_u, big_v, turn)
 
 
 def _pulled_mask(bases: BaseTable, k: jax.Array, phi: jax.Array) -> jax.Array:
@@ -572,10 +575,11 @@ def fit_patterns(
             gu, gv = s[:, 2] * (w / 2), s[:, 1] * (h / 2)  # per normalised unit
             if centre is None:  # d(phi q)/d(phi)
                 lever_u, lever_v = u, v
-            else:  # d(c - phi^{-1} c)/d(phi) = A^{-1} e_a [U, V, 1]_b: the gradient turned by A^{-T}
+            else:  # d(c + T (q - phi^{-1} c))/d(phi) = T A^{-1} e_a [U, V, 1]_b: the gradient turned by T^T, A^{-T}
+                lever_u, lever_v, turn = centre
+                gu, gv = turn[0, 0] * gu + turn[1, 0] * gv, turn[0, 1] * gu + turn[1, 1] * gv
                 det = phi[0] * phi[4] - phi[1] * phi[3]
                 gu, gv = (phi[4] * gu - phi[3] * gv) / det, (phi[0] * gv - phi[1] * gu) / det
-                lever_u, lever_v = centre
             jac = jnp.stack([gu * lever_u, gu * lever_v, gu, gv * lever_u, gv * lever_v, gv], -1)
             return mu, jac
 

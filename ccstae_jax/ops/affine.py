@@ -235,19 +235,26 @@ def inv2(m: ArrayLike) -> Array:
     return jnp.stack([jnp.stack([d, -b], -1), jnp.stack([-c, a], -1)], -2) / det[..., None, None]
 
 
-def turn_offsets(linear: ArrayLike, du: ArrayLike, dv: ArrayLike, shape: tuple[int, int]) -> tuple[Array, Array]:
-    """Offsets ``(du, dv)`` (warp frame, normalised) turned by the rotation part of the linear map ``linear``
-    ``(..., 2, 2)`` (warp frame), the turn measured on the pixel grid of a ``shape = (H, W)`` pattern (normalised
-    units differ along rows and columns when ``H != W``). The rotation part is the nearest rotation to the map:
-    angle ``atan2(a_10 - a_01, a_00 + a_11)`` of its pixel-unit matrix. Broadcasts over the leading axes."""
+def turn_matrix(linear: ArrayLike, shape: tuple[int, int]) -> Array:
+    """The rotation part of the linear map ``linear`` ``(..., 2, 2)`` (warp frame, normalised) as a map of normalised
+    offsets, ``(..., 2, 2)``: the nearest rotation to the map measured on the pixel grid of a ``shape = (H, W)``
+    pattern (angle ``atan2(a_10 - a_01, a_00 + a_11)`` of its pixel-unit matrix), expressed back in normalised units
+    (which differ along rows and columns when ``H != W``)."""
     m = jnp.asarray(linear)
     h, w = shape
     a01 = m[..., 0, 1] * (w / h)  # the map in pixel units: diag(W, H) A diag(W, H)^{-1}
     a10 = m[..., 1, 0] * (h / w)
     angle = jnp.arctan2(a10 - a01, m[..., 0, 0] + m[..., 1, 1])
     c, s = jnp.cos(angle), jnp.sin(angle)
+    return jnp.stack([jnp.stack([c, -s * (h / w)], -1), jnp.stack([s * (w / h), c], -1)], -2)
+
+
+def turn_offsets(linear: ArrayLike, du: ArrayLike, dv: ArrayLike, shape: tuple[int, int]) -> tuple[Array, Array]:
+    """Offsets ``(du, dv)`` (warp frame, normalised) turned by the rotation part of ``linear`` (`turn_matrix`).
+    Broadcasts over the leading axes."""
+    t = turn_matrix(linear, shape)
     du, dv = jnp.asarray(du), jnp.asarray(dv)
-    return c * du - s * dv * (h / w), s * du * (w / h) + c * dv
+    return t[..., 0, 0] * du + t[..., 0, 1] * dv, t[..., 1, 0] * du + t[..., 1, 1] * dv
 
 
 def wrap_angle(angle, period: float):
