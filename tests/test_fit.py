@@ -76,40 +76,42 @@ def test_spot_centres_are_found_beside_a_central_beam_whose_tails_outshine_them(
     assert (np.abs(radii - g) < 0.5).sum() == 6
 
 
-def test_rigid_spots_anchor_the_first_order_of_disks_that_nearly_touch():
-    """16-px flat disks 38 px apart (a large condenser aperture): the six first-order disks must be among the
-    rigid spots, not left to move with the warp."""
+def _wide_disks(labels):
+    """Noise-free simulator patterns of 16-px flat disks 38 px apart (a large condenser aperture), ``(N, 200, 200)``,
+    for lattice parameters ``labels`` ``(N, 4)``, the zero beam (row, col) and the first-order spot spacing (px)."""
     from ccstae_jax.data.simulate import SimulationConfig, render_patterns
 
     config = SimulationConfig(scan_shape=(1, 1), n_grains=1, noise_level=0.0, detector_size=256, disk_radius=16.0)
-    base = jnp.asarray(render_patterns([[0.0, 0.0, 0.0, 0.3]], config))
+    return (jnp.asarray(render_patterns(labels, config)), tuple(float(c) for c in config.pattern_centre),
+            config.spot_spacing)
+
+
+def test_rigid_spots_anchor_the_first_order_of_disks_that_nearly_touch():
+    """The six first-order disks of 16-px disks 38 px apart must be among the rigid spots, not left to move with the
+    warp."""
+    base, centre, spacing = _wide_disks([[0.0, 0.0, 0.0, 0.3]])
     h, w = base.shape[-2:]
-    centre = tuple(float(c) for c in config.pattern_centre)
     table = fit.prepare_bases(base, centre, min_radius=17.5, rigid_radius=16.0)
     x, y = (np.asarray(table.centres[0, 1:, i]) for i in (0, 1))  # index 0: the zero beam; then spots and padding
     radii = np.hypot((x + 1) * w / 2 - 0.5 - centre[1], (y + 1) * h / 2 - 0.5 - centre[0])
-    assert (np.abs(radii - config.spot_spacing) < 1.0).sum() == 6, np.sort(radii[radii < 300])
+    assert (np.abs(radii - spacing) < 1.0).sum() == 6, np.sort(radii[radii < 300])
 
 
 def test_rigid_spots_recover_the_strain_of_wide_disks_turned_half_a_radian_from_their_base():
     """A grain turned against the base: each disk moves with its centre and its surroundings turn with the lattice
-    (16-px flat disks 38 px apart, noise-free, fit started at the turn with no strain)."""
-    from ccstae_jax.data.simulate import SimulationConfig, render_patterns
-
-    config = SimulationConfig(scan_shape=(1, 1), n_grains=1, noise_level=0.0, detector_size=256, disk_radius=16.0)
+    (16-px flat disks, noise-free, fit started at the turn with no strain)."""
     rng = np.random.default_rng(0)
     turn = 0.5
     labels = np.concatenate([rng.uniform(-0.015, 0.015, (6, 3)), np.full((6, 1), 0.3 + turn)], 1)
-    data = jnp.asarray(render_patterns(labels, config))
-    base = jnp.asarray(render_patterns([[0.0, 0.0, 0.0, 0.3]], config))
-    h, w = base.shape[-2:]
-    centre = tuple(float(c) for c in config.pattern_centre)
-    start = affine.warp_from_lattice(affine.lattice_from_strain(*(jnp.zeros(6),) * 3, jnp.full(6, turn)), (h, w))
+    data, centre, _ = _wide_disks(labels)
+    base, _, _ = _wide_disks([[0.0, 0.0, 0.0, 0.3]])
+    size = base.shape[-1]
+    start = affine.warp_from_lattice(affine.lattice_from_strain(*(jnp.zeros(6),) * 3, jnp.full(6, turn)),
+                                     (size, size))
     table = fit.prepare_bases(base, centre, min_radius=17.5, rigid_radius=16.0)
     res = fit.fit_patterns(start, data, jnp.tile(jnp.asarray(centre, jnp.float32), (6, 1)), jnp.zeros(6, jnp.int32),
                            table, steps=10)
-    got = affine.strain_from_affine(affine.lattice_from_warp(res.theta, (h, w)))
-    err = np.stack([np.asarray(got[k]) for k in NAMES], -1) - labels[:, :3]
+    err = _strain(res.theta, size) - labels[:, :3]
     assert np.abs(err).max() < 1e-3 and np.abs(err).mean() < 3e-4, err
 
 
