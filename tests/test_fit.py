@@ -115,6 +115,34 @@ def test_rigid_spots_recover_the_strain_of_wide_disks_turned_half_a_radian_from_
     assert np.abs(err).max() < 1e-3 and np.abs(err).mean() < 3e-4, err
 
 
+def test_rigid_jacobian_is_the_derivative_of_the_model_with_the_turn_held():
+    """The rigid model's Jacobian is the base's gradient at the point read, chained through that point's dependence
+    on ``phi`` (via its spot's centre, the turn held at its value as the fit assumes), at a strained, turned warp."""
+    base, centre, _ = _wide_disks([[0.0, 0.0, 0.0, 0.3]])
+    h, w = base.shape[-2:]
+    table = fit.prepare_bases(base, centre, min_radius=17.5, rigid_radius=16.0)
+    lattice = affine.lattice_from_strain(jnp.float32(0.02), jnp.float32(-0.01), jnp.float32(0.015), jnp.float32(0.4))
+    phi = affine.invert(affine.warp_from_lattice(lattice, (h, w))).reshape(6)
+    rows, cols = np.nonzero(np.asarray(fit._pulled_mask(table, jnp.int32(0), phi)))
+    u = affine.pixel_centre(jnp.asarray(cols, jnp.float32), w)
+    v = affine.pixel_centre(jnp.asarray(rows, jnp.float32), h)
+    k = jnp.int32(0)
+    spot = fit._spot_of(table, k, phi, u, v)
+    _, jac = fit._model(table, k, phi, u, v, spot, (h, w), jnp.zeros(u.shape))
+    turn = affine.turn_matrix(phi.reshape(2, 3)[:, :2], (h, w))
+
+    def point_read(p):
+        pu, pv, _ = fit._preimage(table, p, u, v, *spot, turn=turn)
+        return jnp.stack([pu, pv], -1)
+
+    pu, pv = point_read(phi).T
+    s = fit._sample_table(table.table, k, ((pv + 1) * h - 1) / 2, ((pu + 1) * w - 1) / 2)
+    gradient = jnp.stack([s[:, 2] * (w / 2), s[:, 1] * (h / 2)], -1)  # per normalised unit along x (cols), y (rows)
+    want = jnp.einsum("pa,pai->pi", gradient, jax.jacfwd(point_read)(phi))  # (N, 2) x (N, 2, 6)
+    chex.assert_shape(jac, (len(rows), 6))
+    np.testing.assert_allclose(np.asarray(jac), np.asarray(want), rtol=1e-3, atol=1e-4 * float(jnp.abs(want).max()))
+
+
 def _two_order_pattern(size, g, sigma, m, faint):
     """Six spots at ``g`` and six ``faint`` times dimmer at ``sqrt(3) g``, all moved by the (row, col) matrix ``m``."""
     rows, cols = np.mgrid[:size, :size] - size // 2

@@ -436,20 +436,20 @@ def _spot_of(bases: BaseTable, k: jax.Array, phi: jax.Array, u: jax.Array, v: ja
     return jnp.where(j >= 0, c[..., 0], px), jnp.where(j >= 0, c[..., 1], py)
 
 
-def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=None, cy=None):
+def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=None, cy=None, turn=None):
     """Base-frame point ``(x, y)`` that the model reads for data point ``(u, v)`` (normalised): ``phi`` applied to
     it, or with rigid spots the point at the same offset from its spot's centre ``(cx, cy)`` as ``(u, v)`` has from
-    where ``phi`` puts that centre in the data frame, turned by the lattice's rotation (module docstring). Also
-    returns that centre's data-frame position ``(U, V)`` and the turn (`ccstae_jax.ops.affine.turn_matrix`), or
-    None without rigid spots."""
+    where ``phi`` puts that centre in the data frame, turned by the lattice's rotation (module docstring; ``turn``
+    ``(2, 2)`` given: that turn instead of ``phi``'s). Also returns that centre's data-frame position ``(U, V)`` and
+    the turn (`ccstae_jax.ops.affine.turn_matrix`), or None without rigid spots."""
     if bases.centres is None:
         return phi[0] * u + phi[1] * v + phi[2], phi[3] * u + phi[4] * v + phi[5], None
     det = phi[0] * phi[4] - phi[1] * phi[3]
     dx, dy = cx - phi[2], cy - phi[5]
     big_u = (phi[4] * dx - phi[1] * dy) / det
     big_v = (phi[0] * dy - phi[3] * dx) / det
-    turn = affine.turn_matrix(jnp.stack([jnp.stack([phi[0], phi[1]]), jnp.stack([phi[3], phi[4]])]),
-                              bases.mask.shape[-2:])
+    if turn is None:
+        turn = affine.turn_matrix(phi.reshape(2, 3)[:, :2], bases.mask.shape[-2:])
     du, dv = u - big_u, v - big_v
     return cx + turn[0, 0] * du + turn[0, 1] * dv, cy + turn[1, 0] * du + turn[1, 1] * dv, (big_u, big_v, turn)
 
@@ -506,6 +506,26 @@ def _sample_table(table: jax.Array, k: jax.Array, rows: jax.Array, cols: jax.Arr
     top = a + tc * (b - a)
     bottom = c + tc * (d - c)
     return top + tr * (bottom - top)
+
+
+def _model(bases: BaseTable, k: jax.Array, phi: jax.Array, u: jax.Array, v: jax.Array, spot, shape, bg):
+    """The model mean ``mu`` ``(N,)`` at data points ``(u, v)`` ``(N,)`` (normalised) of a pattern of shape ``shape``
+    read from base ``k`` through ``phi`` ``(6,)``, on the background ``bg`` ``(N,)``, and its Jacobian ``(N, 6)``
+    with respect to ``phi``. ``spot``: the spot centres ``(cx, cy)`` of the points (`_spot_of`), or ``(None, None)``
+    without rigid spots."""
+    h, w = shape
+    pu, pv, centre = _preimage(bases, phi, u, v, *spot)
+    s = _sample_table(bases.table, k, ((pv + 1) * h - 1) / 2, ((pu + 1) * w - 1) / 2)
+    mu = bg + s[:, 0]
+    gu, gv = s[:, 2] * (w / 2), s[:, 1] * (h / 2)  # per normalised unit
+    if centre is None:  # d(phi q)/d(phi)
+        lever_u, lever_v = u, v
+    else:  # d(c + T (q - phi^{-1} c))/d(phi) = T A^{-1} e_a [U, V, 1]_b: the gradient turned by T^T, A^{-T}
+        lever_u, lever_v, turn = centre
+        gu, gv = turn[0, 0] * gu + turn[1, 0] * gv, turn[0, 1] * gu + turn[1, 1] * gv
+        det = phi[0] * phi[4] - phi[1] * phi[3]
+        gu, gv = (phi[4] * gu - phi[3] * gv) / det, (phi[0] * gv - phi[1] * gu) / det
+    return mu, jnp.stack([gu * lever_u, gu * lever_v, gu, gv * lever_u, gv * lever_v, gv], -1)
 
 
 def fit_patterns(
@@ -569,19 +589,7 @@ def fit_patterns(
         spot = (None, None) if bases.centres is None else _spot_of(bases, k, phi_start, u, v)
 
         def model(phi):
-            pu, pv, centre = _preimage(bases, phi, u, v, *spot)
-            s = _sample_table(bases.table, k, ((pv + 1) * h - 1) / 2, ((pu + 1) * w - 1) / 2)
-            mu = bg + s[:, 0]
-            gu, gv = s[:, 2] * (w / 2), s[:, 1] * (h / 2)  # per normalised unit
-            if centre is None:  # d(phi q)/d(phi)
-                lever_u, lever_v = u, v
-            else:  # d(c + T (q - phi^{-1} c))/d(phi) = T A^{-1} e_a [U, V, 1]_b: the gradient turned by T^T, A^{-T}
-                lever_u, lever_v, turn = centre
-                gu, gv = turn[0, 0] * gu + turn[1, 0] * gv, turn[0, 1] * gu + turn[1, 1] * gv
-                det = phi[0] * phi[4] - phi[1] * phi[3]
-                gu, gv = (phi[4] * gu - phi[3] * gv) / det, (phi[0] * gv - phi[1] * gu) / det
-            jac = jnp.stack([gu * lever_u, gu * lever_v, gu, gv * lever_u, gv * lever_v, gv], -1)
-            return mu, jac
+            return _model(bases, k, phi, u, v, spot, (h, w), bg)
 
         def weights(mu):
             top = jnp.max(jnp.where(used > 0, mu, -jnp.inf))
