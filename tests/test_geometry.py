@@ -62,6 +62,19 @@ def test_lattice_symmetry_is_read_from_the_angular_harmonics(lattice, order):
     assert measure_geometry(x).symmetry == order
 
 
+@pytest.mark.parametrize("lattice", ["hexagonal", "square", "rectangular"])
+def test_the_first_order_spacing_and_the_loss_ring_hold_the_first_order_spots_of_every_lattice(lattice):
+    """Strain leaks a square lattice's second-order spots into orders 2, 6 and 10: its first order, seen in orders 4, 8
+    and 12 nearer the zero beam, must still be the one measured. A rectangular lattice has two first-order
+    distances (``1/a`` and ``1/b``): the spacing lies between them."""
+    cfg, x, _ = _scan(lattice=lattice)
+    geo = measure_geometry(x)
+    longest = _first_order(cfg) * (cfg.lattice_aspect if lattice == "rectangular" else 1.0)
+    assert _first_order(cfg) - 1.5 <= geo.spot_spacing <= longest + 1.5
+    inner, outer = geo.ring
+    assert inner <= _first_order(cfg) - cfg.disk_radius and outer > _first_order(cfg) + cfg.disk_radius
+
+
 def test_a_given_symmetry_or_ring_overrides_the_measured_one():
     _, x, _ = _scan()
     geo = measure_geometry(x, symmetry=4, ring=(20.0, 60.0))

@@ -11,13 +11,15 @@ Measurements (pixels, pattern frame: rows = Qx, columns = Qy):
 * **zero beam** of each pattern (`zero_beam`): the centroid of the part of the (3x3-smoothed) pattern above half its
   maximum, i.e. of the central disk, which holds most of the intensity. Its median over the sample is ``center``;
   its spread is the descan ``drift``, and a plane fitted to it over the scan positions gives the descan gradient.
-* **spot spacing and disk radius** from `spot_profile`, the radial profile of the patterns' even angular harmonics
-  above their odd ones (patterns shifted by whole pixels onto a common zero beam first): its bumps are the rings of
-  spots, free of any radially symmetric background and of the noise. The first bump sits at the first-order spacing
-  ``spot_spacing``; its half width at half maximum is ``1/sqrt(2)`` of the disk radius for flat disks (a squared
-  chord profile) and about the radius for small spots; ``disk_radius`` is the half width times ``sqrt(2)``. The
-  central disk itself is not used: a diffuse glow around the zero beam (noise, inelastic scattering) hides its
-  edge.
+* **disk radius** from the central disk of the mean pattern (`central_disk_radius`): where its radial profile falls
+  steeply. Every diffracted disk has the probe's radius.
+* **spot spacing** from `spot_profile`, the radial profile of the patterns' even angular harmonics above their odd
+  ones (patterns shifted by whole pixels onto a common zero beam first): its bumps are the rings of spots, free of any
+  radially symmetric background and of the noise. The first bump starts at the inner edge of the first-order disks;
+  ``spot_spacing`` is its peak, at least a disk radius beyond that edge (`_ring_extent`). Orders 2, 6 and 10 are
+  looked at first; orders 4, 8 and 12 where they show a disk radius nearer the zero beam (a square lattice). For
+  disks wider than about a quarter of the spacing the peak is biased: the harmonics of a ring of disks that fill
+  most of it peak toward the disks' edges.
 * **symmetry** from the angular harmonics of each pattern in the annulus of the first-order spots: a hexagonal
   lattice has only multiples of 6, a square one of 4, a rectangular one of 2 (Friedel symmetry removes the odd
   ones, which therefore measure the noise).
@@ -25,7 +27,6 @@ Measurements (pixels, pattern frame: rows = Qx, columns = Qy):
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,6 @@ import numpy as np
 
 from ccstae_jax.model.masks import pixel_radii
 
-#: Half width at half maximum of the squared chord profile of a flat disk (the radial profile of a ring of disks in
-#: `spot_profile`), as a fraction of the disk radius: ``r^2 - rho^2 = r^2 / 2``.
-_CHORD_HWHM = math.sqrt(0.5)
 #: Symmetry orders recognised, from the most to the least symmetric.
 SYMMETRIES = (6, 4, 2)
 #: Angular orders no 2-, 3-, 4- or 6-fold lattice has (coprime to 12): their power in a ring is noise. (Odd orders
@@ -204,8 +202,9 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
     diameter are together more than 4 standard errors above the noise (the significance of each annulus summed over
     the window and divided by its square root: wide, faint disks are found from their many annuli) and their mean
     profile is above 2 % of its largest value (in noise-free data every annulus is "significant"). Orders 2, 6 and 10
-    are looked at from just outside the central disk; when they show nothing (a square lattice), orders 4, 8 and 12
-    from 3 pixels farther out, past the grid aliasing of the zero beam. The first radius is the inner edge of the
+    are looked at from just outside the central disk, orders 4, 8 and 12 from 3 pixels farther out, past the grid
+    aliasing of the zero beam; the latter are used when the former show nothing or show only a disk radius (and 2
+    px) farther out (a square lattice). The first radius is the inner edge of the
     first-order disks; the first-order distance is the peak of the showing order's profile within a disk diameter
     beyond it, at least a disk radius beyond it (the middle of a wide disk carries little angular structure).
     ``profiles``, ``z``: `spot_profile` in 1-pixel annuli."""
@@ -213,6 +212,7 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
     radii = np.arange(n) + 0.5
     width = max(1, int(round(disk_radius)))
     kernel = np.ones(width)
+    found = []
     for rows, start in (((0, 2, 4), core + 1.0), ((1, 3, 5), core + 3.0)):
         inside = radii >= start
         shows = np.zeros(n, bool)
@@ -232,7 +232,13 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
             window = slice(idx[0], min(n, idx[0] + width + 4))
             value = np.where(np.isfinite(profiles[best, :n]), profiles[best, :n], 0.0)
             peak = float(radii[window][np.argmax(value[window])])
-            return first, float(min(r_max, radii[idx[-1]] + width)), max(peak, first + disk_radius)
+            found.append((first, float(min(r_max, radii[idx[-1]] + width)), max(peak, first + disk_radius)))
+    if found:
+        # Orders 4, 8, 12 showing a disk radius (and 2 px) nearer the zero beam than orders 2, 6, 10: a square lattice,
+        # whose second-order spots leak a little into orders 2, 6, 10 under strain.
+        if len(found) == 2 and found[1][0] < found[0][0] - max(2.0, disk_radius):
+            return found[1]
+        return found[0]
     raise GeometryError(
         f"no diffraction spots found outside the central disk (zero beam at ({center[0]:.1f}, {center[1]:.1f}) px, "
         f"central disk and glow out to ~{core:.1f} px): no radius within {r_max:.0f} px shows a significant "
