@@ -10,8 +10,8 @@ import pytest
 
 from ccstae_jax.ops import affine
 from ccstae_jax.evaluate.metrics import error_table, referenced_labels
-from ccstae_jax.mapping.reference import (lattice_covariance, map_warnings, mixing_uncertainty, referenced_strain,
-                                          region_mask, strain_maps, strain_uncertainty)
+from ccstae_jax.mapping.reference import (lattice_covariance, map_warnings, mixing_uncertainty, reference_deformation,
+                                          referenced_strain, region_mask, strain_maps, strain_uncertainty)
 from ccstae_jax.report.files import read_strain_h5, write_strain_h5
 
 
@@ -214,10 +214,60 @@ def test_the_reference_region_adds_its_own_uncertainty_to_every_position():
     ref = region_mask((8, 8), (0, 2, 0, 2)).reshape(-1)
     cov = np.broadcast_to(np.eye(4) * 1e-8, (64, 4, 4)).copy()
     sigma = strain_uncertainty(lat, cov, ref)
-    alone = np.sqrt(np.pi / 2 / ref.sum())  # the median of 4 reference positions, relative to one position
+    alone = np.sqrt(1 / ref.sum())  # the weighted mean of 4 equal reference positions, relative to one position
     assert (sigma["reference_strain_xx"] > 0).all()
     np.testing.assert_allclose(sigma["reference_strain_xx"][ref], alone * np.sqrt(1e-8), rtol=0.05)
     assert (sigma["strain_xx"] > sigma["reference_strain_xx"]).all()
+
+
+def _noisy_region(rng, k, sigma, draws):
+    """``draws`` reference regions of ``k`` positions: a strained, turned lattice plus Gaussian noise of ``sigma`` on
+    each entry, ``(draws, k, 2, 2)``, the true deformation, and the per-position covariance ``(k, 4, 4)``."""
+    truth = np.asarray(affine.lattice_from_strain(0.004, -0.002, 0.001, 0.3), np.float64)
+    lat = truth + sigma * rng.normal(size=(draws, k, 2, 2))
+    return lat, truth, np.broadcast_to(np.eye(4) * sigma**2, (k, 4, 4))
+
+
+def test_the_reference_is_the_error_weighted_mean_with_the_variance_it_reports():
+    """Over many noise draws the reference scatters as its covariance says, with 2/pi the variance of the median."""
+    rng = np.random.default_rng(0)
+    lat, truth, cov = _noisy_region(rng, 16, 1e-3, 400)
+    sel = np.ones(16, bool)
+    refs = [reference_deformation(x, sel, lattice_cov=cov) for x in lat]
+    assert all(r.method == "weighted mean" for r in refs)
+    err = np.stack([r.matrix - truth for r in refs]).reshape(-1, 4)
+    reported = np.mean([np.diag(r.covariance) for r in refs], 0)
+    np.testing.assert_allclose(err.var(0), reported, rtol=0.2)
+    np.testing.assert_allclose(reported, 1e-6 / 16, rtol=0.15)
+    median_err = (np.median(lat, axis=1) - truth).reshape(-1, 4)
+    assert 1.3 < median_err.var(0).mean() / err.var(0).mean() < 1.9  # pi / 2 for Gaussian noise
+
+
+def test_a_reference_position_from_another_grain_is_left_out_of_the_mean():
+    rng = np.random.default_rng(1)
+    lat, truth, cov = _noisy_region(rng, 16, 1e-3, 1)
+    lat = lat[0]
+    lat[5] = truth * 1.02  # a neighbouring grain, 2 % larger
+    ref = reference_deformation(lat, np.ones(16, bool), lattice_cov=cov)
+    assert ref.method == "weighted mean" and not ref.used[5] and ref.used.sum() == 15
+    np.testing.assert_allclose(ref.matrix, np.delete(lat, 5, 0).mean(0), atol=1e-9)
+
+
+def test_a_reference_region_of_two_grains_in_equal_shares_falls_back_to_the_median():
+    rng = np.random.default_rng(2)
+    lat, truth, cov = _noisy_region(rng, 16, 1e-4, 1)
+    lat = lat[0]
+    lat[8:] *= 1.02
+    ref = reference_deformation(lat, np.ones(16, bool), lattice_cov=cov)
+    assert ref.method == "median"
+
+
+def test_without_error_bars_every_reference_position_weighs_the_same():
+    rng = np.random.default_rng(3)
+    lat, _, _ = _noisy_region(rng, 16, 1e-3, 1)
+    ref = reference_deformation(lat[0], np.ones(16, bool))
+    assert ref.method == "weighted mean"
+    np.testing.assert_allclose(ref.matrix, lat[0][ref.used].mean(0), atol=1e-12)
 
 
 def test_lattice_covariance_maps_the_warp_covariance_through_the_lattice():

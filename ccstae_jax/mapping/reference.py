@@ -5,8 +5,9 @@ x = detector Qx = axis 2 of the data (rows of a pattern), y = Qy = axis 3 (colum
 real-space lattice strain along x and y (positive = lattice stretched = spots move inward); ``shear_xy``: tensor
 shear; ``rotation``: radians, counter-clockwise from +Qx toward +Qy. All are relative to a reference:
 ``T = M M_ref^{-1} = (I + eps) R(rotation)`` (left polar decomposition), where ``M`` is each pattern's real-space
-lattice deformation relative to the base and ``M_ref`` the reference (median over a scan region, else over the whole
-scan). Rotations are taken modulo the lattice symmetry (``2 pi / symmetry``) around the reference orientation, with
+lattice deformation relative to the base and ``M_ref`` the reference (`reference_deformation`: the error-weighted
+mean of a scan region's positions, outliers left out, else their median; the whole scan when no region is given).
+Rotations are taken modulo the lattice symmetry (``2 pi / symmetry``) around the reference orientation, with
 circular statistics.
 
 **Detector distortion.** An elliptical distortion ``D`` of the projector lenses stretches every pattern alike; with
@@ -73,9 +74,98 @@ def _distortion(p_ref: np.ndarray) -> Distortion:
     return Distortion(s, ell, angle)
 
 
+#: A reference position whose deformation lies farther than this from the region's median, in its own standard
+#: errors (squared Mahalanobis distance of the four entries), is left out of the reference mean: the 0.999 quantile
+#: of chi-square with 4 degrees of freedom.
+REFERENCE_OUTLIER_CHI2 = 18.47
+
+
+class Reference(NamedTuple):
+    """The reference deformation ``M_ref`` ``(2, 2)`` of `reference_deformation`; ``covariance`` ``(4, 4)`` of its
+    row-major entries; ``used`` ``(N,)`` bool, the positions it averages; ``method``: ``"weighted mean"`` or
+    ``"median"``."""
+
+    matrix: np.ndarray
+    covariance: np.ndarray
+    used: np.ndarray
+    method: str
+
+
+def _orientation(lattice: np.ndarray, sel: np.ndarray, symmetry: int):
+    """Left polar factors ``P`` ``(N, 2, 2)`` and ``phi`` ``(N,)`` of each lattice deformation, the reference
+    orientation ``phi_ref`` (circular mean of ``n phi`` over ``sel``, over ``n``), and each position's symmetry turn
+    ``R`` ``(N, 2, 2)``, the multiple of ``2 pi / n`` that brings ``phi`` within ``pi / n`` of ``phi_ref``."""
+    p, phi = (np.asarray(a, np.float64) for a in affine.polar_left(jnp.asarray(lattice)))
+    period = 2 * np.pi / symmetry
+    phi_ref = float(np.angle(np.mean(np.exp(1j * symmetry * phi[sel]))) / symmetry)
+    turn = affine.wrap_angle(phi - phi_ref, period) - (phi - phi_ref)
+    return p, phi, phi_ref, _rot(turn)
+
+
+def _turned_covariance(cov: np.ndarray, turns: np.ndarray) -> np.ndarray:
+    """Covariance of the row-major entries of ``M = L R`` from that of ``L`` (``(N, 4, 4)``, turns ``(N, 2, 2)``):
+    ``vec M = (I kron R^T) vec L``."""
+    kron = np.einsum("ab,ncd->nacbd", np.eye(2), np.swapaxes(turns, -1, -2)).reshape(-1, 4, 4)
+    return kron @ cov @ np.swapaxes(kron, -1, -2)
+
+
+def reference_deformation(lattice: np.ndarray, sel: np.ndarray, *, symmetry: int = 6,
+                          lattice_cov: np.ndarray | None = None) -> Reference:
+    """The reference deformation ``M_ref`` of the positions ``sel`` ``(N,)`` and its covariance.
+
+    Each reference position's deformation ``M = L R``, turned by its symmetry turn onto the reference orientation
+    (`_orientation`), is compared with the elementwise median of the region, ``median(P) R(phi_ref)``. Positions
+    within `REFERENCE_OUTLIER_CHI2` of it (squared Mahalanobis distance under their covariance) are averaged with
+    inverse-covariance weights, ``M_ref = (sum W)^-1 sum W M``, and the selection is made once more about that
+    mean. Its covariance is ``(sum W)^-1``, times the reduced chi-square of the kept positions about it where above 1
+    (real strain in the region). The weighted mean of ``k`` equal positions has ``2 / pi`` the variance of their
+    median (Gaussian errors).
+
+    Without ``lattice_cov`` every position weighs the same (its covariance: the region's robust scatter of each
+    entry, 1.4826 x the median absolute deviation). When fewer than half of the positions pass (a region of several
+    grains, or the whole scan), the median stays the reference, with ``pi / 2`` times the mean covariance over ``k``.
+
+    Args:
+      lattice: ``(N, 2, 2)`` lattice deformations (physics frame).
+      sel: ``(N,)`` bool, the reference positions.
+      symmetry: lattice rotational order.
+      lattice_cov: optional ``(N, 4, 4)`` covariance of each deformation's row-major entries.
+    """
+    lattice = np.asarray(lattice, np.float64)
+    sel = np.asarray(sel, bool)
+    p, _, phi_ref, turns = _orientation(lattice, sel, symmetry)
+    m = (lattice @ turns)[sel].reshape(-1, 4)
+    k = len(m)
+    median = (np.median(p[sel], axis=0) @ _rot(phi_ref)).reshape(4)
+    if lattice_cov is None:
+        spread = 1.4826 * np.median(np.abs(m - np.median(m, 0)), 0)
+        scale = max(float(spread.max()), 1e-12)
+        cov = np.broadcast_to(np.diag(np.maximum(spread, 1e-6 * scale) ** 2), (k, 4, 4))
+    else:
+        cov = _turned_covariance(np.asarray(lattice_cov, np.float64)[sel], turns[sel])
+    weight = np.linalg.pinv(cov)
+    fallback = Reference(median.reshape(2, 2), np.pi / 2 * cov.mean(0) / k, sel, "median")
+    if k < 3:
+        return fallback
+    centre = median
+    for _ in range(2):
+        r = m - centre
+        keep = np.einsum("ni,nij,nj->n", r, weight, r) <= REFERENCE_OUTLIER_CHI2
+        if 2 * keep.sum() < k:
+            return fallback
+        info = weight[keep].sum(0)
+        centre = np.linalg.solve(info, np.einsum("nij,nj->i", weight[keep], m[keep]))
+    r = m[keep] - centre
+    chi2 = float(np.einsum("ni,nij,nj->", r, weight[keep], r))
+    dof = 4 * max(int(keep.sum()) - 1, 1)
+    used = np.zeros_like(sel)
+    used[np.flatnonzero(sel)[keep]] = True
+    return Reference(centre.reshape(2, 2), np.linalg.inv(info) * max(1.0, chi2 / dof), used, "weighted mean")
+
+
 def referenced_strain(
     lattice: np.ndarray, reference: np.ndarray, *, symmetry: int = 6, valid: np.ndarray | None = None,
-    correct_distortion: bool = False, return_distortion: bool = False,
+    correct_distortion: bool = False, return_distortion: bool = False, lattice_cov: np.ndarray | None = None,
 ):
     """Strain/rotation of each lattice deformation relative to the reference positions.
 
@@ -87,6 +177,9 @@ def referenced_strain(
       correct_distortion: remove the anisotropic part of the reference's stretch as detector distortion (module
         docstring); only meaningful when the base has the lattice's full symmetry.
       return_distortion: also return the `Distortion` removed (identity when not corrected).
+      lattice_cov: optional ``(..., 4, 4)`` covariance of each deformation's row-major entries: the reference is
+        then their inverse-covariance weighted mean (`reference_deformation`; positions with a non-finite covariance
+        stay out of it).
 
     Returns:
       dict of ``strain_xx``, ``strain_yy``, ``shear_xy``, ``rotation`` (radians, in ``[-pi/n, pi/n)``), shaped like
@@ -94,29 +187,31 @@ def referenced_strain(
 
     Each ``M`` is split as ``P R(phi)``; a lattice with ``n``-fold symmetry is unchanged by ``R(2 pi k / n)``, so
     ``phi`` is first moved within ``pi/n`` of the reference orientation (the circular mean of ``n * phi`` over the
-    reference, divided by ``n``). ``M_ref = median(P) R(phi_ref)``, elementwise median over the reference positions.
+    reference, divided by ``n``). ``M_ref``: `reference_deformation` of the reference positions.
     """
     lattice = np.asarray(lattice, np.float64)
-    sel = np.asarray(reference, bool)
+    shape = lattice.shape[:-2]
+    flat = lattice.reshape(-1, 2, 2)
+    sel = np.asarray(reference, bool).reshape(-1)
     if valid is not None:
-        sel = sel & np.asarray(valid, bool)
+        sel = sel & np.asarray(valid, bool).reshape(-1)
+    cov = None
+    if lattice_cov is not None:
+        cov = np.asarray(lattice_cov, np.float64).reshape(-1, 4, 4)
+        sel = sel & np.isfinite(cov).all(axis=(1, 2))
     if not sel.any():
         raise ValueError("the reference region holds no valid positions")
-    p, phi = (np.asarray(a) for a in affine.polar_left(jnp.asarray(lattice)))
-    period = 2 * np.pi / symmetry
-    phi_ref = np.angle(np.mean(np.exp(1j * symmetry * phi[sel]))) / symmetry
-    phi_aligned = phi_ref + affine.wrap_angle(phi - phi_ref, period)
-    p_ref = np.median(p[sel], axis=0)
-    m = p @ _rot(phi_aligned)
-    m_ref = p_ref @ _rot(phi_ref)
-    t = m @ np.linalg.inv(m_ref)
+    p, phi, phi_ref, turns = _orientation(flat, sel, symmetry)
+    m_ref = reference_deformation(flat, sel, symmetry=symmetry, lattice_cov=cov).matrix
+    t = flat @ turns @ np.linalg.inv(m_ref)
     distortion = Distortion(np.eye(2), 0.0, 0.0)
     if correct_distortion:
+        p_ref = np.asarray(affine.polar_left(jnp.asarray(m_ref))[0], np.float64)
         distortion = _distortion(p_ref)
         s = distortion.matrix
         t = np.linalg.inv(s) @ t @ s
-    out = {k: np.asarray(v, np.float64) for k, v in affine.strain_from_affine(jnp.asarray(t)).items()}
-    out["rotation"] = affine.wrap_angle(out["rotation"], period)
+    out = {k: np.asarray(v, np.float64).reshape(shape) for k, v in affine.strain_from_affine(jnp.asarray(t)).items()}
+    out["rotation"] = affine.wrap_angle(out["rotation"], 2 * np.pi / symmetry)
     return (out, distortion) if return_distortion else out
 
 
@@ -161,9 +256,8 @@ def strain_uncertainty(
     """1-sigma errors of `referenced_strain`'s quantities, by first-order propagation.
 
     Two parts, added in quadrature: each position's own (its lattice covariance through the Jacobian of the
-    referenced quantities), and the reference's, common to all positions (the covariance of ``M_ref``, estimated as
-    ``pi / 2`` times the mean covariance of the reference positions over their number, the variance of a median,
-    through the Jacobian with respect to ``M_ref``).
+    referenced quantities), and the reference's, common to all positions (the covariance of ``M_ref``,
+    `reference_deformation`, through the Jacobian with respect to ``M_ref``).
 
     Args:
       lattice: ``(N, 2, 2)`` lattice deformations; ``lattice_cov``: ``(N, 4, 4)`` covariance of their row-major
@@ -180,12 +274,9 @@ def strain_uncertainty(
     sel &= np.isfinite(cov).all(axis=(1, 2))
     if not sel.any():
         raise ValueError("the reference region holds no valid positions with a finite covariance")
-    p, phi = (np.asarray(a) for a in affine.polar_left(jnp.asarray(lattice)))
-    period = 2 * np.pi / symmetry
-    phi_ref = np.angle(np.mean(np.exp(1j * symmetry * phi[sel]))) / symmetry
-    turn_angle = affine.wrap_angle(phi - phi_ref, period) - (phi - phi_ref)
-    turns = _rot(turn_angle)
-    m_ref = np.median(p[sel], axis=0) @ _rot(phi_ref)
+    _, _, _, turns = _orientation(lattice, sel, symmetry)
+    reference = reference_deformation(lattice, sel, symmetry=symmetry, lattice_cov=cov)
+    m_ref = reference.matrix
 
     def per_position(lat, m, turn):
         return _quantities(lat, m, turn, correct_distortion)
@@ -196,11 +287,7 @@ def strain_uncertainty(
     jac_l = np.asarray(jac_l, np.float64).reshape(n, 4, 4)
     jac_ref = np.asarray(jac_ref, np.float64).reshape(n, 4, 4)
     var_pos = np.einsum("nqi,nij,nqj->nq", jac_l, cov, jac_l)
-    # The reference: each M = L R_turn, so cov(vec M) = (I kron R^T) cov(vec L) (I kron R).
-    kron = np.einsum("ab,ncd->nacbd", np.eye(2), np.swapaxes(turns, -1, -2)).reshape(-1, 4, 4)
-    cov_m = kron[sel] @ cov[sel] @ np.swapaxes(kron[sel], -1, -2)
-    cov_ref = np.pi / 2 * cov_m.mean(0) / sel.sum()
-    var_ref = np.einsum("nqi,ij,nqj->nq", jac_ref, cov_ref, jac_ref)
+    var_ref = np.einsum("nqi,ij,nqj->nq", jac_ref, reference.covariance, jac_ref)
     sigma = np.sqrt(np.maximum(var_pos + var_ref, 0.0))
     out = {k: sigma[:, i] for i, k in enumerate(QUANTITIES)}
     out.update({f"reference_{k}": np.sqrt(np.maximum(var_ref[:, i], 0.0)) for i, k in enumerate(QUANTITIES)})
@@ -408,8 +495,12 @@ def strain_maps(
     lattice = np.asarray(affine.lattice_from_warp(jnp.asarray(safe_theta), pattern_shape), np.float64)
     ref = region_mask(scan_shape, reference_region)
     distortion = Distortion(np.eye(2), 0.0, 0.0)
+    cov_l = None
+    if "fisher" in predictions and valid.any():
+        cov_phi = warp_covariance(predictions["fisher"], predictions["chi2"], predictions["dof"])
+        cov_l = lattice_covariance(safe_theta.reshape(-1, 2, 3), cov_phi, pattern_shape)
     if valid.any():
-        maps, distortion = referenced_strain(lattice, ref, symmetry=symmetry, valid=valid,
+        maps, distortion = referenced_strain(lattice, ref, symmetry=symmetry, valid=valid, lattice_cov=cov_l,
                                              correct_distortion=correct_distortion, return_distortion=True)
     else:  # nothing to measure anywhere (e.g. pure background): an all-invalid map, not an error
         maps = {k: np.full(scan_shape, np.nan) for k in QUANTITIES}
@@ -420,12 +511,9 @@ def strain_maps(
         out["reconstruction_error"] = (red / typical).astype(np.float32)
     else:
         out["reconstruction_error"] = np.full(scan_shape, np.nan, np.float32)
-    if "fisher" in predictions and valid.any():
-        flat_valid = valid.reshape(-1)
-        cov_phi = warp_covariance(predictions["fisher"], predictions["chi2"], predictions["dof"])
-        cov_l = lattice_covariance(safe_theta.reshape(-1, 2, 3), cov_phi, pattern_shape)
+    if cov_l is not None:
         sigma = strain_uncertainty(lattice.reshape(-1, 2, 2), cov_l, ref.reshape(-1), symmetry=symmetry,
-                                   valid=flat_valid, correct_distortion=correct_distortion)
+                                   valid=valid.reshape(-1), correct_distortion=correct_distortion)
         period = 2 * np.pi / symmetry
         for k in QUANTITIES:
             own = np.where(valid, sigma[k].reshape(rx, ry), np.nan)
