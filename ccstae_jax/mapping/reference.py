@@ -201,7 +201,7 @@ def referenced_strain(
         sel = sel & np.isfinite(cov).all(axis=(1, 2))
     if not sel.any():
         raise ValueError("the reference region holds no valid positions")
-    p, phi, phi_ref, turns = _orientation(flat, sel, symmetry)
+    _, _, _, turns = _orientation(flat, sel, symmetry)
     m_ref = reference_deformation(flat, sel, symmetry=symmetry, lattice_cov=cov).matrix
     t = flat @ turns @ np.linalg.inv(m_ref)
     distortion = Distortion(np.eye(2), 0.0, 0.0)

@@ -17,9 +17,10 @@ Measurements (pixels, pattern frame: rows = Qx, columns = Qy):
   ones (patterns shifted by whole pixels onto a common zero beam first): its bumps are the rings of spots, free of any
   radially symmetric background and of the noise. The first bump starts at the inner edge of the first-order disks;
   ``spot_spacing`` is its peak, at least a disk radius beyond that edge (`_ring_extent`). Orders 2, 6 and 10 are
-  looked at first; orders 4, 8 and 12 where they show a disk radius nearer the zero beam (a square lattice). For
-  disks wider than about a quarter of the spacing the peak is biased: the harmonics of a ring of disks that fill
-  most of it peak toward the disks' edges.
+  looked at first; orders 4, 8 and 12 where they show a disk radius nearer the zero beam (a square lattice). The
+  peak is biased for wide disks: the harmonics of a ring of disks that fill most of it peak toward the disks' edges
+  (simulated hexagonal scans, 38.1-px spacing: 31-37 px for 8-px disks, 36-58 px for 16-px disks, depending on the
+  noise).
 * **symmetry** from the angular harmonics of each pattern in the annulus of the first-order spots: a hexagonal
   lattice has only multiples of 6, a square one of 4, a rectangular one of 2 (Friedel symmetry removes the odd
   ones, which therefore measure the noise).
@@ -204,9 +205,9 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
     profile is above 2 % of its largest value (in noise-free data every annulus is "significant"). Orders 2, 6 and 10
     are looked at from just outside the central disk, orders 4, 8 and 12 from 3 pixels farther out, past the grid
     aliasing of the zero beam; the latter are used when the former show nothing or show only a disk radius (and 2
-    px) farther out (a square lattice). The first radius is the inner edge of the
-    first-order disks; the first-order distance is the peak of the showing order's profile within a disk diameter
-    beyond it, at least a disk radius beyond it (the middle of a wide disk carries little angular structure).
+    px) farther out (a square lattice). The first radius is the inner edge of the first-order disks; the first-order
+    distance is the peak of the showing order's profile within a disk diameter beyond it, at least a disk radius
+    beyond it (the middle of a wide disk carries little angular structure).
     ``profiles``, ``z``: `spot_profile` in 1-pixel annuli."""
     n = int(r_max)
     radii = np.arange(n) + 0.5
