@@ -48,7 +48,7 @@ _EXPORTS = {
     "MapConfig": "mapping.predict", "map_scan": "mapping.predict", "fit_patterns": "mapping.fit",
     "prepare_bases": "mapping.fit", "UpdatedBases": "mapping.bases", "referenced_strain": "mapping.reference",
     "strain_maps": "mapping.reference", "strain_uncertainty": "mapping.reference",
-    "map_warnings": "mapping.reference",
+    "map_warnings": "mapping.reference", "reference_deformation": "mapping.reference",
     "write_strain_h5": "report.files", "read_strain_h5": "report.files", "error_table": "evaluate.metrics",
     "strain_crb": "evaluate.crb",
 }

@@ -403,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("data", help="4D-STEM file to map (read with the run's --key/--transpose/--crop/--binning)")
     m.add_argument("--out", required=True, help="output strain-map .h5")
     m.add_argument("--reference-region", type=int, nargs=4, metavar=("R0", "R1", "C0", "C1"),
-                   help=f"reference {_REGION_HELP}; strain and rotation are relative to its median lattice "
-                        "(default: the data file's reference_region attribute, else the whole scan)")
+                   help=f"reference {_REGION_HELP}; strain and rotation are relative to its average lattice (error-"
+                        "weighted, outliers left out) (default: the data file's reference_region attribute, else "
+                        "the whole scan)")
     m.add_argument("--figures", help="directory for PNG figures (default: none written)")
     m.add_argument("--batch-size", type=int, default=_arg_default(pipeline.map_strain, "batch_size"),
                    help="patterns per inference batch; changes memory, not results (default: %(default)s)")

@@ -401,7 +401,8 @@ def map_strain(
     records each position's 1-sigma error (``/uncertainty``, with a fit) and validity.
 
     The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan
-    (median lattice). ``correct_distortion`` removes an elliptical detector distortion measured on the reference
+    (`ccstae_jax.mapping.reference.reference_deformation`: the error-weighted mean of its positions within their
+    errors of the median, else the median lattice). ``correct_distortion`` removes an elliptical detector distortion measured on the reference
     region (`ccstae_jax.mapping.reference`; None = when the bases are symmetrised over 4 or 6 rotations).
     ``allow_negative`` (None = the run's data option) accepts negative values in the scan.
 
@@ -483,7 +484,7 @@ def map_strain(
             "method": f"ccstae-jax {cfg.preset}",
             "run_dir": os.path.abspath(run_dir),
             "data_path": os.path.abspath(data_path),
-            "reference_region": list(reference_region) if reference_region is not None else "whole-scan median",
+            "reference_region": list(reference_region) if reference_region is not None else "whole scan",
             "symmetry": cfg.symmetry,
             "checkpoint": which,
             "refine_steps": config.steps,

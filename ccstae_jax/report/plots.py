@@ -212,7 +212,7 @@ def _check_region(region, shape: tuple[int, int]) -> tuple[int, int, int, int] |
 
 def _region_text(region) -> str:
     if region is None:
-        return "reference: median over the whole scan"
+        return "reference: the whole scan"
     r0, r1, c0, c1 = region
     return f"black box = reference region, rows {r0}:{r1}, columns {c0}:{c1}"
 
