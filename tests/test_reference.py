@@ -270,6 +270,14 @@ def test_without_error_bars_every_reference_position_weighs_the_same():
     np.testing.assert_allclose(ref.matrix, lat[0][ref.used].mean(0), atol=1e-12)
 
 
+def test_a_reference_whose_error_bars_are_all_zero_is_the_median():
+    rng = np.random.default_rng(4)
+    lat, _, _ = _noisy_region(rng, 8, 1e-3, 1)
+    ref = reference_deformation(lat[0], np.ones(8, bool), lattice_cov=np.zeros((8, 4, 4)))
+    assert ref.method == "median"
+    np.testing.assert_allclose(ref.covariance, 0.0)
+
+
 def test_lattice_covariance_maps_the_warp_covariance_through_the_lattice():
     theta = np.asarray(affine.warp_from_lattice(jnp.asarray(np.eye(2) * 1.01), (64, 64)))[None]
     cov_phi = np.eye(6)[None] * 1e-8

@@ -154,6 +154,8 @@ def reference_deformation(lattice: np.ndarray, sel: np.ndarray, *, symmetry: int
         if 2 * keep.sum() < k:
             return fallback
         info = weight[keep].sum(0)
+        if np.linalg.cond(info) > 1e12:  # error bars of zero or without information: no weights to go by
+            return fallback
         centre = np.linalg.solve(info, np.einsum("nij,nj->i", weight[keep], m[keep]))
     r = m[keep] - centre
     chi2 = float(np.einsum("ni,nij,nj->", r, weight[keep], r))
