@@ -400,10 +400,11 @@ def map_strain(
     the run's disks are wide), each spot moved rigidly with its centre; see `ccstae_jax.mapping.predict`. The map
     records each position's 1-sigma error (``/uncertainty``, with a fit) and validity.
 
-    The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan
-    (`ccstae_jax.mapping.reference.reference_deformation`: the error-weighted mean of its positions within their
-    errors of the median, else the median lattice). ``correct_distortion`` removes an elliptical detector distortion measured on the reference
-    region (`ccstae_jax.mapping.reference`; None = when the bases are symmetrised over 4 or 6 rotations).
+    The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan.
+    Its lattice is `ccstae_jax.mapping.reference.reference_deformation`: the error-weighted mean of its positions
+    within their errors of the median, else the median lattice. ``correct_distortion`` removes an elliptical detector
+    distortion measured on the reference region (`ccstae_jax.mapping.reference`; None = when the bases are
+    symmetrised over 4 or 6 rotations).
     ``allow_negative`` (None = the run's data option) accepts negative values in the scan.
 
     Maps are in the detector frame. ``scan_rotation`` (degrees, `ccstae_jax.report.frames`: counter-clockwise from the

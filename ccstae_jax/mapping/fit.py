@@ -440,8 +440,9 @@ def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=N
     """Base-frame point ``(x, y)`` that the model reads for data point ``(u, v)`` (normalised): ``phi`` applied to
     it, or with rigid spots the point at the same offset from its spot's centre ``(cx, cy)`` as ``(u, v)`` has from
     where ``phi`` puts that centre in the data frame, turned by the lattice's rotation (module docstring; ``turn``
-    ``(2, 2)`` given: that turn instead of ``phi``'s). Also returns that centre's data-frame position ``(U, V)`` and
-    the turn (`ccstae_jax.ops.affine.turn_matrix`), or None without rigid spots."""
+    ``(2, 2)`` given: that turn instead of ``phi``'s). Also returns that centre's data-frame position ``(U, V)``, the
+    turn (`ccstae_jax.ops.affine.turn_matrix`) and the determinant of ``phi``'s linear part, or None without rigid
+    spots."""
     if bases.centres is None:
         return phi[0] * u + phi[1] * v + phi[2], phi[3] * u + phi[4] * v + phi[5], None
     det = phi[0] * phi[4] - phi[1] * phi[3]
@@ -451,7 +452,7 @@ def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=N
     if turn is None:
         turn = affine.turn_matrix(phi.reshape(2, 3)[:, :2], bases.mask.shape[-2:])
     du, dv = u - big_u, v - big_v
-    return cx + turn[0, 0] * du + turn[0, 1] * dv, cy + turn[1, 0] * du + turn[1, 1] * dv, (big_u, big_v, turn)
+    return cx + turn[0, 0] * du + turn[0, 1] * dv, cy + turn[1, 0] * du + turn[1, 1] * dv, (big_u, big_v, turn, det)
 
 
 def _pulled_mask(bases: BaseTable, k: jax.Array, phi: jax.Array) -> jax.Array:
@@ -521,9 +522,8 @@ def _model(bases: BaseTable, k: jax.Array, phi: jax.Array, u: jax.Array, v: jax.
     if centre is None:  # d(phi q)/d(phi)
         lever_u, lever_v = u, v
     else:  # d(c + T (q - phi^{-1} c))/d(phi) = T A^{-1} e_a [U, V, 1]_b: the gradient turned by T^T, A^{-T}
-        lever_u, lever_v, turn = centre
+        lever_u, lever_v, turn, det = centre
         gu, gv = turn[0, 0] * gu + turn[1, 0] * gv, turn[0, 1] * gu + turn[1, 1] * gv
-        det = phi[0] * phi[4] - phi[1] * phi[3]
         gu, gv = (phi[4] * gu - phi[3] * gv) / det, (phi[0] * gv - phi[1] * gu) / det
     return mu, jnp.stack([gu * lever_u, gu * lever_v, gu, gv * lever_u, gv * lever_v, gv], -1)
 

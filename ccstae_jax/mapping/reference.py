@@ -92,14 +92,14 @@ class Reference(NamedTuple):
 
 
 def _orientation(lattice: np.ndarray, sel: np.ndarray, symmetry: int):
-    """Left polar factors ``P`` ``(N, 2, 2)`` and ``phi`` ``(N,)`` of each lattice deformation, the reference
-    orientation ``phi_ref`` (circular mean of ``n phi`` over ``sel``, over ``n``), and each position's symmetry turn
-    ``R`` ``(N, 2, 2)``, the multiple of ``2 pi / n`` that brings ``phi`` within ``pi / n`` of ``phi_ref``."""
+    """Left polar stretch ``P`` ``(N, 2, 2)`` of each lattice deformation, the reference orientation ``phi_ref``
+    (circular mean of ``n phi`` over ``sel``, over ``n``), and each position's symmetry turn ``R`` ``(N, 2, 2)``, the
+    multiple of ``2 pi / n`` that brings ``phi`` within ``pi / n`` of ``phi_ref``."""
     p, phi = (np.asarray(a, np.float64) for a in affine.polar_left(jnp.asarray(lattice)))
     period = 2 * np.pi / symmetry
     phi_ref = float(np.angle(np.mean(np.exp(1j * symmetry * phi[sel]))) / symmetry)
     turn = affine.wrap_angle(phi - phi_ref, period) - (phi - phi_ref)
-    return p, phi, phi_ref, _rot(turn)
+    return p, phi_ref, _rot(turn)
 
 
 def _turned_covariance(cov: np.ndarray, turns: np.ndarray) -> np.ndarray:
@@ -131,9 +131,13 @@ def reference_deformation(lattice: np.ndarray, sel: np.ndarray, *, symmetry: int
       symmetry: lattice rotational order.
       lattice_cov: optional ``(N, 4, 4)`` covariance of each deformation's row-major entries.
     """
-    lattice = np.asarray(lattice, np.float64)
-    sel = np.asarray(sel, bool)
-    p, _, phi_ref, turns = _orientation(lattice, sel, symmetry)
+    return _reference(np.asarray(lattice, np.float64), np.asarray(sel, bool), symmetry, lattice_cov)[0]
+
+
+def _reference(lattice: np.ndarray, sel: np.ndarray, symmetry: int, lattice_cov: np.ndarray | None
+               ) -> tuple[Reference, np.ndarray]:
+    """`reference_deformation`, and each position's symmetry turn ``(N, 2, 2)`` (`_orientation`)."""
+    p, phi_ref, turns = _orientation(lattice, sel, symmetry)
     m = (lattice @ turns)[sel].reshape(-1, 4)
     k = len(m)
     median = (np.median(p[sel], axis=0) @ _rot(phi_ref)).reshape(4)
@@ -146,23 +150,23 @@ def reference_deformation(lattice: np.ndarray, sel: np.ndarray, *, symmetry: int
     weight = np.linalg.pinv(cov)
     fallback = Reference(median.reshape(2, 2), np.pi / 2 * cov.mean(0) / k, sel, "median")
     if k < 3:
-        return fallback
+        return fallback, turns
     centre = median
     for _ in range(2):
         r = m - centre
         keep = np.einsum("ni,nij,nj->n", r, weight, r) <= REFERENCE_OUTLIER_CHI2
         if 2 * keep.sum() < k:
-            return fallback
+            return fallback, turns
         info = weight[keep].sum(0)
         if np.linalg.cond(info) > 1e12:  # error bars of zero or without information: no weights to go by
-            return fallback
+            return fallback, turns
         centre = np.linalg.solve(info, np.einsum("nij,nj->i", weight[keep], m[keep]))
     r = m[keep] - centre
     chi2 = float(np.einsum("ni,nij,nj->", r, weight[keep], r))
     dof = 4 * max(int(keep.sum()) - 1, 1)
     used = np.zeros_like(sel)
     used[np.flatnonzero(sel)[keep]] = True
-    return Reference(centre.reshape(2, 2), np.linalg.inv(info) * max(1.0, chi2 / dof), used, "weighted mean")
+    return Reference(centre.reshape(2, 2), np.linalg.inv(info) * max(1.0, chi2 / dof), used, "weighted mean"), turns
 
 
 def referenced_strain(
@@ -203,8 +207,8 @@ def referenced_strain(
         sel = sel & np.isfinite(cov).all(axis=(1, 2))
     if not sel.any():
         raise ValueError("the reference region holds no valid positions")
-    _, _, _, turns = _orientation(flat, sel, symmetry)
-    m_ref = reference_deformation(flat, sel, symmetry=symmetry, lattice_cov=cov).matrix
+    reference, turns = _reference(flat, sel, symmetry, cov)
+    m_ref = reference.matrix
     t = flat @ turns @ np.linalg.inv(m_ref)
     distortion = Distortion(np.eye(2), 0.0, 0.0)
     if correct_distortion:
@@ -276,8 +280,7 @@ def strain_uncertainty(
     sel &= np.isfinite(cov).all(axis=(1, 2))
     if not sel.any():
         raise ValueError("the reference region holds no valid positions with a finite covariance")
-    _, _, _, turns = _orientation(lattice, sel, symmetry)
-    reference = reference_deformation(lattice, sel, symmetry=symmetry, lattice_cov=cov)
+    reference, turns = _reference(lattice, sel, symmetry, cov)
     m_ref = reference.matrix
 
     def per_position(lat, m, turn):
