@@ -457,9 +457,8 @@ def map_strain(
         update = bool(config.base_update and config.steps)
         rigid = rigid_spots_for(config, cfg.geometry)
         if progress and rigid and config.rigid_spots is None:
-            _say(f"rigid spots: the disks are wide (radius {cfg.geometry.disk_radius:.1f} px, "
-                 f"{100 * cfg.geometry.disk_radius / cfg.geometry.spot_spacing:.0f} % of the spot spacing); each moves "
-                 "with its centre instead of being stretched (--no-rigid-spots: stretched)")
+            _say(f"rigid spots: the disks are wide ({cfg.geometry.disk_size()}); each moves with its centre instead of "
+                 "being stretched (--no-rigid-spots: stretched)")
         n_subset = min(scan.n_positions, len(subset_rows(scan.scan_shape, config.subset)) * scan.scan_shape[1])
         bases_bar = _progress(n_subset, "map (bases)", progress) if update else None
         bar = _progress(scan.n_positions, "map", progress)

@@ -353,10 +353,10 @@ def test_wide_disks_are_flagged_naming_the_rigid_spots_for_a_stretched_base():
     wide = Geometry(pattern_shape=(200, 200), center=(100.0, 100.0), disk_radius=16.0, spot_spacing=36.0,
                     symmetry=6, ring=(18.0, 85.0))
     flags = map_warnings(maps, geometry=wide)
-    assert len(flags) == 1 and flags[0].startswith("wide disks: their radius (16.0 px) is 44 %")
+    assert len(flags) == 1 and flags[0].startswith("wide disks (radius 16.0 px, 44 % of the spot spacing")
     assert "--no-rigid-spots" in flags[0]
     (rigid,) = map_warnings(maps, geometry=wide, rigid_spots=True)
-    assert rigid.startswith("wide disks: their radius (16.0 px) is 44 %") and "rigid spots" in rigid
+    assert rigid.startswith("wide disks (radius 16.0 px, 44 % of the spot spacing") and "rigid spots" in rigid
     assert map_warnings(maps, geometry=dataclasses.replace(wide, disk_radius=8.0)) == []
 
 

@@ -437,9 +437,7 @@ def map_warnings(maps: dict, *, geometry=None, rigid_spots: bool = False) -> lis
     """
     out = []
     if geometry is not None and geometry.wide_disks:
-        wide = (f"wide disks: their radius ({geometry.disk_radius:.1f} px) is "
-                f"{100 * geometry.disk_radius / geometry.spot_spacing:.0f} % of the spot spacing "
-                f"({geometry.spot_spacing:.1f} px)")
+        wide = f"wide disks ({geometry.disk_size()})"
         if rigid_spots:
             out.append(f"{wide}; fitted as rigid spots they map right on clean data, but on noisy simulated scans such "
                        "maps read each grain's strain up to a few 1e-3 toward zero, beyond their error bars")
