@@ -124,10 +124,10 @@ class Geometry:
         return self.disk_radius > WIDE_DISK_RATIO * self.spot_spacing
 
     def disk_size(self) -> str:
-        """The disk radius against the spot spacing, for messages: ``"radius 15.9 px, 42 % of the spot spacing
-        (38.1 px)"``."""
+        """The disk radius against the spot spacing, for messages: ``"radius 15.9 px, 42 % of the spot spacing of
+        38.1 px"``."""
         return (f"radius {self.disk_radius:.1f} px, {100 * self.disk_radius / self.spot_spacing:.0f} % of the spot "
-                f"spacing ({self.spot_spacing:.1f} px)")
+                f"spacing of {self.spot_spacing:.1f} px")
 
     def describe(self) -> str:
         """One line for people: what was measured and the radii derived from it."""
