@@ -480,6 +480,7 @@ def map_strain(
                              "--reference-region") from None
         distortion = maps.pop("distortion")
         split = maps.pop("phase_split")
+        error_scale = maps.pop("error_scale")
         attrs = {
             "method": f"ccstae-jax {cfg.preset}",
             "run_dir": os.path.abspath(run_dir),
@@ -499,12 +500,13 @@ def map_strain(
             "phases": split.n_phases,
             "phase_separation": split.separation,
             "phase_mismatch": split.mismatch,
+            "error_scale": error_scale,
         }
         flags = map_warnings(maps, geometry=cfg.geometry, rigid_spots=rigid)
         attrs["quality"] = "flagged" if flags else "ok"
         attrs["quality_warnings"] = json.dumps(flags)
         if progress:
-            _report_map(maps, distortion, correct_distortion)
+            _report_map(maps, distortion, correct_distortion, error_scale)
             if cfg.num_bases == 1:
                 _say(_phase_line(split))
         for flag in flags:  # shown even without progress output
@@ -537,8 +539,9 @@ def _phase_line(split) -> str:
             "differently strained grains)")
 
 
-def _report_map(maps: dict, distortion, corrected: bool) -> None:
-    """Console summary of a map: valid share, median 1-sigma errors, detector distortion removed."""
+def _report_map(maps: dict, distortion, corrected: bool, error_scale: float = 1.0) -> None:
+    """Console summary of a map: valid share, median 1-sigma errors (and how much they were widened to the scatter
+    of neighbouring positions), detector distortion removed."""
     valid = maps["valid"]
     line = f"map: {int(valid.sum())} of {valid.size} positions valid ({100 * valid.mean():.1f} %)"
     if "uncertainty_strain_xx" in maps and valid.any():
@@ -546,6 +549,8 @@ def _report_map(maps: dict, distortion, corrected: bool) -> None:
                                                                              "rotation")}
         line += (f"; median 1-sigma strain_xx/yy/shear {100 * med['strain_xx']:.3f}/{100 * med['strain_yy']:.3f}/"
                  f"{100 * med['shear_xy']:.3f} %, rotation {np.degrees(med['rotation']):.3f} deg")
+        if error_scale > 1:
+            line += f" (the fit's, widened x{error_scale:.2f} to the scatter between neighbouring positions)"
     if corrected and distortion.ellipticity > 0:
         line += (f"; detector ellipticity {100 * distortion.ellipticity:.2f} % at "
                  f"{np.degrees(distortion.angle):.0f} deg removed (measured on the reference region)")

@@ -11,6 +11,7 @@ import pytest
 from ccstae_jax.ops import affine
 from ccstae_jax.evaluate.metrics import error_table, referenced_labels
 from ccstae_jax.mapping.reference import (lattice_covariance, map_warnings, mixing_uncertainty, reference_deformation,
+                                          scatter_scale,
                                           referenced_strain, region_mask, strain_maps, strain_uncertainty)
 from ccstae_jax.report.files import read_strain_h5, write_strain_h5
 
@@ -426,3 +427,67 @@ def test_a_one_phase_map_is_all_phase_0():
     maps = strain_maps(_two_phase_scan(0.0), (12, 12), (64, 64))
     assert maps["phase_split"].n_phases == 1
     np.testing.assert_array_equal(maps["phase"], 0)
+
+
+def _grain_maps(noise, sigma, *, step=0.0, shape=(24, 24), seed=0):
+    """Four quantities on a scan of two grains (left and right halves, ``step`` apart) with Gaussian noise of
+    standard deviation ``noise`` and claimed 1-sigma errors ``sigma``."""
+    rng = np.random.default_rng(seed)
+    values, sigmas = {}, {}
+    for q in ("strain_xx", "strain_yy", "shear_xy", "rotation"):
+        truth = np.where(np.arange(shape[1])[None, :] < shape[1] // 2, 0.0, step) * np.ones(shape)
+        values[q] = truth + noise * rng.standard_normal(shape)
+        sigmas[q] = np.full(shape, sigma)
+    return values, sigmas
+
+
+def test_error_bars_are_widened_to_the_scatter_between_neighbours():
+    values, sigmas = _grain_maps(1.3e-3, 1e-3)
+    assert scatter_scale(values, sigmas) == pytest.approx(1.3, rel=0.05)
+
+
+def test_error_bars_wider_than_the_scatter_are_left_as_they_are():
+    values, sigmas = _grain_maps(0.7e-3, 1e-3)
+    assert scatter_scale(values, sigmas) == 1.0
+
+
+def test_a_grain_boundary_does_not_widen_the_error_bars():
+    values, sigmas = _grain_maps(1.3e-3, 1e-3, step=20e-3)
+    assert scatter_scale(values, sigmas) == pytest.approx(1.3, rel=0.05)
+
+
+def test_invalid_positions_and_too_few_neighbours_leave_the_error_bars_alone():
+    values, sigmas = _grain_maps(3e-3, 1e-3, shape=(4, 4))
+    assert scatter_scale(values, sigmas) == 1.0  # 4 quantities x 24 pairs, fewer than MIN_SCATTER_PAIRS
+    values, sigmas = _grain_maps(3e-3, 1e-3)
+    values = {q: np.where(np.arange(24)[:, None] % 2 == 0, v, np.nan) for q, v in values.items()}
+    assert scatter_scale(values, sigmas) == pytest.approx(3.0, rel=0.05)  # only the rows' own pairs count
+
+
+def test_rotations_are_compared_across_the_symmetry_period():
+    period = np.pi / 3
+    values, sigmas = _grain_maps(1e-3, 1e-3)
+    rotation = values.pop("rotation") + period / 2  # scatters across +-period/2
+    wrapped = {"rotation": (rotation + period / 2) % period - period / 2}
+    sigma = {"rotation": sigmas["rotation"]}
+    unwrapped = scatter_scale({"rotation": rotation}, sigma)
+    assert scatter_scale(wrapped, sigma, periods={"rotation": period}) == pytest.approx(unwrapped, rel=1e-9)
+    assert scatter_scale(wrapped, sigma) > 100 * unwrapped
+
+
+def test_strain_maps_widen_every_error_bar_by_the_same_factor(monkeypatch):
+    from ccstae_jax.mapping import reference
+
+    rng = np.random.default_rng(1)
+    n = 64
+    phi = np.eye(2, 3)[None] + np.concatenate([1e-3 * rng.standard_normal((n, 2, 2)), np.zeros((n, 2, 1))], -1)
+    preds = {**_mixed_scan(0, 0.0), "theta": np.asarray(affine.invert(jnp.asarray(phi, jnp.float32))),
+             "fisher": np.broadcast_to(1e6 * np.eye(6), (n, 6, 6)).copy(), "chi2": np.full(n, 100.0),
+             "dof": np.full(n, 100.0)}
+    base = strain_maps(preds, (8, 8), (64, 64))
+    monkeypatch.setattr(reference, "scatter_scale", lambda *a, **k: 1.5)
+    wide = strain_maps(preds, (8, 8), (64, 64))
+    assert base["error_scale"] >= 1.0 and wide["error_scale"] == 1.5
+    for q in ("strain_xx", "strain_yy", "shear_xy", "rotation"):
+        np.testing.assert_allclose(wide[f"uncertainty_{q}"], 1.5 / base["error_scale"] * base[f"uncertainty_{q}"],
+                                   rtol=1e-5)

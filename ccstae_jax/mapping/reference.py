@@ -353,6 +353,45 @@ def mixing_uncertainty(values: np.ndarray, sigma: np.ndarray, *, threshold: floa
     return np.where(between, np.minimum(above, below), np.where(isolated, nearest, 0.0))
 
 
+#: Fewest pairs of neighbouring valid positions from which `scatter_scale` measures a map's scatter.
+MIN_SCATTER_PAIRS = 100
+
+
+def scatter_scale(values: dict[str, np.ndarray], sigma: dict[str, np.ndarray], *,
+                  periods: dict[str, float] | None = None) -> float:
+    """How much wider a map scatters than its error bars say, measured on the map itself (at least 1).
+
+    Two neighbouring positions (along a scan row or column) of one grain share their lattice, so their difference
+    is noise: divided by ``sqrt(sigma_i^2 + sigma_j^2)`` it should scatter with a standard deviation of 1. Returned
+    is the robust standard deviation (1.4826 times the median absolute value) of these normalised differences over
+    all pairs of valid neighbours, every quantity pooled, or 1 where that is below 1 or there are fewer than
+    `MIN_SCATTER_PAIRS` pairs. The pairs across a grain boundary are few, and the median does not see them; a strain
+    gradient adds to the differences, which can only widen the bars. Errors shared by neighbours (the reference's, a
+    grain's bias) are not seen.
+
+    Args:
+      values: ``{quantity: (Rx, Ry)}``, NaN where invalid.
+      sigma: ``{quantity: (Rx, Ry)}`` each position's own 1-sigma (without the reference's part, which neighbours
+        share).
+      periods: ``{quantity: period}`` for angles, whose differences are wrapped to ``(-period/2, period/2]``.
+    """
+    periods = periods or {}
+    pooled = []
+    for name, v in values.items():
+        v = np.asarray(v, np.float64)
+        s = np.asarray(sigma[name], np.float64)
+        for a, b, sa, sb in ((v[1:], v[:-1], s[1:], s[:-1]), (v[:, 1:], v[:, :-1], s[:, 1:], s[:, :-1])):
+            d = a - b
+            if name in periods:
+                d = (d + periods[name] / 2) % periods[name] - periods[name] / 2
+            d = d / np.sqrt(sa**2 + sb**2)
+            pooled.append(d[np.isfinite(d)])
+    d = np.concatenate(pooled) if pooled else np.zeros(0)
+    if d.size < MIN_SCATTER_PAIRS:
+        return 1.0
+    return max(1.0, 1.4826 * float(np.median(np.abs(d))))
+
+
 def _mostly_vacuum(ring_signal: np.ndarray, lattice_signal: np.ndarray, reason: np.ndarray,
                    edge_lattice: float) -> np.ndarray:
     """Positions whose probe falls mostly on vacuum, judged against the scan's own vacuum: ``(Rx, Ry)`` bool.
@@ -486,8 +525,10 @@ def strain_maps(
     dilation), ``phase_split`` (a `ccstae_jax.mapping.phases.PhaseSplit`: how many phases, how far apart),
     ``spot_amplitude`` ``(Rx, Ry, N_BANDS)`` (with a fit, NaN where invalid); with a fit (``fisher``, ``chi2``,
     ``dof`` in ``predictions``) ``uncertainty_<quantity>`` (1-sigma, rotation in radians, NaN where invalid: the
-    fit's own, `strain_uncertainty`, and at grain boundaries the mixing of lattices under the probe,
-    `mixing_uncertainty`, in quadrature); and ``distortion`` (a `Distortion`).
+    fit's own and the reference's, `strain_uncertainty`, times ``error_scale``, and at grain boundaries the mixing
+    of lattices under the probe, `mixing_uncertainty`, in quadrature); ``error_scale`` (a float, 1 without a fit:
+    `scatter_scale`, how much wider neighbouring positions scatter than the fit's errors say); and ``distortion``
+    (a `Distortion`).
     """
     rx, ry = scan_shape
     theta = predictions["theta"].reshape(rx, ry, 2, 3)
@@ -514,14 +555,19 @@ def strain_maps(
         out["reconstruction_error"] = (red / typical).astype(np.float32)
     else:
         out["reconstruction_error"] = np.full(scan_shape, np.nan, np.float32)
+    out["error_scale"] = 1.0
     if cov_l is not None:
         sigma = strain_uncertainty(lattice.reshape(-1, 2, 2), cov_l, ref.reshape(-1), symmetry=symmetry,
                                    valid=valid.reshape(-1), correct_distortion=correct_distortion)
         period = 2 * np.pi / symmetry
+        own = {k: np.where(valid, np.sqrt(np.maximum(sigma[k] ** 2 - sigma[f"reference_{k}"] ** 2, 0.0))
+                           .reshape(rx, ry), np.nan) for k in QUANTITIES}
+        scale = scatter_scale({k: out[k] for k in QUANTITIES}, own, periods={"rotation": period})
+        out["error_scale"] = scale
         for k in QUANTITIES:
-            own = np.where(valid, sigma[k].reshape(rx, ry), np.nan)
-            mixing = mixing_uncertainty(out[k], own, period=period if k == "rotation" else None)
-            out[f"uncertainty_{k}"] = np.hypot(own, mixing).astype(np.float32)
+            total = np.where(valid, scale * sigma[k].reshape(rx, ry), np.nan)
+            mixing = mixing_uncertainty(out[k], total, period=period if k == "rotation" else None)
+            out[f"uncertainty_{k}"] = np.hypot(total, mixing).astype(np.float32)
     out["valid"] = valid
     out["invalid_reason"] = reason
     out["theta"] = theta.astype(np.float32)
