@@ -365,14 +365,15 @@ def scatter_scale(values: dict[str, np.ndarray], sigma: dict[str, np.ndarray], *
     is noise: divided by ``sqrt(sigma_i^2 + sigma_j^2)`` it should scatter with a standard deviation of 1. Returned
     is the robust standard deviation (1.4826 times the median absolute value) of these normalised differences over
     all pairs of valid neighbours, every quantity pooled, or 1 where that is below 1 or there are fewer than
-    `MIN_SCATTER_PAIRS` pairs. The pairs across a grain boundary are few, and the median does not see them; a strain
-    gradient adds to the differences, which can only widen the bars. Errors shared by neighbours (the reference's, a
-    grain's bias) are not seen.
+    `MIN_SCATTER_PAIRS` pairs. A position at a grain boundary should carry its mixing error in ``sigma``
+    (`mixing_uncertainty`): pairs across boundaries can be a quarter of a small scan's, too many for the median to
+    ignore. A strain gradient adds to the differences, which can only widen the bars. Errors shared by neighbours
+    (the reference's, a grain's bias) are not seen.
 
     Args:
       values: ``{quantity: (Rx, Ry)}``, NaN where invalid.
       sigma: ``{quantity: (Rx, Ry)}`` each position's own 1-sigma (without the reference's part, which neighbours
-        share).
+        share; with its mixing at a grain boundary).
       periods: ``{quantity: period}`` for angles, whose differences are wrapped to ``(-period/2, period/2]``.
     """
     periods = periods or {}
@@ -560,8 +561,12 @@ def strain_maps(
         sigma = strain_uncertainty(lattice.reshape(-1, 2, 2), cov_l, ref.reshape(-1), symmetry=symmetry,
                                    valid=valid.reshape(-1), correct_distortion=correct_distortion)
         period = 2 * np.pi / symmetry
-        own = {k: np.where(valid, np.sqrt(np.maximum(sigma[k] ** 2 - sigma[f"reference_{k}"] ** 2, 0.0))
-                           .reshape(rx, ry), np.nan) for k in QUANTITIES}
+        own = {}  # each position's own error, with its mixing at a grain boundary
+        for k in QUANTITIES:
+            fit_own = np.sqrt(np.maximum(sigma[k] ** 2 - sigma[f"reference_{k}"] ** 2, 0.0)).reshape(rx, ry)
+            mixing = mixing_uncertainty(out[k], np.where(valid, sigma[k].reshape(rx, ry), np.nan),
+                                        period=period if k == "rotation" else None)
+            own[k] = np.where(valid, np.hypot(fit_own, mixing), np.nan)
         scale = scatter_scale({k: out[k] for k in QUANTITIES}, own, periods={"rotation": period})
         out["error_scale"] = scale
         for k in QUANTITIES:
