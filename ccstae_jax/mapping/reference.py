@@ -374,7 +374,7 @@ def scatter_scale(values: dict[str, np.ndarray], sigma: dict[str, np.ndarray], *
       values: ``{quantity: (Rx, Ry)}``, NaN where invalid.
       sigma: ``{quantity: (Rx, Ry)}`` each position's own 1-sigma (without the reference's part, which neighbours
         share; with its mixing at a grain boundary).
-      periods: ``{quantity: period}`` for angles, whose differences are wrapped to ``(-period/2, period/2]``.
+      periods: ``{quantity: period}`` for angles, whose differences are wrapped to ``[-period/2, period/2)``.
     """
     periods = periods or {}
     pooled = []
@@ -384,7 +384,7 @@ def scatter_scale(values: dict[str, np.ndarray], sigma: dict[str, np.ndarray], *
         for a, b, sa, sb in ((v[1:], v[:-1], s[1:], s[:-1]), (v[:, 1:], v[:, :-1], s[:, 1:], s[:, :-1])):
             d = a - b
             if name in periods:
-                d = (d + periods[name] / 2) % periods[name] - periods[name] / 2
+                d = affine.wrap_angle(d, periods[name])
             d = d / np.sqrt(sa**2 + sb**2)
             pooled.append(d[np.isfinite(d)])
     d = np.concatenate(pooled) if pooled else np.zeros(0)
