@@ -501,11 +501,15 @@ def map_strain(
             "phase_separation": split.separation,
             "phase_mismatch": split.mismatch,
             "error_scale": error_scale,
+            "noise_weight": float(preds.get("noise_weight", np.nan)),
         }
         flags = map_warnings(maps, geometry=cfg.geometry, rigid_spots=rigid)
         attrs["quality"] = "flagged" if flags else "ok"
         attrs["quality_warnings"] = json.dumps(flags)
         if progress:
+            if "noise_weight" in preds:
+                _say(f"fit weights: shot noise {100 * preds['noise_weight']:.0f} % of the variance (measured between "
+                     "neighbouring patterns and in the fits' residuals; 0 % = unweighted, as for noise-free data)")
             _report_map(maps, distortion, correct_distortion, error_scale)
             if cfg.num_bases == 1:
                 _say(_phase_line(split))

@@ -390,3 +390,82 @@ def test_fit_of_noisy_wide_disks_is_unbiased_and_scatters_as_its_error_bars_say(
     spread = err.std(0)
     chex.assert_trees_all_equal(np.abs(err.mean(0)) < 0.25 * spread, np.ones(6, bool))
     np.testing.assert_allclose(spread, sigma, rtol=0.25)
+
+
+def _pairs_of(images):
+    """Neighbouring pairs 0-1, 2-3, ... of ``images`` compared over the whole frame."""
+    n = len(images) // 2 * 2
+    return np.stack([np.arange(0, n, 2), np.arange(1, n, 2)], -1)
+
+
+def test_neighbour_noise_measures_the_shot_noise_of_poisson_data():
+    """Half the squared difference of two Poisson draws of one pattern has the mean as its variance: the line
+    fitted through the levels has slope 1 / dose and no offset."""
+    clean, _ = hex_patterns(1, size=64, g=18.0, spot_sigma=1.5, rotations=[0.2], max_strain=0.0)
+    dose = 400.0
+    x = np.random.default_rng(0).poisson(np.repeat(clean + 0.05, 64, 0) * dose).astype(np.float32) / dose
+    levels = fit.neighbour_noise(x, _pairs_of(x), np.ones((64, 64), bool), top=float(clean.max() + 0.05))
+    chex.assert_shape(levels, (32, fit.N_LEVELS, 3))
+    alpha, beta = fit._variance_line(*fit._robust_levels(levels))
+    assert alpha == pytest.approx(1.0 / dose, rel=0.1)
+    assert beta < 0.05 * alpha * clean.max()
+
+
+def test_neighbour_noise_of_identical_patterns_is_zero():
+    clean, _ = hex_patterns(1, size=64, g=18.0, spot_sigma=1.5, rotations=[0.2], max_strain=0.0)
+    levels = fit.neighbour_noise(np.repeat(clean, 4, 0), _pairs_of(np.repeat(clean, 4, 0)), np.ones((64, 64), bool),
+                                 top=float(clean.max()))
+    assert np.all(levels[..., 0] == 0) and levels[..., 2].sum() == 2 * 64 * 64
+
+
+def _levels(square_of_mean, n_items=50, top=1.0):
+    """Per-item level sums whose mean square at mean ``m`` is ``square_of_mean(m)``, 100 pixels per level."""
+    mean = (np.arange(fit.N_LEVELS) + 0.5) / fit.N_LEVELS * top
+    one = np.stack([100 * square_of_mean(mean), 100 * mean, np.full(fit.N_LEVELS, 100.0)], -1)
+    return np.repeat(one[None], n_items, 0), np.full(n_items, top)
+
+
+def test_noise_weight_is_zero_for_noise_free_data_and_one_for_shot_noise_on_a_perfect_base():
+    shot = lambda m: 0.01 * m
+    fitted, top = _levels(shot)
+    pairs, _ = _levels(shot)
+    assert fit.noise_weight(fitted, top, pairs) == pytest.approx(1.0, abs=1e-6)
+    misfit, top = _levels(lambda m: 1e-4 + 0 * m)
+    silent, _ = _levels(lambda m: 0 * m)
+    assert fit.noise_weight(misfit, top, silent) == 0.0
+
+
+def test_noise_weight_blends_shot_noise_with_the_misfit_beyond_it():
+    """Residuals exceeding the neighbours' shot noise by a constant ``e``: ``a = alpha top / (alpha top + e)``."""
+    fitted, top = _levels(lambda m: 0.01 * m + 0.005, top=2.0)
+    pairs, _ = _levels(lambda m: 0.01 * m, top=2.0)
+    assert fit.noise_weight(fitted, top, pairs) == pytest.approx(0.02 / (0.02 + 0.005), rel=1e-3)
+
+
+def test_noise_weight_ignores_pairs_across_a_grain_boundary_and_badly_fitted_patterns():
+    fitted, top = _levels(lambda m: 0.01 * m)
+    pairs, _ = _levels(lambda m: 0.01 * m)
+    fitted[:5, :, 0] *= 50.0  # a few patterns the base does not describe
+    pairs[:5, :, 0] *= 50.0  # a few pairs whose lattices differ
+    assert fit.noise_weight(fitted, top, pairs) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_noise_weight_from_fits_is_near_one_on_noisy_patterns_and_near_zero_on_clean_ones_with_a_misfit():
+    """Measured end to end: Poisson draws fitted against their true base give a weight near 1; noise-free patterns
+    fitted against a base a little too sharp (a misfit, no noise) give one near 0."""
+    size, g = 96, 26.0
+    clean, _ = hex_patterns(1, size=size, g=g, spot_sigma=1.8, rotations=[0.3], max_strain=0.0)
+    sharp, _ = hex_patterns(1, size=size, g=g, spot_sigma=1.6, rotations=[0.3], max_strain=0.0)
+    centre = (size // 2, size // 2)
+    region = masks.pixel_radii((size, size), centre) >= g / 2
+    args = lambda n: (jnp.full((n, 2), size // 2.0), jnp.zeros(n, jnp.int32))
+    noisy = np.random.default_rng(1).poisson(np.repeat(clean + 0.02, 32, 0) * 300.0).astype(np.float32) / 300.0
+    table = fit.prepare_bases(jnp.asarray(clean + 0.02), centre, min_radius=g / 2)
+    res = fit.fit_patterns(affine.identity_warp((32,)), jnp.asarray(noisy), *args(32), table, steps=4)
+    pairs = fit.neighbour_noise(noisy, _pairs_of(noisy), region, float(np.median(res.top)))
+    assert fit.noise_weight(res.residual_levels, res.top, pairs) > 0.9
+    quiet = np.repeat(clean, 8, 0)
+    table = fit.prepare_bases(jnp.asarray(sharp), centre, min_radius=g / 2)
+    res = fit.fit_patterns(affine.identity_warp((8,)), jnp.asarray(quiet), *args(8), table, steps=4)
+    pairs = fit.neighbour_noise(quiet, _pairs_of(quiet), region, float(np.median(res.top)))
+    assert fit.noise_weight(res.residual_levels, res.top, pairs) < 0.05

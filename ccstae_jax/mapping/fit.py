@@ -18,8 +18,13 @@ dependence of that turn on ``phi``: it is exact for a round disk. A pixel farthe
 2 px) from every spot found in the base (a spot too faint to be found, or the background between spots) is not
 forced onto a distant centre: it moves with the warp. For disks a few pixels wide the two models agree;
 for wide disks a stretched base misplaces their edges by the strain times the disk radius. The
-fit is Fisher scoring of the Poisson likelihood (iteratively reweighted least squares with weights ``1 / mu``) with
-Levenberg-Marquardt damping, one independent problem per pattern, vectorised over the batch.
+fit is iteratively reweighted least squares with Levenberg-Marquardt damping, one independent problem per pattern,
+vectorised over the batch. Its weights are the inverse of a variance ``max(a mu + (1 - a) top, floor top)`` (``top``
+the brightest compared pixel of the model): shot noise, whose variance grows with the counts, blended with an error
+that does not, the base's own misfit (`noise_weight` measures the blend ``a`` on a scan, from the differences between
+neighbouring patterns and the fits' residuals). ``a = 1`` is Fisher scoring of the Poisson likelihood, ``a = 0``
+unweighted least squares, right for noise-free data. The floor caps the weight of dark pixels, where a base's small
+misfits would bias the fit more than their counts inform it.
 
 Speed comes from two choices:
 
@@ -61,6 +66,10 @@ RIGID_REACH = 1.5
 #: bright a pattern's spots are against its base's: the relative intensity of the diffraction orders, which tells
 #: phases apart.
 N_BANDS = 4
+#: Bins (equal steps of ``mu / top``) in which `fit_patterns` sums its squared residuals for `noise_weight`.
+N_LEVELS = 8
+#: The blend of shot noise in the fit's weights when nothing has been measured (module docstring).
+DEFAULT_NOISE_WEIGHT = 1.0
 #: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
 INTERPOLATIONS = ("cubic", "bilinear")
 _HP = jax.lax.Precision.HIGHEST
@@ -84,6 +93,7 @@ class BaseTable:
         reach (the pixel moves with the warp), or None.
       band_edges: ``(K, N_BANDS - 1)`` float32 radii (pixels from the zero beam) between the `N_BANDS` radial bands
         that hold equal shares of each base's fitted pixels, or None (no spot amplitudes measured).
+      noise_weight: ``()`` float32 in [0, 1], the share of shot noise in the fit's weights (module docstring).
     """
 
     table: jax.Array
@@ -93,6 +103,7 @@ class BaseTable:
     centres: jax.Array | None = None
     owner: jax.Array | None = None
     band_edges: jax.Array | None = None
+    noise_weight: jax.Array | float = DEFAULT_NOISE_WEIGHT
 
 
 class FitResult(NamedTuple):
@@ -101,12 +112,15 @@ class FitResult(NamedTuple):
     Attributes:
       theta: ``(B, 2, 3)`` fitted pull warps (base frame -> data frame).
       fisher: ``(B, 6, 6)`` ``J^T W J`` at the fit, for the six entries of ``phi = theta^{-1}`` (row-major),
-        ``W = 1 / mu`` in the units of the scaled data; its inverse, times ``chi2 / dof``, estimates their covariance.
+        ``W`` the fit's weights (module docstring); its inverse, times ``chi2 / dof``, estimates their covariance.
       chi2: ``(B,)`` weighted squared residual ``sum W (mu - x)^2`` at the fit.
       dof: ``(B,)`` number of pixels compared minus 6.
       spot_amplitude: ``(B, N_BANDS)`` the factor by which the base's spots, scaled in each radial band of
         ``BaseTable.band_edges``, best fit the pattern's at the fitted warp (weighted least squares, background
         fixed), or None without band edges. 1 where the pattern's spots are as bright as the base's.
+      residual_levels: ``(B, N_LEVELS, 3)`` per bin of ``mu / top`` at the fit: the sum of the squared residuals, the
+        sum of ``mu`` and the pixel count (`noise_weight`'s input).
+      top: ``(B,)`` the brightest compared pixel of the model at the fit.
     """
 
     theta: jax.Array
@@ -114,6 +128,8 @@ class FitResult(NamedTuple):
     chi2: jax.Array
     dof: jax.Array
     spot_amplitude: jax.Array | None = None
+    residual_levels: jax.Array | None = None
+    top: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------------- base preparation
@@ -218,6 +234,7 @@ def information_mask(
     support: np.ndarray | None = None,
     share: float = 0.98,
     max_points: int | None = None,
+    noise_weight: float = DEFAULT_NOISE_WEIGHT,
     floor: float = 0.3,
     border: int = 2,
     center: tuple[float, float] | None = None,
@@ -228,13 +245,14 @@ def information_mask(
     """Base-frame pixels that carry a given share of the information about the warp, ``(K, H, W)`` bool.
 
     Each pixel's Fisher information about the warp under the Poisson model is ``|grad spots|^2 (1 + u^2 + v^2) / mu``
-    (``u, v`` normalised coordinates: the lever arm of the linear part; ``mu = background + spots``, floored at
-    ``floor`` times its largest value as in the fit). Pixels are taken in decreasing order of information until they
-    hold ``share`` of the total (at most ``max_points``), then dilated by one pixel so that a starting warp a
-    fraction of a pixel off still covers the spot edges. Pixels within ``border`` of the frame, or outside
-    ``support``, or closer than ``min_radius`` to ``center`` (the central disk, whose edge is part of the background
-    and says nothing about the lattice), are never taken. ``stride`` > 1 keeps only every ``stride``-th row and
-    column of the result: enough for a model smooth on that scale (a blurred base), at ``1 / stride**2`` of the cost.
+    (``u, v`` normalised coordinates: the lever arm of the linear part; ``mu = background + spots``, blended with its
+    largest value by ``noise_weight`` and floored at ``floor`` times that value, as in the fit). Pixels are taken in
+    decreasing order of information until they hold ``share`` of the total (at most ``max_points``), then dilated by
+    one pixel so that a starting warp a fraction of a pixel off still covers the spot edges. Pixels within
+    ``border`` of the frame, or outside ``support``, or closer than ``min_radius`` to ``center`` (the central disk,
+    whose edge is part of the background and says nothing about the lattice), are never taken. ``stride`` > 1 keeps
+    only every ``stride``-th row and column of the result: enough for a model smooth on that scale (a blurred base),
+    at ``1 / stride**2`` of the cost.
 
     Args:
       spots: ``(K, H, W)`` the moving part of each base.
@@ -259,7 +277,8 @@ def information_mask(
     for i in range(k):
         mu = background[i] + spots[i]
         top = mu[keep[i]].max() if keep[i].any() else 0.0
-        info = np.where(keep[i], (gr[i] ** 2 + gc[i] ** 2) * lever / np.maximum(mu, max(floor * top, 1e-30)), 0.0)
+        variance = np.maximum(noise_weight * mu + (1.0 - noise_weight) * top, max(floor * top, 1e-30))
+        info = np.where(keep[i], (gr[i] ** 2 + gc[i] ** 2) * lever / variance, 0.0)
         order = np.argsort(info.ravel())[::-1]
         total = info.sum()
         if total <= 0:
@@ -360,6 +379,7 @@ def prepare_bases(
     support: np.ndarray | None = None,
     share: float = 0.98,
     max_points: int | None = None,
+    noise_weight: float = DEFAULT_NOISE_WEIGHT,
     floor: float = 0.3,
     min_radius: float = 0.0,
     interpolation: str = "cubic",
@@ -376,7 +396,9 @@ def prepare_bases(
     whose basin is wider, for a first fit from a rough start. ``rigid_radius`` (the disk radius in pixels) makes the
     spots rigid (module docstring): their centres (`spot_centres`) are found in the unblurred base less the
     `SPOT_SEARCH_QUANTILE` of each radius bin, and the background is the `RIGID_BACKGROUND_QUANTILE` of each radius
-    bin instead of its median. ``like``: an earlier table whose pixel lists and spot lists these are made at least as
+    bin instead of its median. ``noise_weight``: the fit's blend of shot noise (module docstring, `noise_weight`);
+    ``floor``: as for `fit_patterns`, for choosing the pixels.
+    ``like``: an earlier table whose pixel lists and spot lists these are made at least as
     long as (so the fit compiled for it serves this one)."""
     bases = jnp.asarray(bases, jnp.float32)
     profile = radial_profile(bases, center, 0.5 if rigid_radius is None else RIGID_BACKGROUND_QUANTILE)
@@ -398,14 +420,16 @@ def prepare_bases(
     if blur > 0:
         spots = gaussian_blur(spots, blur)
     mask = information_mask(np.asarray(spots), np.asarray(background), support=support, share=share,
-                            max_points=max_points, floor=floor, center=center,
+                            max_points=max_points, noise_weight=noise_weight, floor=floor, center=center,
                             min_radius=min_radius, grow=grow, stride=stride)
     n_max = int(mask.reshape(mask.shape[0], -1).sum(1).max())
     n_points = int(np.ceil(1.1 * n_max / 64) + 1) * 64  # room for a pattern whose warp enlarges the mask
     if like is not None:
         n_points = max(n_points, like.n_points)
+    if not 0.0 <= noise_weight <= 1.0:
+        raise ValueError(f"noise_weight = {noise_weight!r}: expected a share in [0, 1]")
     return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points, centres, owner,
-                     jnp.asarray(band_edges(mask, center)))
+                     jnp.asarray(band_edges(mask, center)), jnp.asarray(noise_weight, jnp.float32))
 
 
 def band_edges(mask: np.ndarray, center: tuple[float, float]) -> np.ndarray:
@@ -552,8 +576,8 @@ def fit_patterns(
       bases: `prepare_bases` output.
       steps: Levenberg-Marquardt iterations (static); each costs one evaluation of the model and its Jacobian.
       damping: initial damping relative to the diagonal of ``J^T W J``.
-      floor: lower clip of the Poisson model mean, relative to its largest value on the compared pixels (caps the
-        weight of dark pixels, where a base is least accurate).
+      floor: lower clip of the weights' variance, relative to its largest value on the compared pixels (caps the
+        weight of dark pixels, where a base's small misfits would bias the fit; module docstring).
       max_change: no entry of ``phi`` moves further than this from its start (normalised units: 0.1 is a 10 %
         strain or rotation, or a shift of a twentieth of the pattern), so a fit cannot run away from the encoder's
         warp into a spurious minimum of a base that does not match the patterns.
@@ -591,9 +615,11 @@ def fit_patterns(
         def model(phi):
             return _model(bases, k, phi, u, v, spot, (h, w), bg)
 
+        a = jnp.asarray(bases.noise_weight, jnp.float32)
+
         def weights(mu):
             top = jnp.max(jnp.where(used > 0, mu, -jnp.inf))
-            return used / jnp.maximum(mu, jnp.maximum(floor * top, 1e-30))
+            return used / jnp.maximum(a * mu + (1.0 - a) * top, jnp.maximum(floor * top, 1e-30))
 
         def normal_equations(mu, jac, wts):
             r = mu - xq
@@ -629,9 +655,120 @@ def fit_patterns(
             onehot = jax.nn.one_hot(band, N_BANDS, dtype=jnp.float32) * (wts * s)[:, None]
             amplitude = (jnp.einsum("pb,p->b", onehot, xq - bg, precision=_HP)
                          / jnp.maximum(jnp.einsum("pb,p->b", onehot, s, precision=_HP), 1e-30))
-        return phi, jtj, cost, jnp.sum(used) - 6.0, amplitude
+        top = jnp.maximum(jnp.max(jnp.where(used > 0, mu, -jnp.inf)), 1e-30)
+        level = jnp.clip(jnp.floor(mu / top * N_LEVELS), 0, N_LEVELS - 1).astype(jnp.int32)
+        onehot = jax.nn.one_hot(level, N_LEVELS, dtype=jnp.float32) * used[:, None]
+        levels = jnp.einsum("pl,pc->lc", onehot, jnp.stack([(xq - mu) ** 2, mu, jnp.ones_like(mu)], -1),
+                            precision=_HP)
+        return phi, jtj, cost, jnp.sum(used) - 6.0, amplitude, levels, top
 
-    phi, fisher, chi2, dof, amplitude = jax.vmap(one)(phi0, images, jnp.asarray(zero_beam, jnp.float32),
-                                                      jnp.asarray(class_index, jnp.int32))
+    phi, fisher, chi2, dof, amplitude, levels, top = jax.vmap(one)(
+        phi0, images, jnp.asarray(zero_beam, jnp.float32), jnp.asarray(class_index, jnp.int32))
     return FitResult(affine.invert(phi.reshape(b, 2, 3)), fisher, chi2, dof,
-                     None if bases.band_edges is None else amplitude)
+                     None if bases.band_edges is None else amplitude, levels, top)
+
+
+def neighbour_noise(images: np.ndarray, pairs: np.ndarray, region: np.ndarray, top: float) -> np.ndarray:
+    """The noise of the data, measured without a model: two patterns at neighbouring scan positions of one grain
+    differ only by their noise, so half the mean squared difference of a pixel pair is the variance at their mean.
+
+    Args:
+      images: ``(B, H, W)`` patterns, scaled as the model scales them.
+      pairs: ``(P, 2)`` indices into ``images`` of neighbouring positions.
+      region: ``(H, W)`` bool, the pixels to compare (those the fit may use).
+      top: the brightest a fitted model gets (the median of `FitResult.top`): levels are steps of ``top /
+        N_LEVELS``, as in `FitResult.residual_levels`.
+
+    Returns:
+      ``(P, N_LEVELS, 3)``: per pair and level, the sum of the half squared differences, the sum of the pair means
+      and the pixel count.
+    """
+    images = np.asarray(images, np.float64)
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    first, second = images[pairs[:, 0]][:, region], images[pairs[:, 1]][:, region]
+    mean = 0.5 * (first + second)
+    level = np.clip(np.floor(mean / max(float(top), 1e-30) * N_LEVELS), 0, N_LEVELS - 1).astype(np.int64)
+    slot = (np.arange(len(pairs))[:, None] * N_LEVELS + level).ravel()
+    size = len(pairs) * N_LEVELS
+    sums = [np.bincount(slot, weights=v.ravel(), minlength=size) for v in (0.5 * (first - second) ** 2, mean)]
+    return np.stack(sums + [np.bincount(slot, minlength=size).astype(np.float64)], -1).reshape(len(pairs), N_LEVELS, 3)
+
+
+#: An item (a pattern's residuals, a pair's differences) whose mean square is more than this many times the median
+#: item's is not noise (a grain boundary, a pattern the base does not describe) and is left out of the levels.
+OUTLIER_FACTOR = 3.0
+
+
+def _robust_levels(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(N, N_LEVELS, 3)`` per-item sums (squares, means, counts) -> per level: the mean square, the mean and the
+    pixel count, pooled over the items whose mean square over all levels is at most `OUTLIER_FACTOR` times the
+    median item's."""
+    sums = np.asarray(sums, np.float64).reshape(-1, N_LEVELS, 3)
+    count = sums[..., 2].sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        overall = np.where(count > 0, sums[..., 0].sum(1) / count, np.nan)
+    seen = np.isfinite(overall)
+    keep = seen & (overall <= OUTLIER_FACTOR * np.median(overall[seen])) if seen.any() else seen
+    pooled = sums[keep].sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        square = np.where(pooled[:, 2] > 0, pooled[:, 0] / pooled[:, 2], np.nan)
+        mean = np.where(pooled[:, 2] > 0, pooled[:, 1] / pooled[:, 2], np.nan)
+    return square, mean, pooled[:, 2]
+
+
+def _variance_line(variance: np.ndarray, mean: np.ndarray, count: np.ndarray) -> tuple[float, float]:
+    """``variance ~ alpha mean + beta`` with ``alpha, beta >= 0``, by least squares weighted by each level's pixel
+    count over its squared variance (the precision of a mean of squares), that variance raised by the levels'
+    average: a level of pixels that never saw an electron (variance 0, where shot noise is exactly right) must not
+    outweigh all others."""
+    ok = np.isfinite(variance) & np.isfinite(mean) & (count > 0)
+    if not ok.any():
+        return 0.0, 0.0
+    typical = float(np.sum(count[ok] * variance[ok]) / np.sum(count[ok]))
+    root = np.sqrt(count[ok]) / np.maximum(typical + variance[ok], 1e-300)
+    design = np.stack([mean[ok], np.ones(int(ok.sum()))], -1) * root[:, None]
+    target = variance[ok] * root
+    if ok.sum() >= 2:
+        alpha, beta = np.linalg.lstsq(design, target, rcond=None)[0]
+        if alpha >= 0 and beta >= 0:
+            return float(alpha), float(beta)
+    fits = []
+    for j in (0, 1):  # on the boundary: the better of the two one-parameter lines
+        col = design[:, j]
+        value = max(float(col @ target / max(col @ col, 1e-300)), 0.0)
+        fits.append((np.sum((target - value * col) ** 2), j, value))
+    _, j, value = min(fits)
+    return (value, 0.0) if j == 0 else (0.0, value)
+
+
+def noise_weight(residual_levels: np.ndarray, top: np.ndarray, pair_levels: np.ndarray) -> float:
+    """The share of shot noise in the fit's weights (module docstring), measured from a scan.
+
+    The data's noise is measured from neighbouring patterns (`neighbour_noise`) as a line ``alpha mu + beta0`` in
+    the mean ``mu`` (shot noise and a constant, e.g. a detector's read noise). The fit's residuals
+    (``residual_levels`` ``(B, N_LEVELS, 3)`` and ``top`` ``(B,)`` of fitted patterns, `FitResult`) exceed it by the
+    base's misfit, whose mean over the fitted pixels, ``e``, is taken as a constant variance too. The weights
+    ``1 / (alpha mu + beta0 + e)`` are, up to a constant factor, ``1 / (a mu + (1 - a) top)`` with ``a = alpha top /
+    (alpha top + beta0 + e)`` (``top`` the patterns' median). Noise-free data give ``a = 0`` (unweighted least
+    squares); shot noise alone on a perfect base gives 1. Patterns and pairs whose squares are not noise are left out
+    (`OUTLIER_FACTOR`). With nothing measured, `DEFAULT_NOISE_WEIGHT`.
+
+    Args:
+      pair_levels: ``(P, N_LEVELS, 3)`` `neighbour_noise` of neighbouring pairs of the same patterns.
+    """
+    top = np.asarray(top, np.float64)
+    top = top[np.isfinite(top) & (top > 0)]
+    if top.size == 0 or np.asarray(pair_levels).size == 0:
+        return DEFAULT_NOISE_WEIGHT
+    top = float(np.median(top))
+    alpha, beta0 = _variance_line(*_robust_levels(pair_levels))
+    fitted, mean, count = _robust_levels(residual_levels)
+    ok = np.isfinite(fitted) & np.isfinite(mean) & (count > 0)
+    if not ok.any():
+        return DEFAULT_NOISE_WEIGHT
+    excess = np.maximum(fitted[ok] - (alpha * mean[ok] + beta0), 0.0)
+    misfit = float(np.sum(count[ok] * excess) / np.sum(count[ok]))
+    shot = alpha * top
+    if shot + beta0 + misfit <= 0:
+        return DEFAULT_NOISE_WEIGHT
+    return float(shot / (shot + beta0 + misfit))

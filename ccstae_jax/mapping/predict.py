@@ -23,6 +23,7 @@ import numpy as np
 
 from ccstae_jax.ops import affine
 from ccstae_jax.model.geometry import NOISE_ORDERS
+from ccstae_jax.model.masks import pixel_radii
 from ccstae_jax.mapping import bases as bases_lib
 from ccstae_jax.mapping import fit as fit_lib
 from ccstae_jax.model.networks import angular_weights, prior_ring, recentred
@@ -151,7 +152,8 @@ def make_fit_fn(task, steps: int, *, coarse_steps: int = 0, reselect: int = 0, m
     """Jitted ``(params, table, coarse, images (B, H, W), theta0 (B, 2, 3)) -> dict``: `make_encode_fn`'s outputs
     with ``theta`` fitted against ``table`` (a `fit.BaseTable`) by ``steps`` iterations (`fit.fit_patterns`, pixel
     lists rebuilt after ``reselect`` of them), plus ``theta_encoder``, ``fisher`` ``(B, 6, 6)``, ``chi2`` and
-    ``dof`` ``(B,)`` and ``spot_amplitude`` ``(B, fit.N_BANDS)``.
+    ``dof`` ``(B,)``, ``spot_amplitude`` ``(B, fit.N_BANDS)``, ``residual_levels`` ``(B, fit.N_LEVELS, 3)`` and
+    ``top`` ``(B,)`` (`fit.FitResult`).
 
     Each pattern starts from ``theta0`` where that is finite; a NaN row starts from the encoder's warp, first fitted
     ``coarse_steps`` times against ``coarse`` (a blurred table over sparser pixels, `fit.prepare_bases`: a wider
@@ -172,6 +174,7 @@ def make_fit_fn(task, steps: int, *, coarse_steps: int = 0, reselect: int = 0, m
                                    reselect=reselect, host_compaction=host)
         return {"theta": res.theta, "theta_encoder": enc["theta"], "class_index": k, "zero_beam": enc["zero_beam"],
                 "fisher": res.fisher, "chi2": res.chi2, "dof": res.dof, "spot_amplitude": res.spot_amplitude,
+                "residual_levels": res.residual_levels, "top": res.top,
                 **lattice_signals(task, enc["inputs"], enc["zero_beam"])}
 
     return _jit(run, mesh, n_replicated=3, n_batched=2)
@@ -251,16 +254,17 @@ def learned_bases(task, params) -> jax.Array:
 
 def _tables(task, bases, support, config: MapConfig,
             like: tuple[fit_lib.BaseTable, fit_lib.BaseTable | None] | None = None,
+            noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT,
             ) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
     """The fine table of ``bases`` and, with `MapConfig.coarse_steps`, the coarse one (spots blurred by half a disk
     radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur); with
     rigid spots (`rigid_spots_for`) the spots move rigidly (`fit.prepare_bases`). With ``like`` (tables made
     before), the pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these
-    too."""
+    too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`)."""
     cfg = task.model_cfg
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
-              interpolation=config.interpolation,
+              interpolation=config.interpolation, noise_weight=noise_weight,
               rigid_radius=geometry.disk_radius if rigid_spots_for(config, geometry) else None)
     fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, like=None if like is None else like[0], **kw)
     coarse = None
@@ -280,39 +284,59 @@ def _fit_fn(task, config: MapConfig, mesh) -> Callable:
     return make_fit_fn(task, config.steps, coarse_steps=config.coarse_steps, reselect=config.reselect, mesh=mesh)
 
 
+def _noise_of_pairs(task, images: np.ndarray, index: np.ndarray, used: np.ndarray, top: float, ry: int) -> np.ndarray:
+    """`fit.neighbour_noise` of the neighbouring positions along the scan rows of one batch (``index`` the scan
+    position of each pattern, -1 padding; ``used``: patterns with a lattice), over the pixels the fit may compare
+    (beyond `Geometry.fit_min_radius` of the zero beam): ``(P, fit.N_LEVELS, 3)``."""
+    cfg = task.model_cfg
+    first = np.flatnonzero(used[:-1] & used[1:] & (index[1:] == index[:-1] + 1) & (index[1:] // ry == index[:-1] // ry))
+    if first.size == 0 or top <= 0:
+        return np.zeros((0, fit_lib.N_LEVELS, 3))
+    region = pixel_radii(images.shape[-2:], cfg.center_px) >= cfg.geometry.fit_min_radius
+    return fit_lib.neighbour_noise(images * cfg.intensity_scale, np.stack([first, first + 1], -1), region, top)
+
+
 def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
-                   progress=None) -> tuple[bases_lib.UpdatedBases, np.ndarray, tuple]:
+                   progress=None) -> tuple[bases_lib.UpdatedBases, np.ndarray, tuple, float]:
     """Step 1 of the module docstring: the bases re-estimated from a subset of whole scan rows. The first round
     aligns the subset against the learned bases; each further round (`MapConfig.base_rounds`) fits it again, from
-    the previous round's warps, against the bases the previous round estimated. Returns the bases, the last round's
-    warps ``(N, 2, 3)`` by scan position (NaN outside the subset) and the last round's tables (`_tables`)."""
+    the previous round's warps, against the bases the previous round estimated, with the fit's weights measured
+    from the previous round's residuals (`fit.noise_weight`). Returns the bases, the last round's warps
+    ``(N, 2, 3)`` by scan position (NaN outside the subset), the last round's tables (`_tables`) and the noise
+    weight its residuals measure."""
     rows = subset_rows(scan.scan_shape, config.subset)
     ry = scan.scan_shape[1]
     start = _no_start(len(rows) * ry)  # each subset pattern's warp from the last round
     local = {int(r): i * ry for i, r in enumerate(rows)}
     current, support, tables = learned_bases(task, params), None, None
+    weight = fit_lib.DEFAULT_NOISE_WEIGHT
     accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation, mesh=mesh)
     fit = _fit_fn(task, config, mesh)
     for round_ in range(config.base_rounds):
-        tables = _tables(task, current, support, config, like=tables)
+        tables = _tables(task, current, support, config, like=tables, noise_weight=weight)
         spots = None if tables[0].centres is None else (tables[0].centres, tables[0].owner)
-        sums = None
+        sums, levels, tops, pairs = None, [], [], []
         for images, index in _row_batches(scan, rows, _batch(config, mesh)):
             slot = np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
             out = fit(params, *tables, images, start[slot])
             lattice = np.asarray(out["lattice_significance"]) >= BASE_MIN_SIGNIFICANCE
-            part = accumulate(images, out["theta"], out["class_index"],
-                              jnp.asarray((index >= 0) & lattice, jnp.float32), spots)
+            used = (index >= 0) & lattice
+            part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(used, jnp.float32), spots)
             sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
+            levels.append(np.asarray(out["residual_levels"])[used])
+            tops.append(np.asarray(out["top"])[used])
+            pairs.append(_noise_of_pairs(task, images, index, used, float(np.median(tops[-1])) if used.any() else 0.0,
+                                         ry))
             start[slot[index >= 0]] = np.asarray(out["theta"])[index >= 0]
             if progress is not None and round_ == config.base_rounds - 1:
                 progress.update(int((index >= 0).sum()))
         upd = bases_lib.reestimate(task, params, *sums)
         current, support = upd.bases, np.asarray(upd.support)
+        weight = fit_lib.noise_weight(np.concatenate(levels), np.concatenate(tops), np.concatenate(pairs))
     by_position = _no_start(scan.n_positions)
     for r in rows:
         by_position[int(r) * ry:(int(r) + 1) * ry] = start[local[int(r)]: local[int(r)] + ry]
-    return upd, by_position, tables
+    return upd, by_position, tables, weight
 
 
 def default_mesh():
@@ -333,9 +357,9 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     """Per-position results over the whole scan (module docstring), flat arrays ``(N, ...)`` in scan order:
     ``theta``, ``theta_encoder`` ``(N, 2, 3)``, ``class_index``, ``zero_beam`` ``(N, 2)``, ``fisher`` ``(N, 6, 6)``,
     ``chi2``, ``dof``, ``spot_amplitude`` ``(N, fit.N_BANDS)``, ``ring_signal``, ``lattice_signal``,
-    ``lattice_significance``; with ``steps == 0`` the
-    encoder's warps and no fit statistics. With several bases the warps are composed with `register_bases`
-    (``base_registration`` ``(K, 2, 3)``), so every position is measured in base 0's frame.
+    ``lattice_significance`` and ``noise_weight`` (a scalar: the fit's blend of shot noise, `fit.noise_weight`);
+    with ``steps == 0`` the encoder's warps and no fit statistics. With several bases the warps are composed with
+    `register_bases` (``base_registration`` ``(K, 2, 3)``), so every position is measured in base 0's frame.
 
     Args:
       scan: an open `ccstae_jax.data.readers.Scan`.
@@ -349,17 +373,18 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     if config.steps == 0:
         fn = make_encode_fn(task, mesh=mesh)
     else:
-        tables, start = None, _no_start(scan.n_positions)
+        tables, start, weight = None, _no_start(scan.n_positions), fit_lib.DEFAULT_NOISE_WEIGHT
         if config.base_update:
-            upd, start, tables = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
+            upd, start, tables, weight = estimate_bases(task, params, scan, config, mesh=mesh,
+                                                        progress=bases_progress)
             base_images, support = upd.bases, np.asarray(upd.support)
         else:
             base_images, support = learned_bases(task, params), None
-        tables = _tables(task, base_images, support, config, like=tables)
+        tables = _tables(task, base_images, support, config, like=tables, noise_weight=weight)
         fn = functools.partial(_fit_fn(task, config, mesh), params, *tables)
         if cfg.num_bases > 1:
             registration = register_bases(base_images, tables[0], cfg.center_px)
-    collector = _Collector(scan.n_positions, progress)
+    collector = _Collector(scan.n_positions, progress, skip=("residual_levels", "top"))
     for images, index in _row_batches(scan, np.arange(scan.scan_shape[0]), _batch(config, mesh)):
         # dispatched asynchronously; the previous batch is collected meanwhile
         if config.steps == 0:
@@ -367,6 +392,8 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
         else:  # the subset's patterns start from their base-estimate warps
             collector.add(fn(images, np.where(index[:, None, None] >= 0, start[np.maximum(index, 0)], np.nan)), index)
     out = collector.finish()
+    if config.steps:
+        out["noise_weight"] = np.float64(weight)
     if registration is not None:
         # every warp relative to base 0's frame: a second phase's lattice mismatch becomes strain
         k = np.clip(out["class_index"], 0, cfg.num_bases - 1)
