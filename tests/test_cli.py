@@ -327,6 +327,7 @@ def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):
             assert f[key].shape == (8, 8), key
         assert "conventions" in f.attrs
         assert f.attrs["interpolation"] == "cubic" and f.attrs["strain_reference"] == "relative"
+        assert 0.0 <= f.attrs["noise_weight"] <= 1.0
 
 
 @pytest.mark.slow
