@@ -683,15 +683,18 @@ def neighbour_noise(images: np.ndarray, pairs: np.ndarray, region: np.ndarray, t
       ``(P, N_LEVELS, 3)``: per pair and level, the sum of the half squared differences, the sum of the pair means
       and the pixel count.
     """
-    images = np.asarray(images, np.float64)
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    first, second = images[pairs[:, 0]][:, region], images[pairs[:, 1]][:, region]
-    mean = 0.5 * (first + second)
-    level = np.clip(np.floor(mean / max(float(top), 1e-30) * N_LEVELS), 0, N_LEVELS - 1).astype(np.int64)
-    slot = (np.arange(len(pairs))[:, None] * N_LEVELS + level).ravel()
-    size = len(pairs) * N_LEVELS
-    sums = [np.bincount(slot, weights=v.ravel(), minlength=size) for v in (0.5 * (first - second) ** 2, mean)]
-    return np.stack(sums + [np.bincount(slot, minlength=size).astype(np.float64)], -1).reshape(len(pairs), N_LEVELS, 3)
+    region = np.asarray(region, bool)
+    out = np.zeros((len(pairs), N_LEVELS, 3))
+    for i, (a, b) in enumerate(pairs):  # one pair at a time: the memory of two patterns
+        first = np.asarray(images[a], np.float64)[region]
+        second = np.asarray(images[b], np.float64)[region]
+        mean = 0.5 * (first + second)
+        level = np.clip(np.floor(mean / max(float(top), 1e-30) * N_LEVELS), 0, N_LEVELS - 1).astype(np.int64)
+        out[i, :, 0] = np.bincount(level, weights=0.5 * (first - second) ** 2, minlength=N_LEVELS)
+        out[i, :, 1] = np.bincount(level, weights=mean, minlength=N_LEVELS)
+        out[i, :, 2] = np.bincount(level, minlength=N_LEVELS)
+    return out
 
 
 #: An item (a pattern's residuals, a pair's differences) whose mean square is more than this many times the median
