@@ -469,3 +469,9 @@ def test_noise_weight_from_fits_is_near_one_on_noisy_patterns_and_near_zero_on_c
     res = fit.fit_patterns(affine.identity_warp((8,)), jnp.asarray(quiet), *args(8), table, steps=4)
     pairs = fit.neighbour_noise(quiet, _pairs_of(quiet), region, float(np.median(res.top)))
     assert fit.noise_weight(res.residual_levels, res.top, pairs) < 0.05
+
+
+def test_a_noise_weight_outside_zero_to_one_is_refused_by_name():
+    clean, _ = hex_patterns(1, size=64, g=18.0, spot_sigma=1.5, rotations=[0.2], max_strain=0.0)
+    with pytest.raises(ValueError, match=r"noise_weight = 1\.5: expected a share in \[0, 1\]"):
+        fit.prepare_bases(jnp.asarray(clean), (32, 32), noise_weight=1.5)

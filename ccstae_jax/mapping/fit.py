@@ -400,6 +400,8 @@ def prepare_bases(
     ``floor``: as for `fit_patterns`, for choosing the pixels.
     ``like``: an earlier table whose pixel lists and spot lists these are made at least as
     long as (so the fit compiled for it serves this one)."""
+    if not 0.0 <= noise_weight <= 1.0:
+        raise ValueError(f"noise_weight = {noise_weight!r}: expected a share in [0, 1]")
     bases = jnp.asarray(bases, jnp.float32)
     profile = radial_profile(bases, center, 0.5 if rigid_radius is None else RIGID_BACKGROUND_QUANTILE)
     radius = jnp.asarray(_radius_image(bases.shape[-2:], center))
@@ -426,8 +428,6 @@ def prepare_bases(
     n_points = int(np.ceil(1.1 * n_max / 64) + 1) * 64  # room for a pattern whose warp enlarges the mask
     if like is not None:
         n_points = max(n_points, like.n_points)
-    if not 0.0 <= noise_weight <= 1.0:
-        raise ValueError(f"noise_weight = {noise_weight!r}: expected a share in [0, 1]")
     return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points, centres, owner,
                      jnp.asarray(band_edges(mask, center)), jnp.asarray(noise_weight, jnp.float32))
 
@@ -617,8 +617,11 @@ def fit_patterns(
 
         a = jnp.asarray(bases.noise_weight, jnp.float32)
 
+        def brightest(mu):
+            return jnp.max(jnp.where(used > 0, mu, -jnp.inf))
+
         def weights(mu):
-            top = jnp.max(jnp.where(used > 0, mu, -jnp.inf))
+            top = brightest(mu)
             return used / jnp.maximum(a * mu + (1.0 - a) * top, jnp.maximum(floor * top, 1e-30))
 
         def normal_equations(mu, jac, wts):
@@ -655,7 +658,7 @@ def fit_patterns(
             onehot = jax.nn.one_hot(band, N_BANDS, dtype=jnp.float32) * (wts * s)[:, None]
             amplitude = (jnp.einsum("pb,p->b", onehot, xq - bg, precision=_HP)
                          / jnp.maximum(jnp.einsum("pb,p->b", onehot, s, precision=_HP), 1e-30))
-        top = jnp.maximum(jnp.max(jnp.where(used > 0, mu, -jnp.inf)), 1e-30)
+        top = jnp.maximum(brightest(mu), 1e-30)
         level = jnp.clip(jnp.floor(mu / top * N_LEVELS), 0, N_LEVELS - 1).astype(jnp.int32)
         onehot = jax.nn.one_hot(level, N_LEVELS, dtype=jnp.float32) * used[:, None]
         levels = jnp.einsum("pl,pc->lc", onehot, jnp.stack([(xq - mu) ** 2, mu, jnp.ones_like(mu)], -1),
