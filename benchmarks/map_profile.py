@@ -77,12 +77,13 @@ def profile(run_dir: Path, data_path: Path, out_dir: Path) -> dict:
         fit = predict._fit_fn(task, config, None)
         coarse_fit = predict.make_fit_fn(task, 0, coarse_steps=config.coarse_steps)
         no_start = predict._no_start(batch)
-        upd, _, tables = predict.estimate_bases(task, params, scan, config)  # compiles the base estimate
+        predict.estimate_bases(task, params, scan, config)  # compiles the base estimate
         t = time.perf_counter()
-        upd, _, tables = predict.estimate_bases(task, params, scan, config)
+        est = predict.estimate_bases(task, params, scan, config)
         stages["bases"] = time.perf_counter() - t
 
-        tables = predict._tables(task, upd.bases, np.asarray(upd.support), config, like=tables)
+        tables = predict._tables(task, est.bases.bases, np.asarray(est.bases.support), config, like=est.tables,
+                                 noise_weight=est.noise_weight, floor=est.floor)
         jax.block_until_ready(coarse_fit(params, *tables, first, no_start))
         stages["coarse fit"] = _over_scan(scan, batch, lambda x: coarse_fit(params, *tables, x, no_start))
         jax.block_until_ready(fit(params, *tables, first, no_start))

@@ -21,7 +21,7 @@ from ccstae_jax import atomic
 from ccstae_jax.data.readers import DataError, load_labels, open_scan, reference_region_from_file
 from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.evaluate.metrics import error_table, format_table, referenced_labels
-from ccstae_jax.mapping.fit import INTERPOLATIONS
+from ccstae_jax.mapping.fit import DEFAULT_FLOOR, FLOOR_GAIN, INTERPOLATIONS, LOW_FLOOR
 from ccstae_jax.mapping.phases import MIN_MISMATCH, PHASE_SEPARATION
 from ccstae_jax.mapping.predict import MapConfig, map_scan, rigid_spots_for, subset_rows
 from ccstae_jax.mapping.reference import map_warnings, region_mask, strain_maps
@@ -502,6 +502,8 @@ def map_strain(
             "phase_mismatch": split.mismatch,
             "error_scale": error_scale,
             "noise_weight": float(preds.get("noise_weight", np.nan)),
+            "fit_floor": float(preds.get("fit_floor", np.nan)),
+            "floor_ratio": float(preds.get("floor_ratio", np.nan)),
         }
         flags = map_warnings(maps, geometry=cfg.geometry, rigid_spots=rigid)
         attrs["quality"] = "flagged" if flags else "ok"
@@ -510,6 +512,7 @@ def map_strain(
             if "noise_weight" in preds:
                 _say(f"fit weights: shot noise {100 * preds['noise_weight']:.0f} % of the variance (measured between "
                      "neighbouring patterns and in the fits' residuals; 0 % = unweighted, as for noise-free data)")
+                _say(_floor_line(float(preds["fit_floor"]), float(preds["floor_ratio"])))
             _report_map(maps, distortion, correct_distortion, error_scale)
             if cfg.num_bases == 1:
                 _say(_phase_line(split))
@@ -717,6 +720,15 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
         title=f"data {Path(data_path).name}, run {Path(run_dir).name}" + _flag_line(flags),
         reference_region=reference_region,
         symmetry=task.model_cfg.symmetry, pattern_title=pattern_title, mask_label=label)
+
+
+def _floor_line(floor: float, ratio: float) -> str:
+    """The console line on the floor of the fit's weights (`MapConfig.floor`)."""
+    if not np.isfinite(ratio):
+        return f"fit weights: dark pixels capped at {floor:g} of the brightest (set)"
+    return (f"fit weights: dark pixels capped at {floor:g} of the brightest (neighbouring positions scatter "
+            f"{ratio:.2f}x as much at {LOW_FLOOR:g} as at {DEFAULT_FLOOR:g}; the lower cap is kept at "
+            f"<= {FLOOR_GAIN:g}x)")
 
 
 def _flag_line(flags: list[str]) -> str:

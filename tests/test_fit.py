@@ -475,3 +475,42 @@ def test_a_noise_weight_outside_zero_to_one_is_refused_by_name():
     clean, _ = hex_patterns(1, size=64, g=18.0, spot_sigma=1.5, rotations=[0.2], max_strain=0.0)
     with pytest.raises(ValueError, match=r"noise_weight = 1\.5: expected a share in \[0, 1\]"):
         fit.prepare_bases(jnp.asarray(clean), (32, 32), noise_weight=1.5)
+
+
+def _neighbour_warps(n, sd, rng):
+    """``n`` warps of positions along one scan row: identity plus independent errors of ``sd`` in the linear part."""
+    theta = np.tile(np.asarray(affine.identity_warp(()), np.float64), (n, 1, 1))
+    theta[:, :, :2] += rng.normal(0.0, sd, (n, 2, 2))
+    return theta
+
+
+def test_scatter_ratio_is_how_much_less_neighbouring_warps_differ_under_the_second_fit():
+    rng = np.random.default_rng(0)
+    a, b = _neighbour_warps(400, 2e-3, rng), _neighbour_warps(400, 1e-3, rng)
+    pairs = np.stack([np.arange(399), np.arange(1, 400)], -1)
+    assert fit.scatter_ratio(a, b, pairs) == pytest.approx(0.5, rel=0.1)
+    assert fit.scatter_ratio(b, a, pairs) == pytest.approx(2.0, rel=0.1)
+
+
+def test_scatter_ratio_leaves_out_pairs_across_a_grain_boundary():
+    rng = np.random.default_rng(1)
+    a, b = _neighbour_warps(400, 2e-3, rng), _neighbour_warps(400, 1e-3, rng)
+    pairs = np.stack([np.arange(399), np.arange(1, 400)], -1)
+    clean = fit.scatter_ratio(a, b, pairs)
+    a[200:, 0, 0] += 0.05  # a second grain, 5 % strained, from position 200 on ...
+    b[200:, 0, 0] += 0.08  # ... fitted differently by the second fit
+    assert fit.scatter_ratio(a, b, pairs) == pytest.approx(clean, rel=0.02)
+
+
+def test_scatter_ratio_is_one_without_a_usable_pair():
+    a = _neighbour_warps(4, 1e-3, np.random.default_rng(2))
+    assert fit.scatter_ratio(a, a * 2, np.zeros((0, 2), int)) == 1.0
+    b = a.copy()
+    b[1] = np.nan  # a failed fit
+    assert fit.scatter_ratio(a, b, [[0, 1], [1, 2]]) == 1.0
+
+
+def test_a_floor_outside_zero_to_one_is_refused_by_name():
+    clean, _ = hex_patterns(1, size=64, g=18.0, spot_sigma=1.5, rotations=[0.2], max_strain=0.0)
+    with pytest.raises(ValueError, match=r"floor = 0\.0: expected a fraction"):
+        fit.prepare_bases(jnp.asarray(clean), (32, 32), floor=0.0)

@@ -4,6 +4,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from _patterns import hex_geometry, hex_patterns
 from ccstae_jax.ops import affine, warp
@@ -211,6 +212,25 @@ def test_the_fit_compiles_once_for_every_round_of_the_map_and_not_again_for_a_se
         second = map_scan(task, params, scan, config, mesh=None)
         assert fit_fn._cache_size() - before == 1
     np.testing.assert_array_equal(second["theta"], first["theta"])
+    # the subset was also fitted at the lower floor (the same compiled fit), which is kept only where it helps
+    assert np.isfinite(first["floor_ratio"])
+    assert first["fit_floor"] == (fit.LOW_FLOOR if first["floor_ratio"] <= fit.FLOOR_GAIN else fit.DEFAULT_FLOOR)
+
+
+def test_a_map_with_a_set_floor_fits_with_it_and_compares_none(tmp_path):
+    from ccstae_jax.data.readers import open_scan
+    from ccstae_jax.mapping.predict import map_scan
+
+    with open_scan(_tiny_scan(tmp_path, seed=2)) as scan:
+        task, params = _task_of(scan)
+        out = map_scan(task, params, scan, MapConfig(steps=2, batch_size=8, subset=16, base_rounds=1, floor=0.2),
+                       mesh=None)
+    assert out["fit_floor"] == np.float64(0.2) and np.isnan(out["floor_ratio"])
+
+
+def test_a_floor_outside_zero_to_one_is_refused_by_the_map_config():
+    with pytest.raises(ValueError, match=r"floor = 1\.5: expected None or a fraction in \(0, 1\]"):
+        MapConfig(floor=1.5)
 
 
 def test_bases_of_two_phases_are_registered_by_their_lattice_mismatch():

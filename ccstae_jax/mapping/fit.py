@@ -24,7 +24,9 @@ the brightest compared pixel of the model): shot noise, whose variance grows wit
 that does not, the base's own misfit (`noise_weight` measures the blend ``a`` on a scan, from the differences between
 neighbouring patterns and the fits' residuals). ``a = 1`` is Fisher scoring of the Poisson likelihood, ``a = 0``
 unweighted least squares, right for noise-free data. The floor caps the weight of dark pixels, where a base's small
-misfits would bias the fit more than their counts inform it.
+misfits would bias the fit more than their counts inform it. How low it may go depends on how well the base
+describes those pixels; `scatter_ratio` measures it on a scan: two floors compared by how much the warps of
+neighbouring positions, which share their lattice, differ.
 
 Speed comes from two choices:
 
@@ -70,6 +72,11 @@ N_BANDS = 4
 N_LEVELS = 8
 #: The blend of shot noise in the fit's weights when nothing has been measured (module docstring).
 DEFAULT_NOISE_WEIGHT = 1.0
+#: The floor of the weights' variance, relative to the brightest compared pixel (module docstring): the default,
+#: and the lower value a map tries on its subset (`ccstae_jax.mapping.predict.MapConfig.floor`), which weights dark
+#: pixels closer to their shot noise where the base describes them well enough.
+DEFAULT_FLOOR = 0.3
+LOW_FLOOR = 0.1
 #: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
 INTERPOLATIONS = ("cubic", "bilinear")
 _HP = jax.lax.Precision.HIGHEST
@@ -94,6 +101,8 @@ class BaseTable:
       band_edges: ``(K, N_BANDS - 1)`` float32 radii (pixels from the zero beam) between the `N_BANDS` radial bands
         that hold equal shares of each base's fitted pixels, or None (no spot amplitudes measured).
       noise_weight: ``()`` float32 in [0, 1], the share of shot noise in the fit's weights (module docstring).
+      floor: ``()`` float32 in (0, 1], the floor of the weights' variance relative to the brightest compared pixel
+        (module docstring).
     """
 
     table: jax.Array
@@ -104,6 +113,7 @@ class BaseTable:
     owner: jax.Array | None = None
     band_edges: jax.Array | None = None
     noise_weight: jax.Array | float = DEFAULT_NOISE_WEIGHT
+    floor: jax.Array | float = DEFAULT_FLOOR
 
 
 class FitResult(NamedTuple):
@@ -235,7 +245,7 @@ def information_mask(
     share: float = 0.98,
     max_points: int | None = None,
     noise_weight: float = DEFAULT_NOISE_WEIGHT,
-    floor: float = 0.3,
+    floor: float = DEFAULT_FLOOR,
     border: int = 2,
     center: tuple[float, float] | None = None,
     min_radius: float = 0.0,
@@ -380,7 +390,7 @@ def prepare_bases(
     share: float = 0.98,
     max_points: int | None = None,
     noise_weight: float = DEFAULT_NOISE_WEIGHT,
-    floor: float = 0.3,
+    floor: float = DEFAULT_FLOOR,
     min_radius: float = 0.0,
     interpolation: str = "cubic",
     grow: int = 1,
@@ -397,11 +407,13 @@ def prepare_bases(
     spots rigid (module docstring): their centres (`spot_centres`) are found in the unblurred base less the
     `SPOT_SEARCH_QUANTILE` of each radius bin, and the background is the `RIGID_BACKGROUND_QUANTILE` of each radius
     bin instead of its median. ``noise_weight``: the fit's blend of shot noise (module docstring, `noise_weight`);
-    ``floor``: as for `fit_patterns`, for choosing the pixels.
+    ``floor``: the floor of the fit's weights (`BaseTable.floor`), also used to choose the pixels.
     ``like``: an earlier table whose pixel lists and spot lists these are made at least as
     long as (so the fit compiled for it serves this one)."""
     if not 0.0 <= noise_weight <= 1.0:
         raise ValueError(f"noise_weight = {noise_weight!r}: expected a share in [0, 1]")
+    if not 0.0 < floor <= 1.0:
+        raise ValueError(f"floor = {floor!r}: expected a fraction of the brightest pixel in (0, 1]")
     bases = jnp.asarray(bases, jnp.float32)
     profile = radial_profile(bases, center, 0.5 if rigid_radius is None else RIGID_BACKGROUND_QUANTILE)
     radius = jnp.asarray(_radius_image(bases.shape[-2:], center))
@@ -429,7 +441,8 @@ def prepare_bases(
     if like is not None:
         n_points = max(n_points, like.n_points)
     return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points, centres, owner,
-                     jnp.asarray(band_edges(mask, center)), jnp.asarray(noise_weight, jnp.float32))
+                     jnp.asarray(band_edges(mask, center)), jnp.asarray(noise_weight, jnp.float32),
+                     jnp.asarray(floor, jnp.float32))
 
 
 def band_edges(mask: np.ndarray, center: tuple[float, float]) -> np.ndarray:
@@ -561,7 +574,6 @@ def fit_patterns(
     *,
     steps: int = 5,
     damping: float = 1e-3,
-    floor: float = 0.3,
     max_change: float = 0.1,
     reselect: int = 0,
     host_compaction: bool | None = None,
@@ -576,8 +588,6 @@ def fit_patterns(
       bases: `prepare_bases` output.
       steps: Levenberg-Marquardt iterations (static); each costs one evaluation of the model and its Jacobian.
       damping: initial damping relative to the diagonal of ``J^T W J``.
-      floor: lower clip of the weights' variance, relative to its largest value on the compared pixels (caps the
-        weight of dark pixels, where a base's small misfits would bias the fit; module docstring).
       max_change: no entry of ``phi`` moves further than this from its start (normalised units: 0.1 is a 10 %
         strain or rotation, or a shift of a twentieth of the pattern), so a fit cannot run away from the encoder's
         warp into a spurious minimum of a base that does not match the patterns.
@@ -591,7 +601,7 @@ def fit_patterns(
       `FitResult`.
     """
     if 0 < reselect < steps:
-        kw = dict(damping=damping, floor=floor, max_change=max_change, host_compaction=host_compaction)
+        kw = dict(damping=damping, max_change=max_change, host_compaction=host_compaction)
         first = fit_patterns(theta0, images, zero_beam, class_index, bases, steps=reselect, **kw)
         return fit_patterns(first.theta, images, zero_beam, class_index, bases, steps=steps - reselect, **kw)
     on_host = jax.default_backend() == "cpu" if host_compaction is None else bool(host_compaction)
@@ -616,6 +626,7 @@ def fit_patterns(
             return _model(bases, k, phi, u, v, spot, (h, w), bg)
 
         a = jnp.asarray(bases.noise_weight, jnp.float32)
+        floor = jnp.asarray(bases.floor, jnp.float32)
 
         def brightest(mu):
             return jnp.max(jnp.where(used > 0, mu, -jnp.inf))
@@ -778,3 +789,41 @@ def noise_weight(residual_levels: np.ndarray, top: np.ndarray, pair_levels: np.n
     if shot + beta0 + misfit <= 0:
         return DEFAULT_NOISE_WEIGHT
     return float(shot / (shot + beta0 + misfit))
+
+
+#: A pair of neighbouring positions whose warps differ by more than this many scaled median absolute deviations in
+#: any entry (under the first fit) straddles a grain boundary, or one of its fits failed: `scatter_ratio` leaves it out.
+PAIR_OUTLIER_MADS = 5.0
+#: `fit.LOW_FLOOR` replaces the default only if the neighbouring warps' scatter falls to this fraction or below.
+FLOOR_GAIN = 0.98
+
+
+def scatter_ratio(theta_a: np.ndarray, theta_b: np.ndarray, pairs: np.ndarray) -> float:
+    """How much the warps of neighbouring positions differ under fit ``b`` relative to fit ``a`` of the same patterns.
+
+    Neighbouring positions of one grain share their lattice, so the differences of their fitted warps are the fits'
+    own errors: the fit whose neighbours agree better is the more precise one, whatever the noise and the base.
+    Errors common to both positions (a bias of the base) cancel, so this ranks precision only.
+
+    Args:
+      theta_a, theta_b: ``(N, 2, 3)`` warps of the same ``N`` patterns from two fits.
+      pairs: ``(P, 2)`` indices of neighbouring positions.
+
+    Returns:
+      The root-mean-square difference of the four linear entries of the warps (strain and rotation; the
+      translations are left out, since the zero beam may drift) over the pairs under ``b``, divided by the same
+      under ``a``, both over the pairs that are no outlier under ``a`` (`PAIR_OUTLIER_MADS`) and finite under both.
+      1.0 with no such pair.
+    """
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    da, db = (np.asarray(t, np.float64)[pairs[:, 1], :, :2] - np.asarray(t, np.float64)[pairs[:, 0], :, :2]
+              for t in (theta_a, theta_b))
+    da, db = da.reshape(-1, 4), db.reshape(-1, 4)
+    ok = np.all(np.isfinite(da) & np.isfinite(db), -1)
+    da, db = da[ok], db[ok]
+    if len(da) == 0:
+        return 1.0
+    spread = PAIR_OUTLIER_MADS * 1.4826 * np.median(np.abs(da), 0)
+    inside = np.all(np.abs(da) <= spread, -1)
+    a, b = np.sum(da[inside] ** 2), np.sum(db[inside] ** 2)
+    return float(np.sqrt(b / a)) if a > 0 else 1.0

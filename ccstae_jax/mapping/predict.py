@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,12 @@ class MapConfig:
       grow: pixels by which that set is widened, so a spot that moves during the fit stays inside it.
       max_points: at most this many fitted pixels per base (None = as many as ``share`` needs).
       interpolation: how the fit interpolates a base: ``"cubic"`` (Keys, A = -0.5) or ``"bilinear"``.
+      floor: the floor of the fit's weights (`fit.BaseTable.floor`), or None: once the bases are re-estimated,
+        ``floor_subset`` patterns of the subset are fitted at `fit.DEFAULT_FLOOR` and at `fit.LOW_FLOOR`, and the
+        map keeps the lower floor only if the warps of neighbouring positions then scatter less by at least
+        `fit.FLOOR_GAIN` (`fit.scatter_ratio`): how far dark pixels can be trusted depends on how well the base
+        describes them, which only the data tell. Without a base update the floor is `fit.DEFAULT_FLOOR`.
+      floor_subset: at most this many patterns (whole rows of the subset) compare the two floors.
       batch_size: patterns per device batch.
     """
 
@@ -69,16 +75,21 @@ class MapConfig:
     coarse_steps: int = 3
     max_points: int | None = None
     interpolation: str = "cubic"
+    floor: float | None = None
+    floor_subset: int = 256
     batch_size: int = 256
 
     def __post_init__(self):
-        for name in ("steps", "reselect", "subset", "base_rounds", "coarse_steps", "grow", "batch_size"):
+        for name in ("steps", "reselect", "subset", "base_rounds", "coarse_steps", "grow", "floor_subset",
+                     "batch_size"):
             value = getattr(self, name)
             low = 0 if name in ("steps", "reselect", "coarse_steps", "grow") else 1
             if isinstance(value, bool) or int(value) != value or value < low:
                 raise ValueError(f"{name} = {value!r}: expected an integer >= {low}")
         if not 0 < self.share <= 1:
             raise ValueError(f"share = {self.share!r}: expected 0 < share <= 1")
+        if self.floor is not None and not 0 < self.floor <= 1:
+            raise ValueError(f"floor = {self.floor!r}: expected None or a fraction in (0, 1]")
         if self.interpolation not in fit_lib.INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {fit_lib.INTERPOLATIONS}, got {self.interpolation!r}")
 
@@ -254,17 +265,19 @@ def learned_bases(task, params) -> jax.Array:
 
 def _tables(task, bases, support, config: MapConfig,
             like: tuple[fit_lib.BaseTable, fit_lib.BaseTable | None] | None = None,
-            noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT,
+            noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT, floor: float | None = None,
             ) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
     """The fine table of ``bases`` and, with `MapConfig.coarse_steps`, the coarse one (spots blurred by half a disk
     radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur); with
     rigid spots (`rigid_spots_for`) the spots move rigidly (`fit.prepare_bases`). With ``like`` (tables made
     before), the pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these
-    too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`)."""
+    too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`); ``floor``: the floor of their weights
+    (None: `MapConfig.floor`, else `fit.DEFAULT_FLOOR`)."""
     cfg = task.model_cfg
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
               interpolation=config.interpolation, noise_weight=noise_weight,
+              floor=floor or config.floor or fit_lib.DEFAULT_FLOOR,
               rigid_radius=geometry.disk_radius if rigid_spots_for(config, geometry) else None)
     fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, like=None if like is None else like[0], **kw)
     coarse = None
@@ -296,14 +309,42 @@ def _noise_of_pairs(task, images: np.ndarray, index: np.ndarray, used: np.ndarra
     return fit_lib.neighbour_noise(images * cfg.intensity_scale, np.stack([first, first + 1], -1), region, top)
 
 
-def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
-                   progress=None) -> tuple[bases_lib.UpdatedBases, np.ndarray, tuple, float]:
+class BaseEstimate(NamedTuple):
+    """`estimate_bases` output.
+
+    Attributes:
+      bases: the re-estimated bases (`ccstae_jax.mapping.bases.UpdatedBases`).
+      start: ``(N, 2, 3)`` the last round's warps by scan position (NaN outside the subset).
+      tables: the tables of the re-estimated bases for the final fit (`_tables`), with its noise weight and floor.
+      noise_weight: the blend of shot noise the last round's residuals measure (`fit.noise_weight`).
+      floor: the floor of the final fit's weights (`MapConfig.floor`).
+      floor_ratio: how much the neighbouring warps scatter at `fit.LOW_FLOOR` relative to `fit.DEFAULT_FLOOR`
+        (`fit.scatter_ratio`, on `MapConfig.floor_subset` patterns); NaN when the floor was set, not chosen.
+    """
+
+    bases: bases_lib.UpdatedBases
+    start: np.ndarray
+    tables: tuple
+    noise_weight: float
+    floor: float
+    floor_ratio: float
+
+
+def _neighbour_pairs(used: np.ndarray, class_index: np.ndarray, ry: int) -> np.ndarray:
+    """``(P, 2)`` indices of neighbouring positions along the scan rows of a subset laid out row by row (``ry``
+    positions a row), both with a lattice (``used``) and of the same base."""
+    first = np.flatnonzero((np.arange(len(used) - 1) % ry != ry - 1) & used[:-1] & used[1:]
+                           & (class_index[1:] == class_index[:-1]))
+    return np.stack([first, first + 1], -1)
+
+
+def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress=None) -> BaseEstimate:
     """Step 1 of the module docstring: the bases re-estimated from a subset of whole scan rows. The first round
     aligns the subset against the learned bases; each further round (`MapConfig.base_rounds`) fits it again, from
     the previous round's warps, against the bases the previous round estimated, with the fit's weights measured
-    from the previous round's residuals (`fit.noise_weight`). Returns the bases, the last round's warps
-    ``(N, 2, 3)`` by scan position (NaN outside the subset), the last round's tables (`_tables`) and the noise
-    weight its residuals measure."""
+    from the previous round's residuals (`fit.noise_weight`). With `MapConfig.floor` None, whole rows of the subset
+    (`MapConfig.floor_subset` patterns) are then fitted against the final bases at `fit.DEFAULT_FLOOR` and at
+    `fit.LOW_FLOOR`, which the final fit keeps only if their neighbours agree better by `fit.FLOOR_GAIN`."""
     rows = subset_rows(scan.scan_shape, config.subset)
     ry = scan.scan_shape[1]
     start = _no_start(len(rows) * ry)  # each subset pattern's warp from the last round
@@ -312,6 +353,8 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
     weight = fit_lib.DEFAULT_NOISE_WEIGHT
     accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation, mesh=mesh)
     fit = _fit_fn(task, config, mesh)
+    lattice_at = np.zeros(len(start), bool)
+    class_at = np.full(len(start), -1, np.int64)
     for round_ in range(config.base_rounds):
         tables = _tables(task, current, support, config, like=tables, noise_weight=weight)
         spots = None if tables[0].centres is None else (tables[0].centres, tables[0].owner)
@@ -321,6 +364,8 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
             out = fit(params, *tables, images, start[slot])
             lattice = np.asarray(out["lattice_significance"]) >= BASE_MIN_SIGNIFICANCE
             used = (index >= 0) & lattice
+            lattice_at[slot[index >= 0]] = lattice[index >= 0]
+            class_at[slot[index >= 0]] = np.asarray(out["class_index"])[index >= 0]
             part = accumulate(images, out["theta"], out["class_index"], jnp.asarray(used, jnp.float32), spots)
             sums = part if sums is None else tuple(a + b for a, b in zip(sums, part))
             levels.append(np.asarray(out["residual_levels"])[used])
@@ -333,10 +378,24 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None,
         upd = bases_lib.reestimate(task, params, *sums)
         current, support = upd.bases, np.asarray(upd.support)
         weight = fit_lib.noise_weight(np.concatenate(levels), np.concatenate(tops), np.concatenate(pairs))
+    tables = _tables(task, current, support, config, like=tables, noise_weight=weight)
+    floor, ratio = config.floor or fit_lib.DEFAULT_FLOOR, float("nan")
+    if config.floor is None:  # both floors against the final bases, on whole rows spread over the subset
+        compared = rows[np.unique(np.linspace(0, len(rows) - 1, max(1, min(len(rows), config.floor_subset // ry)))
+                                  .round().astype(int))]
+        lowered = tuple(None if t is None else t.replace(floor=jnp.float32(fit_lib.LOW_FLOOR)) for t in tables)
+        warps = {"default": _no_start(len(start)), "low": _no_start(len(start))}
+        for images, index in _row_batches(scan, compared, _batch(config, mesh)):
+            slot = np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
+            for name, t in (("default", tables), ("low", lowered)):
+                warps[name][slot[index >= 0]] = np.asarray(fit(params, *t, images, start[slot])["theta"])[index >= 0]
+        ratio = fit_lib.scatter_ratio(warps["default"], warps["low"], _neighbour_pairs(lattice_at, class_at, ry))
+        if ratio <= fit_lib.FLOOR_GAIN:
+            floor, tables = fit_lib.LOW_FLOOR, lowered
     by_position = _no_start(scan.n_positions)
     for r in rows:
         by_position[int(r) * ry:(int(r) + 1) * ry] = start[local[int(r)]: local[int(r)] + ry]
-    return upd, by_position, tables, weight
+    return BaseEstimate(upd, by_position, tables, weight, floor, ratio)
 
 
 def default_mesh():
@@ -357,7 +416,8 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     """Per-position results over the whole scan (module docstring), flat arrays ``(N, ...)`` in scan order:
     ``theta``, ``theta_encoder`` ``(N, 2, 3)``, ``class_index``, ``zero_beam`` ``(N, 2)``, ``fisher`` ``(N, 6, 6)``,
     ``chi2``, ``dof``, ``spot_amplitude`` ``(N, fit.N_BANDS)``, ``ring_signal``, ``lattice_signal``,
-    ``lattice_significance`` and ``noise_weight`` (a scalar: the fit's blend of shot noise, `fit.noise_weight`);
+    ``lattice_significance``, and the scalars ``noise_weight`` (the fit's blend of shot noise, `fit.noise_weight`),
+    ``fit_floor`` (the floor of its weights) and ``floor_ratio`` (`BaseEstimate`);
     with ``steps == 0`` the encoder's warps and no fit statistics. With several bases the warps are composed with
     `register_bases` (``base_registration`` ``(K, 2, 3)``), so every position is measured in base 0's frame.
 
@@ -374,13 +434,14 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
         fn = make_encode_fn(task, mesh=mesh)
     else:
         tables, start, weight = None, _no_start(scan.n_positions), fit_lib.DEFAULT_NOISE_WEIGHT
+        floor, ratio = config.floor or fit_lib.DEFAULT_FLOOR, float("nan")
         if config.base_update:
-            upd, start, tables, weight = estimate_bases(task, params, scan, config, mesh=mesh,
-                                                        progress=bases_progress)
-            base_images, support = upd.bases, np.asarray(upd.support)
+            est = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
+            tables, start, weight, floor, ratio = est.tables, est.start, est.noise_weight, est.floor, est.floor_ratio
+            base_images = est.bases.bases
         else:
-            base_images, support = learned_bases(task, params), None
-        tables = _tables(task, base_images, support, config, like=tables, noise_weight=weight)
+            base_images = learned_bases(task, params)
+            tables = _tables(task, base_images, None, config, noise_weight=weight)
         fn = functools.partial(_fit_fn(task, config, mesh), params, *tables)
         if cfg.num_bases > 1:
             registration = register_bases(base_images, tables[0], cfg.center_px)
@@ -394,6 +455,7 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     out = collector.finish()
     if config.steps:
         out["noise_weight"] = np.float64(weight)
+        out["fit_floor"], out["floor_ratio"] = np.float64(floor), np.float64(ratio)
     if registration is not None:
         # every warp relative to base 0's frame: a second phase's lattice mismatch becomes strain
         k = np.clip(out["class_index"], 0, cfg.num_bases - 1)
