@@ -72,10 +72,10 @@ N_BANDS = 4
 N_LEVELS = 8
 #: The blend of shot noise in the fit's weights when nothing has been measured (module docstring).
 DEFAULT_NOISE_WEIGHT = 1.0
-#: The floor of the weights' variance, relative to the brightest compared pixel (module docstring): the default,
-#: and the lower value a map tries on its subset (`ccstae_jax.mapping.predict.MapConfig.floor`), which weights dark
-#: pixels closer to their shot noise where the base describes them well enough.
+#: The floor of the weights' variance, relative to the brightest compared pixel (module docstring).
 DEFAULT_FLOOR = 0.3
+#: The lower floor a map also tries on part of its subset (`ccstae_jax.mapping.predict.MapConfig.floor`): dark pixels
+#: weighted closer to their shot noise, better where the base describes them well enough.
 LOW_FLOOR = 0.1
 #: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
 INTERPOLATIONS = ("cubic", "bilinear")
@@ -812,7 +812,8 @@ def scatter_ratio(theta_a: np.ndarray, theta_b: np.ndarray, pairs: np.ndarray) -
     Returns:
       The root-mean-square difference of the four linear entries of the warps (strain and rotation; the
       translations are left out, since the zero beam may drift) over the pairs under ``b``, divided by the same
-      under ``a``, both over the pairs that are no outlier under ``a`` (`PAIR_OUTLIER_MADS`) and finite under both.
+      under ``a``, both over the pairs that are not outliers under ``a`` (`PAIR_OUTLIER_MADS`) and are finite
+      under both.
       1.0 with no such pair.
     """
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
