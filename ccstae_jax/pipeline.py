@@ -725,9 +725,9 @@ def save_run_figures(out_dir, run_dir, data_path, task, state, scan, maps, *, la
 def _floor_line(floor: float, ratio: float) -> str:
     """The console line on the floor of the fit's weights (`MapConfig.floor`)."""
     if not np.isfinite(ratio):
-        return f"fit weights: dark pixels capped at {floor:g} of the brightest (set)"
-    return (f"fit weights: dark pixels capped at {floor:g} of the brightest (neighbouring positions scatter "
-            f"{ratio:.2f}x as much at {LOW_FLOOR:g} as at {DEFAULT_FLOOR:g}; the lower cap is kept at "
+        return f"fit weights: each pixel's variance at least {floor:g} of the brightest pixel's"
+    return (f"fit weights: each pixel's variance at least {floor:g} of the brightest pixel's (neighbouring positions "
+            f"differed {ratio:.2f}x as much at {LOW_FLOOR:g} as at {DEFAULT_FLOOR:g}; {LOW_FLOOR:g} is kept at "
             f"<= {FLOOR_GAIN:g}x)")
 
 

@@ -60,7 +60,8 @@ class MapConfig:
         map keeps the lower floor only if the warps of neighbouring positions then scatter less by at least
         `fit.FLOOR_GAIN` (`fit.scatter_ratio`): how far dark pixels can be trusted depends on how well the base
         describes them, which only the data tell. Without a base update the floor is `fit.DEFAULT_FLOOR`.
-      floor_subset: at most this many patterns (whole rows of the subset) compare the two floors.
+      floor_subset: this many patterns compare the two floors: as many whole rows of the subset as fit in it, at
+        least one.
       batch_size: patterns per device batch.
     """
 
