@@ -82,8 +82,7 @@ def profile(run_dir: Path, data_path: Path, out_dir: Path) -> dict:
         est = predict.estimate_bases(task, params, scan, config)
         stages["bases"] = time.perf_counter() - t
 
-        tables = predict._tables(task, est.bases.bases, np.asarray(est.bases.support), config, like=est.tables,
-                                 noise_weight=est.noise_weight, floor=est.floor)
+        tables = est.tables  # the final fit's tables (its bases, noise weight and floor)
         jax.block_until_ready(coarse_fit(params, *tables, first, no_start))
         stages["coarse fit"] = _over_scan(scan, batch, lambda x: coarse_fit(params, *tables, x, no_start))
         jax.block_until_ready(fit(params, *tables, first, no_start))

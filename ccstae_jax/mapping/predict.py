@@ -266,19 +266,19 @@ def learned_bases(task, params) -> jax.Array:
 
 def _tables(task, bases, support, config: MapConfig,
             like: tuple[fit_lib.BaseTable, fit_lib.BaseTable | None] | None = None,
-            noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT, floor: float | None = None,
+            noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT,
             ) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
     """The fine table of ``bases`` and, with `MapConfig.coarse_steps`, the coarse one (spots blurred by half a disk
     radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur); with
     rigid spots (`rigid_spots_for`) the spots move rigidly (`fit.prepare_bases`). With ``like`` (tables made
     before), the pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these
-    too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`); ``floor``: the floor of their weights
-    (None: `MapConfig.floor`, else `fit.DEFAULT_FLOOR`)."""
+    too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`). Their floor is `MapConfig.floor`, or
+    `fit.DEFAULT_FLOOR` when the map chooses it (`estimate_bases` lowers it on the tables it returns)."""
     cfg = task.model_cfg
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
               interpolation=config.interpolation, noise_weight=noise_weight,
-              floor=floor or config.floor or fit_lib.DEFAULT_FLOOR,
+              floor=config.floor or fit_lib.DEFAULT_FLOOR,
               rigid_radius=geometry.disk_radius if rigid_spots_for(config, geometry) else None)
     fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, like=None if like is None else like[0], **kw)
     coarse = None
@@ -356,12 +356,16 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
     fit = _fit_fn(task, config, mesh)
     lattice_at = np.zeros(len(start), bool)
     class_at = np.full(len(start), -1, np.int64)
+
+    def slots(index):  # each batch pattern's place in the subset (0 for padding)
+        return np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
+
     for round_ in range(config.base_rounds):
         tables = _tables(task, current, support, config, like=tables, noise_weight=weight)
         spots = None if tables[0].centres is None else (tables[0].centres, tables[0].owner)
         sums, levels, tops, pairs = None, [], [], []
         for images, index in _row_batches(scan, rows, _batch(config, mesh)):
-            slot = np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
+            slot = slots(index)
             out = fit(params, *tables, images, start[slot])
             lattice = np.asarray(out["lattice_significance"]) >= BASE_MIN_SIGNIFICANCE
             used = (index >= 0) & lattice
@@ -387,7 +391,7 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
         lowered = tuple(None if t is None else t.replace(floor=jnp.float32(fit_lib.LOW_FLOOR)) for t in tables)
         warps = {"default": _no_start(len(start)), "low": _no_start(len(start))}
         for images, index in _row_batches(scan, compared, _batch(config, mesh)):
-            slot = np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
+            slot = slots(index)
             for name, t in (("default", tables), ("low", lowered)):
                 warps[name][slot[index >= 0]] = np.asarray(fit(params, *t, images, start[slot])["theta"])[index >= 0]
         ratio = fit_lib.scatter_ratio(warps["default"], warps["low"], _neighbour_pairs(lattice_at, class_at, ry))
