@@ -21,7 +21,7 @@ from ccstae_jax import atomic
 from ccstae_jax.data.readers import DataError, load_labels, open_scan, reference_region_from_file
 from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.evaluate.metrics import error_table, format_table, referenced_labels
-from ccstae_jax.mapping.fit import DEFAULT_FLOOR, FLOOR_GAIN, INTERPOLATIONS, LOW_FLOOR
+from ccstae_jax.mapping.fit import BASE_BLUR, DEFAULT_FLOOR, FLOOR_GAIN, INTERPOLATIONS, LOW_FLOOR
 from ccstae_jax.mapping.phases import MIN_MISMATCH, PHASE_SEPARATION
 from ccstae_jax.mapping.predict import MapConfig, map_scan, rigid_spots_for, subset_rows
 from ccstae_jax.mapping.reference import map_warnings, region_mask, strain_maps
@@ -504,6 +504,8 @@ def map_strain(
             "noise_weight": float(preds.get("noise_weight", np.nan)),
             "fit_floor": float(preds.get("fit_floor", np.nan)),
             "floor_ratio": float(preds.get("floor_ratio", np.nan)),
+            "fit_blur": float(preds.get("fit_blur", np.nan)),
+            "blur_ratio": float(preds.get("blur_ratio", np.nan)),
         }
         flags = map_warnings(maps, geometry=cfg.geometry, rigid_spots=rigid)
         attrs["quality"] = "flagged" if flags else "ok"
@@ -513,6 +515,7 @@ def map_strain(
                 _say(f"fit weights: shot noise {100 * preds['noise_weight']:.0f} % of the variance (measured between "
                      "neighbouring patterns and in the fits' residuals; 0 % = unweighted, as for noise-free data)")
                 _say(_floor_line(float(preds["fit_floor"]), float(preds["floor_ratio"])))
+                _say(_blur_line(float(preds["fit_blur"]), float(preds["blur_ratio"])))
             _report_map(maps, distortion, correct_distortion, error_scale)
             if cfg.num_bases == 1:
                 _say(_phase_line(split))
@@ -729,6 +732,15 @@ def _floor_line(floor: float, ratio: float) -> str:
     return (f"fit weights: each pixel's variance at least {floor:g} of the brightest pixel's (neighbouring positions "
             f"differed {ratio:.2f}x as much at {LOW_FLOOR:g} as at {DEFAULT_FLOOR:g}; {LOW_FLOOR:g} is kept at "
             f"<= {FLOOR_GAIN:g}x)")
+
+
+def _blur_line(blur: float, ratio: float) -> str:
+    """The console line on the smoothing of the bases' spots for the fit (`MapConfig.blur`)."""
+    what = "bases' spots smoothed by a Gaussian of {:g} px".format(blur) if blur > 0 else "bases' spots not smoothed"
+    if not np.isfinite(ratio):
+        return f"fit: {what}"
+    return (f"fit: {what} (neighbouring positions differed {ratio:.2f}x as much with the spots smoothed by "
+            f"{BASE_BLUR:g} px as without; smoothing is kept at <= {FLOOR_GAIN:g}x)")
 
 
 def _flag_line(flags: list[str]) -> str:

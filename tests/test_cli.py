@@ -329,6 +329,7 @@ def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):
         assert f.attrs["interpolation"] == "cubic" and f.attrs["strain_reference"] == "relative"
         assert 0.0 <= f.attrs["noise_weight"] <= 1.0
         assert f.attrs["fit_floor"] in (0.1, 0.3) and np.isfinite(f.attrs["floor_ratio"])
+        assert f.attrs["fit_blur"] in (0.0, 0.7) and np.isfinite(f.attrs["blur_ratio"])
 
 
 @pytest.mark.slow

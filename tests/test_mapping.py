@@ -215,6 +215,9 @@ def test_the_fit_compiles_once_for_every_round_of_the_map_and_not_again_for_a_se
     # the subset was also fitted at the lower floor (the same compiled fit), which is kept only where it helps
     assert np.isfinite(first["floor_ratio"])
     assert first["fit_floor"] == (fit.LOW_FLOOR if first["floor_ratio"] <= fit.FLOOR_GAIN else fit.DEFAULT_FLOOR)
+    # and against the smoothed spots, kept on the same terms
+    assert np.isfinite(first["blur_ratio"])
+    assert first["fit_blur"] == (fit.BASE_BLUR if first["blur_ratio"] <= fit.FLOOR_GAIN else 0.0)
 
 
 def test_a_map_with_a_set_floor_fits_with_it_and_compares_none(tmp_path):
@@ -226,6 +229,27 @@ def test_a_map_with_a_set_floor_fits_with_it_and_compares_none(tmp_path):
         out = map_scan(task, params, scan, MapConfig(steps=2, batch_size=8, subset=16, base_rounds=1, floor=0.2),
                        mesh=None)
     assert out["fit_floor"] == np.float64(0.2) and np.isnan(out["floor_ratio"])
+
+
+def test_a_map_with_a_set_blur_fits_the_smoothed_spots_and_compares_none(tmp_path):
+    from ccstae_jax.data.readers import open_scan
+    from ccstae_jax.mapping.predict import map_scan
+
+    with open_scan(_tiny_scan(tmp_path, seed=2)) as scan:
+        task, params = _task_of(scan)
+        config = MapConfig(steps=2, batch_size=8, subset=16, base_rounds=1, floor=0.3)
+        sharp = map_scan(task, params, scan, dataclasses.replace(config, blur=0.0), mesh=None)
+        smooth = map_scan(task, params, scan, dataclasses.replace(config, blur=1.5), mesh=None)
+    assert sharp["fit_blur"] == 0.0 and np.isnan(sharp["blur_ratio"])
+    assert smooth["fit_blur"] == 1.5 and np.isnan(smooth["blur_ratio"])
+    # the same start and bases; only the smoothing of the fitted spots differs
+    assert np.max(np.abs(smooth["theta"] - sharp["theta"])) > 1e-5
+
+
+@pytest.mark.parametrize("blur", [-0.5, float("nan")])
+def test_a_negative_or_undefined_blur_is_refused_by_the_map_config(blur):
+    with pytest.raises(ValueError, match=r"blur = .*: expected None or a width >= 0 in pixels"):
+        MapConfig(blur=blur)
 
 
 def test_a_floor_outside_zero_to_one_is_refused_by_the_map_config():

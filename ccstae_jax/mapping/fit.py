@@ -77,6 +77,11 @@ DEFAULT_FLOOR = 0.3
 #: The lower floor a map also tries on part of its subset (`ccstae_jax.mapping.predict.MapConfig.floor`): dark pixels
 #: weighted closer to their shot noise, better where the base describes them well enough.
 LOW_FLOOR = 0.1
+#: The Gaussian (pixels) a map also tries on its final bases' spots (`ccstae_jax.mapping.predict.MapConfig.blur`).
+#: A base averaged from patterns that are not yet all aligned holds each group's copy of a sharp disk edge a fraction
+#: of a pixel from the others', and a pattern fitted against it finds its own copy again: smoothing the edges by
+#: about a pixel removes those steps, at the cost of some of the edges' information.
+BASE_BLUR = 0.7
 #: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
 INTERPOLATIONS = ("cubic", "bilinear")
 _HP = jax.lax.Precision.HIGHEST
@@ -794,7 +799,8 @@ def noise_weight(residual_levels: np.ndarray, top: np.ndarray, pair_levels: np.n
 #: A pair of neighbouring positions whose warps differ by more than this many scaled median absolute deviations in
 #: any entry (under the first fit) straddles a grain boundary, or one of its fits failed: `scatter_ratio` leaves it out.
 PAIR_OUTLIER_MADS = 5.0
-#: `fit.LOW_FLOOR` replaces the default only if the neighbouring warps' scatter falls to this fraction or below.
+#: A fit that a map tries beside its default (`fit.LOW_FLOOR`, `fit.BASE_BLUR`) replaces it only if the neighbouring
+#: warps' scatter falls to this fraction or below (`scatter_ratio`).
 FLOOR_GAIN = 0.98
 
 

@@ -60,8 +60,13 @@ class MapConfig:
         map keeps the lower floor only if the warps of neighbouring positions then scatter less by at least
         `fit.FLOOR_GAIN` (`fit.scatter_ratio`): how far dark pixels can be trusted depends on how well the base
         describes them, which only the data tell. Without a base update the floor is `fit.DEFAULT_FLOOR`.
-      floor_subset: this many patterns compare the two floors: as many whole rows of the subset as fit in it, at
-        least one.
+      blur: the Gaussian (pixels) smoothing the final bases' spots before the map's fit (`fit.prepare_bases`), or
+        None: after the floor is chosen, the same patterns are also fitted against the spots smoothed by
+        `fit.BASE_BLUR`, kept only if neighbouring warps then scatter less by at least `fit.FLOOR_GAIN`: a base
+        averaged from patterns not yet all aligned can hold sharp disk edges in several copies a fraction of a pixel
+        apart, which pull each pattern back to its group's alignment. Without a base update: 0.
+      floor_subset: this many patterns compare the floors and the smoothing: as many whole rows of the subset as fit
+        in it, at least one.
       batch_size: patterns per device batch.
     """
 
@@ -77,6 +82,7 @@ class MapConfig:
     max_points: int | None = None
     interpolation: str = "cubic"
     floor: float | None = None
+    blur: float | None = None
     floor_subset: int = 256
     batch_size: int = 256
 
@@ -91,6 +97,8 @@ class MapConfig:
             raise ValueError(f"share = {self.share!r}: expected 0 < share <= 1")
         if self.floor is not None and not 0 < self.floor <= 1:
             raise ValueError(f"floor = {self.floor!r}: expected None or a fraction in (0, 1]")
+        if self.blur is not None and not (np.isfinite(self.blur) and self.blur >= 0):
+            raise ValueError(f"blur = {self.blur!r}: expected None or a width >= 0 in pixels")
         if self.interpolation not in fit_lib.INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {fit_lib.INTERPOLATIONS}, got {self.interpolation!r}")
 
@@ -266,21 +274,24 @@ def learned_bases(task, params) -> jax.Array:
 
 def _tables(task, bases, support, config: MapConfig,
             like: tuple[fit_lib.BaseTable, fit_lib.BaseTable | None] | None = None,
-            noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT,
+            noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT, blur: float | None = None,
             ) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
     """The fine table of ``bases`` and, with `MapConfig.coarse_steps`, the coarse one (spots blurred by half a disk
     radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur); with
     rigid spots (`rigid_spots_for`) the spots move rigidly (`fit.prepare_bases`). With ``like`` (tables made
     before), the pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these
     too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`). Their floor is `MapConfig.floor`, or
-    `fit.DEFAULT_FLOOR` when the map chooses it (`estimate_bases` lowers it on the tables it returns)."""
+    `fit.DEFAULT_FLOOR` when the map chooses it (`estimate_bases` lowers it on the tables it returns); the fine
+    table's spots are smoothed by ``blur`` pixels (None: `MapConfig.blur`, 0 when the map chooses it)."""
     cfg = task.model_cfg
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
               interpolation=config.interpolation, noise_weight=noise_weight,
               floor=config.floor or fit_lib.DEFAULT_FLOOR,
               rigid_radius=geometry.disk_radius if rigid_spots_for(config, geometry) else None)
-    fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, like=None if like is None else like[0], **kw)
+    blur = (config.blur or 0.0) if blur is None else blur
+    fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, blur=blur,
+                                 like=None if like is None else like[0], **kw)
     coarse = None
     if config.coarse_steps:
         blur = max(1.0, 0.5 * geometry.disk_radius)
@@ -321,6 +332,9 @@ class BaseEstimate(NamedTuple):
       floor: the floor of the final fit's weights (`MapConfig.floor`).
       floor_ratio: how much the neighbouring warps scatter at `fit.LOW_FLOOR` relative to `fit.DEFAULT_FLOOR`
         (`fit.scatter_ratio`, on `MapConfig.floor_subset` patterns); NaN when the floor was set, not chosen.
+      blur: the smoothing of the final fit's spots in pixels (`MapConfig.blur`).
+      blur_ratio: how much the neighbouring warps scatter with the spots smoothed by `fit.BASE_BLUR` relative to
+        without, at the chosen floor; NaN when the smoothing was set, not chosen.
     """
 
     bases: bases_lib.UpdatedBases
@@ -329,6 +343,8 @@ class BaseEstimate(NamedTuple):
     noise_weight: float
     floor: float
     floor_ratio: float
+    blur: float = 0.0
+    blur_ratio: float = float("nan")
 
 
 def _neighbour_pairs(used: np.ndarray, class_index: np.ndarray, ry: int) -> np.ndarray:
@@ -345,7 +361,9 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
     the previous round's warps, against the bases the previous round estimated, with the fit's weights measured
     from the previous round's residuals (`fit.noise_weight`). With `MapConfig.floor` None, whole rows of the subset
     (`MapConfig.floor_subset` patterns) are then fitted against the final bases at `fit.DEFAULT_FLOOR` and at
-    `fit.LOW_FLOOR`, which the final fit keeps only if their neighbours agree better by `fit.FLOOR_GAIN`."""
+    `fit.LOW_FLOOR`, which the final fit keeps only if their neighbours agree better by `fit.FLOOR_GAIN`; with
+    `MapConfig.blur` None, then at the chosen floor against the spots smoothed by `fit.BASE_BLUR`, kept on the same
+    terms."""
     rows = subset_rows(scan.scan_shape, config.subset)
     ry = scan.scan_shape[1]
     start = _no_start(len(rows) * ry)  # each subset pattern's warp from the last round
@@ -385,22 +403,39 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
         weight = fit_lib.noise_weight(np.concatenate(levels), np.concatenate(tops), np.concatenate(pairs))
     tables = _tables(task, current, support, config, like=tables, noise_weight=weight)
     floor, ratio = config.floor or fit_lib.DEFAULT_FLOOR, float("nan")
-    if config.floor is None:  # both floors against the final bases, on whole rows spread over the subset
+    blur, blur_ratio = config.blur or 0.0, float("nan")
+    if config.floor is None or config.blur is None:
+        # candidate fits against the final bases, on whole rows spread over the subset, judged by how well the warps
+        # of neighbouring positions agree (`fit.scatter_ratio`)
         compared = rows[np.unique(np.linspace(0, len(rows) - 1, max(1, min(len(rows), config.floor_subset // ry)))
                                   .round().astype(int))]
-        lowered = tuple(None if t is None else t.replace(floor=jnp.float32(fit_lib.LOW_FLOOR)) for t in tables)
-        warps = {"default": _no_start(len(start)), "low": _no_start(len(start))}
-        for images, index in _row_batches(scan, compared, _batch(config, mesh)):
-            slot = slots(index)
-            for name, t in (("default", tables), ("low", lowered)):
-                warps[name][slot[index >= 0]] = np.asarray(fit(params, *t, images, start[slot])["theta"])[index >= 0]
-        ratio = fit_lib.scatter_ratio(warps["default"], warps["low"], _neighbour_pairs(lattice_at, class_at, ry))
-        if ratio <= fit_lib.FLOOR_GAIN:
-            floor, tables = fit_lib.LOW_FLOOR, lowered
+        pairs = _neighbour_pairs(lattice_at, class_at, ry)
+
+        def warps_of(t):
+            out = _no_start(len(start))
+            for images, index in _row_batches(scan, compared, _batch(config, mesh)):
+                slot = slots(index)
+                out[slot[index >= 0]] = np.asarray(fit(params, *t, images, start[slot])["theta"])[index >= 0]
+            return out
+
+        current_warps = warps_of(tables)
+        if config.floor is None:
+            lowered = tuple(None if t is None else t.replace(floor=jnp.float32(fit_lib.LOW_FLOOR)) for t in tables)
+            low_warps = warps_of(lowered)
+            ratio = fit_lib.scatter_ratio(current_warps, low_warps, pairs)
+            if ratio <= fit_lib.FLOOR_GAIN:
+                floor, tables, current_warps = fit_lib.LOW_FLOOR, lowered, low_warps
+        if config.blur is None:
+            fine = _tables(task, current, support, config, like=tables, noise_weight=weight,
+                           blur=fit_lib.BASE_BLUR)[0].replace(floor=jnp.float32(floor))
+            smoothed = (fine, tables[1])
+            blur_ratio = fit_lib.scatter_ratio(current_warps, warps_of(smoothed), pairs)
+            if blur_ratio <= fit_lib.FLOOR_GAIN:
+                blur, tables = fit_lib.BASE_BLUR, smoothed
     by_position = _no_start(scan.n_positions)
     for r in rows:
         by_position[int(r) * ry:(int(r) + 1) * ry] = start[local[int(r)]: local[int(r)] + ry]
-    return BaseEstimate(upd, by_position, tables, weight, floor, ratio)
+    return BaseEstimate(upd, by_position, tables, weight, floor, ratio, blur, blur_ratio)
 
 
 def default_mesh():
@@ -422,7 +457,8 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     ``theta``, ``theta_encoder`` ``(N, 2, 3)``, ``class_index``, ``zero_beam`` ``(N, 2)``, ``fisher`` ``(N, 6, 6)``,
     ``chi2``, ``dof``, ``spot_amplitude`` ``(N, fit.N_BANDS)``, ``ring_signal``, ``lattice_signal``,
     ``lattice_significance``, and the scalars ``noise_weight`` (the fit's blend of shot noise, `fit.noise_weight`),
-    ``fit_floor`` (the floor of its weights) and ``floor_ratio`` (`BaseEstimate`);
+    ``fit_floor`` (the floor of its weights), ``floor_ratio``, ``fit_blur`` (the smoothing of its bases' spots, pixels)
+    and ``blur_ratio`` (`BaseEstimate`);
     with ``steps == 0`` the encoder's warps and no fit statistics. With several bases the warps are composed with
     `register_bases` (``base_registration`` ``(K, 2, 3)``), so every position is measured in base 0's frame.
 
@@ -440,9 +476,11 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     else:
         tables, start, weight = None, _no_start(scan.n_positions), fit_lib.DEFAULT_NOISE_WEIGHT
         floor, ratio = config.floor or fit_lib.DEFAULT_FLOOR, float("nan")
+        blur, blur_ratio = config.blur or 0.0, float("nan")
         if config.base_update:
             est = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
             tables, start, weight, floor, ratio = est.tables, est.start, est.noise_weight, est.floor, est.floor_ratio
+            blur, blur_ratio = est.blur, est.blur_ratio
             base_images = est.bases.bases
         else:
             base_images = learned_bases(task, params)
@@ -461,6 +499,7 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
     if config.steps:
         out["noise_weight"] = np.float64(weight)
         out["fit_floor"], out["floor_ratio"] = np.float64(floor), np.float64(ratio)
+        out["fit_blur"], out["blur_ratio"] = np.float64(blur), np.float64(blur_ratio)
     if registration is not None:
         # every warp relative to base 0's frame: a second phase's lattice mismatch becomes strain
         k = np.clip(out["class_index"], 0, cfg.num_bases - 1)
