@@ -473,14 +473,15 @@ def map_warnings(maps: dict, *, geometry=None, rigid_spots: bool = False) -> lis
     absolute deviation, of strain_xx and strain_yy) less than `COLLAPSE_RATIO` times its own median 1-sigma; and,
     given the run's ``geometry`` (`ccstae_jax.model.geometry.Geometry`), wide disks (`Geometry.wide_disks`): with
     a stretched base (``rigid_spots`` False) such a map can be several 1e-3 off; with rigid spots, noisy maps of such
-    disks have read strain toward zero beyond their error bars.
+    disks have read each grain's strain toward zero, at about twice the error of an ideal fit.
     """
     out = []
     if geometry is not None and geometry.wide_disks:
         wide = f"wide disks ({geometry.disk_size()})"
         if rigid_spots:
             out.append(f"{wide}; fitted as rigid spots they map right on clean data, but on noisy simulated scans such "
-                       "maps read each grain's strain up to a few 1e-3 toward zero, beyond their error bars")
+                       "maps read each grain's strain up to a few 1e-3 toward zero, about twice the error of an "
+                       "ideal fit")
         else:
             out.append(f"{wide}, and a base stretched with the lattice misplaces such disks' edges, which can leave "
                        "the strain several 1e-3 off with nothing else showing it; map them without --no-rigid-spots")
