@@ -104,6 +104,16 @@ class MapConfig:
         if self.interpolation not in fit_lib.INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {fit_lib.INTERPOLATIONS}, got {self.interpolation!r}")
 
+    @property
+    def set_floor(self) -> float:
+        """The floor of the fit's weights unless the map chooses it: `floor`, or `fit.DEFAULT_FLOOR`."""
+        return fit_lib.DEFAULT_FLOOR if self.floor is None else float(self.floor)
+
+    @property
+    def set_blur(self) -> float:
+        """The smoothing of the fit's spots unless the map chooses it: `blur`, or 0."""
+        return 0.0 if self.blur is None else float(self.blur)
+
 
 def rigid_spots_for(config: MapConfig, geometry) -> bool:
     """Whether a map with ``config`` fits rigid spots for a run of this ``geometry``: as set, or (None) when its disks
@@ -282,16 +292,16 @@ def _tables(task, bases, support, config: MapConfig,
     radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur); with
     rigid spots (`rigid_spots_for`) the spots move rigidly (`fit.prepare_bases`). With ``like`` (tables made
     before), the pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these
-    too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`). Their floor is `MapConfig.floor`, or
-    `fit.DEFAULT_FLOOR` when the map chooses it (`estimate_bases` lowers it on the tables it returns); the fine
-    table's spots are smoothed by ``blur`` pixels (None: `MapConfig.blur`, 0 when the map chooses it)."""
+    too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`). Their floor is `MapConfig.set_floor`
+    (`estimate_bases` lowers it on the tables it returns when it chooses the floor); the fine table's spots are
+    smoothed by ``blur`` pixels (None: `MapConfig.set_blur`)."""
     cfg = task.model_cfg
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
               interpolation=config.interpolation, noise_weight=noise_weight,
-              floor=config.floor or fit_lib.DEFAULT_FLOOR,
+              floor=config.set_floor,
               rigid_radius=geometry.disk_radius if rigid_spots_for(config, geometry) else None)
-    blur = (config.blur or 0.0) if blur is None else blur
+    blur = config.set_blur if blur is None else blur
     fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, blur=blur,
                                  like=None if like is None else like[0], **kw)
     coarse = None
@@ -404,8 +414,8 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
         current, support = upd.bases, np.asarray(upd.support)
         weight = fit_lib.noise_weight(np.concatenate(levels), np.concatenate(tops), np.concatenate(pairs))
     tables = _tables(task, current, support, config, like=tables, noise_weight=weight)
-    floor, ratio = config.floor or fit_lib.DEFAULT_FLOOR, float("nan")
-    blur, blur_ratio = config.blur or 0.0, float("nan")
+    floor, ratio = config.set_floor, float("nan")
+    blur, blur_ratio = config.set_blur, float("nan")
     if config.floor is None or config.blur is None:
         # candidate fits against the final bases, on whole rows spread over the subset, judged by how well the warps
         # of neighbouring positions agree (`fit.scatter_ratio`)
@@ -477,8 +487,8 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
         fn = make_encode_fn(task, mesh=mesh)
     else:
         tables, start, weight = None, _no_start(scan.n_positions), fit_lib.DEFAULT_NOISE_WEIGHT
-        floor, ratio = config.floor or fit_lib.DEFAULT_FLOOR, float("nan")
-        blur, blur_ratio = config.blur or 0.0, float("nan")
+        floor, ratio = config.set_floor, float("nan")
+        blur, blur_ratio = config.set_blur, float("nan")
         if config.base_update:
             est = estimate_bases(task, params, scan, config, mesh=mesh, progress=bases_progress)
             tables, start, weight, floor, ratio = est.tables, est.start, est.noise_weight, est.floor, est.floor_ratio
