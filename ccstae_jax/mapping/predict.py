@@ -286,10 +286,10 @@ def learned_bases(task, params) -> jax.Array:
 
 def _tables(task, bases, support, config: MapConfig,
             like: tuple[fit_lib.BaseTable, fit_lib.BaseTable | None] | None = None,
-            noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT, blur: float | None = None,
+            noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT, blur: float | None = None, coarse: bool = True,
             ) -> tuple[fit_lib.BaseTable, fit_lib.BaseTable | None]:
-    """The fine table of ``bases`` and, with `MapConfig.coarse_steps`, the coarse one (spots blurred by half a disk
-    radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur); with
+    """The fine table of ``bases`` and, with `MapConfig.coarse_steps` and ``coarse``, the coarse one (spots
+    blurred by half a disk radius, pixels grown by a disk radius and sampled on a lattice as coarse as the blur); with
     rigid spots (`rigid_spots_for`) the spots move rigidly (`fit.prepare_bases`). With ``like`` (tables made
     before), the pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these
     too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`). Their floor is `MapConfig.set_floor`
@@ -304,13 +304,12 @@ def _tables(task, bases, support, config: MapConfig,
     blur = config.set_blur if blur is None else blur
     fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, blur=blur,
                                  like=None if like is None else like[0], **kw)
-    coarse = None
-    if config.coarse_steps:
-        blur = max(1.0, 0.5 * geometry.disk_radius)
-        coarse = fit_lib.prepare_bases(bases, cfg.center_px, grow=int(np.ceil(geometry.disk_radius)) + 1,
+    if not (coarse and config.coarse_steps):
+        return fine, None
+    blur = max(1.0, 0.5 * geometry.disk_radius)
+    return fine, fit_lib.prepare_bases(bases, cfg.center_px, grow=int(np.ceil(geometry.disk_radius)) + 1,
                                        blur=blur, stride=max(2, int(blur)), like=None if like is None else like[1],
                                        **kw)
-    return fine, coarse
 
 
 def _no_start(n: int) -> np.ndarray:
@@ -439,7 +438,7 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
                 floor, tables, current_warps = fit_lib.LOW_FLOOR, lowered, low_warps
         if config.blur is None:
             fine = _tables(task, current, support, config, like=tables, noise_weight=weight,
-                           blur=fit_lib.BASE_BLUR)[0].replace(floor=jnp.float32(floor))
+                           blur=fit_lib.BASE_BLUR, coarse=False)[0].replace(floor=jnp.float32(floor))
             smoothed = (fine, tables[1])
             blur_ratio = fit_lib.scatter_ratio(current_warps, warps_of(smoothed), pairs)
             if blur_ratio <= fit_lib.FLOOR_GAIN:
