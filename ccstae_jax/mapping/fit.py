@@ -2,14 +2,16 @@
 
 The model of one observed pattern ``x`` (data frame, pixels ``q``) is its base pushed into the data frame,
 
-    mu(q) = bg(|q - z|) + spots(phi q),        phi = theta^{-1}  (normalised coordinates, `ccstae_jax.ops.affine`),
+    mu(q) = bg(|q - z|) + a spots(phi q),        phi = theta^{-1}  (normalised coordinates, `ccstae_jax.ops.affine`),
 
 with ``spots`` the part of the base that moves with the lattice, ``bg`` its radially symmetric part (the central disk
-and the diffuse glow, which stay centred on the zero beam ``z`` of that pattern) and ``phi`` six free numbers. With
+and the diffuse glow, which stay centred on the zero beam ``z`` of that pattern) and ``phi`` six free numbers.
+``a`` scales the spots (`BaseTable.scale_spots`; else 1): thickness, tilt and dose make a pattern's spots brighter or
+dimmer than the base's average, and a model that cannot follow would move or stretch its spots to make up for it. With
 *rigid spots* (`prepare_bases` given a disk radius) each spot is moved, not stretched: strain moves the diffracted
 disks while each keeps the probe's shape, so a pixel near the spot centred at ``c`` in the base is modelled as
 
-    mu(q) = bg(|q - z|) + spots(c + R_phi (q - phi^{-1} c)),
+    mu(q) = bg(|q - z|) + a spots(c + R_phi (q - phi^{-1} c)),
 
 the spot's own pixel offset from where the warp puts its centre, turned by ``R_phi``, the rotation part of ``phi``
 (`ccstae_jax.ops.affine.turn_offsets`): a round disk reads the same either way, but whatever surrounds it in the
@@ -82,6 +84,8 @@ LOW_FLOOR = 0.1
 #: of a pixel from the others', and a pattern fitted against it finds its own copy again: smoothing the edges by
 #: about a pixel removes those steps, at the cost of some of the edges' information.
 BASE_BLUR = 0.7
+#: With `BaseTable.scale_spots`, a fit step that would scale the spots below this factor is refused.
+MIN_SPOT_SCALE = 0.05
 #: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
 INTERPOLATIONS = ("cubic", "bilinear")
 _HP = jax.lax.Precision.HIGHEST
@@ -108,6 +112,8 @@ class BaseTable:
       noise_weight: ``()`` float32 in [0, 1], the share of shot noise in the fit's weights (module docstring).
       floor: ``()`` float32 in (0, 1], the floor of the weights' variance relative to the brightest compared pixel
         (module docstring).
+      scale_spots: static; each pattern's fit also scales the base's spots by a free factor ``a`` (module docstring),
+        a seventh parameter, kept above `MIN_SPOT_SCALE`.
     """
 
     table: jax.Array
@@ -119,6 +125,7 @@ class BaseTable:
     band_edges: jax.Array | None = None
     noise_weight: jax.Array | float = DEFAULT_NOISE_WEIGHT
     floor: jax.Array | float = DEFAULT_FLOOR
+    scale_spots: bool = struct.field(pytree_node=False, default=False)
 
 
 class FitResult(NamedTuple):
@@ -128,8 +135,10 @@ class FitResult(NamedTuple):
       theta: ``(B, 2, 3)`` fitted pull warps (base frame -> data frame).
       fisher: ``(B, 6, 6)`` ``J^T W J`` at the fit, for the six entries of ``phi = theta^{-1}`` (row-major),
         ``W`` the fit's weights (module docstring); its inverse, times ``chi2 / dof``, estimates their covariance.
+        With `BaseTable.scale_spots`, the information left about ``phi`` once the spots' scale is estimated too (the
+        Schur complement of that factor in the 7 x 7 matrix).
       chi2: ``(B,)`` weighted squared residual ``sum W (mu - x)^2`` at the fit.
-      dof: ``(B,)`` number of pixels compared minus 6.
+      dof: ``(B,)`` number of pixels compared minus the parameters fitted (6, or 7 with the spots' scale).
       spot_amplitude: ``(B, N_BANDS)`` the factor by which the base's spots, scaled in each radial band of
         ``BaseTable.band_edges``, best fit the pattern's at the fitted warp (weighted least squares, background
         fixed), or None without band edges. 1 where the pattern's spots are as bright as the base's.
@@ -403,6 +412,7 @@ def prepare_bases(
     stride: int = 1,
     rigid_radius: float | None = None,
     like: BaseTable | None = None,
+    scale_spots: bool = False,
 ) -> BaseTable:
     """Splits each base into a radial background and spots, tabulates the spots' interpolant and selects the fitted
     pixels (`information_mask`, beyond ``min_radius`` of the centre, grown by ``grow`` pixels, every ``stride``-th
@@ -414,7 +424,8 @@ def prepare_bases(
     bin instead of its median. ``noise_weight``: the fit's blend of shot noise (module docstring, `noise_weight`);
     ``floor``: the floor of the fit's weights (`BaseTable.floor`), also used to choose the pixels.
     ``like``: an earlier table whose pixel lists and spot lists these are made at least as
-    long as (so the fit compiled for it serves this one)."""
+    long as (so the fit compiled for it serves this one). ``scale_spots``: the fit also scales each pattern's spots
+    by a free factor (`BaseTable.scale_spots`)."""
     if not 0.0 <= noise_weight <= 1.0:
         raise ValueError(f"noise_weight = {noise_weight!r}: expected a share in [0, 1]")
     if not 0.0 < floor <= 1.0:
@@ -447,7 +458,7 @@ def prepare_bases(
         n_points = max(n_points, like.n_points)
     return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points, centres, owner,
                      jnp.asarray(band_edges(mask, center)), jnp.asarray(noise_weight, jnp.float32),
-                     jnp.asarray(floor, jnp.float32))
+                     jnp.asarray(floor, jnp.float32), bool(scale_spots))
 
 
 def band_edges(mask: np.ndarray, center: tuple[float, float]) -> np.ndarray:
@@ -613,6 +624,7 @@ def fit_patterns(
     images = jnp.asarray(images, jnp.float32)
     b, h, w = images.shape
     n = bases.n_points
+    scale = bases.scale_spots
     phi0 = affine.invert(jnp.asarray(theta0, jnp.float32)).reshape(b, 6)
 
     def one(phi_start, x, z, k):
@@ -627,8 +639,12 @@ def fit_patterns(
         bg = profile_at(bases.profile[k], radius)
         spot = (None, None) if bases.centres is None else _spot_of(bases, k, phi_start, u, v)
 
-        def model(phi):
-            return _model(bases, k, phi, u, v, spot, (h, w), bg)
+        def model(p):
+            mu, jac = _model(bases, k, p[:6], u, v, spot, (h, w), bg)
+            if not scale:
+                return mu, jac
+            s = mu - bg  # the spots, scaled by the factor p[6]
+            return bg + p[6] * s, jnp.concatenate([p[6] * jac, s[:, None]], -1)
 
         a = jnp.asarray(bases.noise_weight, jnp.float32)
         floor = jnp.asarray(bases.floor, jnp.float32)
@@ -646,10 +662,11 @@ def fit_patterns(
             return (jnp.einsum("pi,pj->ij", jw, jac, precision=_HP), jnp.einsum("pi,p->i", jw, r, precision=_HP),
                     jnp.sum(wts * r * r))
 
-        mu, jac = model(phi_start)
+        p_start = jnp.concatenate([phi_start, jnp.ones(1, phi_start.dtype)]) if scale else phi_start
+        mu, jac = model(p_start)
         wts = weights(mu)
         jtj, jtr, cost = normal_equations(mu, jac, wts)
-        best = (phi_start, wts, jtj, jtr, cost, mu)
+        best = (p_start, wts, jtj, jtr, cost, mu)
 
         def body(_, carry):
             best, lam = carry
@@ -657,7 +674,9 @@ def fit_patterns(
             trial = phi - jnp.linalg.solve(jtj + lam * jnp.diag(jnp.diag(jtj) + 1e-30), jtr)
             mu_t, jac_t = model(trial)
             r_t = mu_t - xq
-            inside = jnp.all(jnp.abs(trial - phi_start) <= max_change)  # a trust region about the start
+            inside = jnp.all(jnp.abs(trial[:6] - phi_start) <= max_change)  # a trust region about the start
+            if scale:
+                inside &= trial[6] > MIN_SPOT_SCALE
             better = (jnp.sum(wts * r_t * r_t) < cost) & inside
             wts_t = weights(mu_t)
             jtj_t, jtr_t, cost_t = normal_equations(mu_t, jac_t, wts_t)
@@ -665,21 +684,24 @@ def fit_patterns(
             return new, jnp.where(better, lam * 0.5, lam * 4.0)
 
         best, _ = jax.lax.fori_loop(0, steps, body, (best, jnp.asarray(damping, jnp.float32)))
-        phi, wts, jtj, _, cost, mu = best
+        p, wts, jtj, _, cost, mu = best
+        phi, factor = p[:6], (p[6] if scale else 1.0)
+        if scale:  # the information about phi left once the spots' scale is also estimated (Schur complement)
+            jtj = jtj[:6, :6] - jnp.outer(jtj[:6, 6], jtj[6, :6]) / jnp.maximum(jtj[6, 6], 1e-30)
         if bases.band_edges is None:
             amplitude = jnp.zeros((0,), jnp.float32)
         else:  # weighted least-squares scale of the spots in each radial band (background held fixed)
             s = mu - bg
             band = jnp.searchsorted(bases.band_edges[k], radius)
             onehot = jax.nn.one_hot(band, N_BANDS, dtype=jnp.float32) * (wts * s)[:, None]
-            amplitude = (jnp.einsum("pb,p->b", onehot, xq - bg, precision=_HP)
-                         / jnp.maximum(jnp.einsum("pb,p->b", onehot, s, precision=_HP), 1e-30))
+            amplitude = factor * (jnp.einsum("pb,p->b", onehot, xq - bg, precision=_HP)
+                                  / jnp.maximum(jnp.einsum("pb,p->b", onehot, s, precision=_HP), 1e-30))
         top = jnp.maximum(brightest(mu), 1e-30)
         level = jnp.clip(jnp.floor(mu / top * N_LEVELS), 0, N_LEVELS - 1).astype(jnp.int32)
         onehot = jax.nn.one_hot(level, N_LEVELS, dtype=jnp.float32) * used[:, None]
         levels = jnp.einsum("pl,pc->lc", onehot, jnp.stack([(xq - mu) ** 2, mu, jnp.ones_like(mu)], -1),
                             precision=_HP)
-        return phi, jtj, cost, jnp.sum(used) - 6.0, amplitude, levels, top
+        return phi, jtj, cost, jnp.sum(used) - (7.0 if scale else 6.0), amplitude, levels, top
 
     phi, fisher, chi2, dof, amplitude, levels, top = jax.vmap(one)(
         phi0, images, jnp.asarray(zero_beam, jnp.float32), jnp.asarray(class_index, jnp.int32))

@@ -70,6 +70,9 @@ class MapConfig:
       floor_subset: this many patterns compare the floors and the smoothing: as many whole rows of the subset as fit
         in it, at least one.
       batch_size: patterns per device batch.
+      scale_spots: each pattern's fit also scales its base's spots by a free factor (`fit.BaseTable.scale_spots`):
+        specimen thickness, tilt and dose change how bright the diffracted spots are from position to position, and
+        a pattern whose spots are brighter or dimmer than the base's would otherwise pull its warp to make up for it.
     """
 
     steps: int = 5
@@ -87,6 +90,7 @@ class MapConfig:
     blur: float | None = None
     floor_subset: int = 256
     batch_size: int = 256
+    scale_spots: bool = True
 
     def __post_init__(self):
         for name in ("steps", "reselect", "subset", "base_rounds", "coarse_steps", "grow", "floor_subset",
@@ -299,7 +303,7 @@ def _tables(task, bases, support, config: MapConfig,
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
               interpolation=config.interpolation, noise_weight=noise_weight,
-              floor=config.set_floor,
+              floor=config.set_floor, scale_spots=config.scale_spots,
               rigid_radius=geometry.disk_radius if rigid_spots_for(config, geometry) else None)
     blur = config.set_blur if blur is None else blur
     fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, blur=blur,
