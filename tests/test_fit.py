@@ -343,6 +343,36 @@ def test_spot_amplitudes_measure_how_bright_each_radial_band_of_spots_is_against
     assert inner == pytest.approx(1.0, rel=0.05) and outer == pytest.approx(2.0, rel=0.1)
 
 
+def _glowing(amps, strain, size=96, g=22.0):
+    """A hex pattern (spot shells as bright as ``amps``, lattice expanded by ``strain``) on a diffuse glow that falls
+    across the first-order spots, as the central beam's tails do."""
+    rows, cols = np.mgrid[:size, :size].astype(np.float64) - size // 2
+    glow = 3.0 / (1 + (rows**2 + cols**2) / 10.0**2)
+    spots = hex_patterns(1, size=size, g=g / (1 + strain), max_strain=0.0, rotations=[0.2], shell_amps=amps,
+                         spot_sigma=1.8)[0][0]
+    return (spots + glow).astype(np.float32)
+
+
+def _fit_glowing(data, scale_spots):
+    size, g = 96, 22.0
+    base = jnp.asarray(_glowing((1.0, 0.5), 0.0))[None]
+    table = fit.prepare_bases(base, (size // 2, size // 2), min_radius=g / 2, scale_spots=scale_spots)
+    n = len(data)
+    return fit.fit_patterns(affine.identity_warp((n,)), jnp.asarray(data), jnp.full((n, 2), size // 2.0),
+                            jnp.zeros(n, jnp.int32), table, steps=8)
+
+
+def test_spots_brighter_or_dimmer_than_the_base_leave_the_strain_unbiased_when_their_scale_is_fitted():
+    """On a sloping background the inner and outer edges of a spot weigh differently, so a pattern whose spots are
+    1.6x brighter (or 0.6x dimmer) than its base's reads as a lattice shrunk (or stretched) unless the fit can
+    scale the spots."""
+    data = np.stack([_glowing((1.6, 0.8), 0.01), _glowing((0.6, 0.3), 0.01)])
+    fixed = _strain(_fit_glowing(data, False).theta, 96)[:, :2] - 0.01
+    free = _strain(_fit_glowing(data, True).theta, 96)[:, :2] - 0.01
+    assert np.abs(fixed).min() > 3e-3  # both patterns, both axes: biased without the scale
+    assert np.abs(free).max() < 5e-4
+
+
 def test_a_lattice_mismatch_of_up_to_8_percent_is_recovered_as_strain_from_an_unstrained_start():
     """A second phase's larger (or smaller) lattice against a one-phase base: the fit, started at the identity as a
     bounded encoder might leave it, reaches the mismatch (pixel lists chosen again mid-fit, as a map fits)."""

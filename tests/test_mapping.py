@@ -12,7 +12,7 @@ from ccstae_jax.data.simulate import SimulationConfig, pattern_function, simulat
 from ccstae_jax.model.geometry import measure_geometry
 from ccstae_jax.model.masks import static_ring_mask
 from ccstae_jax.mapping import bases, fit
-from ccstae_jax.mapping.predict import MapConfig, lattice_signals, rigid_spots_for, subset_rows
+from ccstae_jax.mapping.predict import MapConfig, lattice_signals, rigid_spots_for, scale_spots_for, subset_rows
 from ccstae_jax.mapping.reference import (lattice_covariance, referenced_strain, region_mask, strain_uncertainty,
                                           warp_covariance)
 from ccstae_jax.model.networks import symmetrize
@@ -281,3 +281,13 @@ def test_rigid_spots_are_chosen_for_wide_disks_unless_set_and_never_without_a_fi
     assert not rigid_spots_for(MapConfig(rigid_spots=False), wide)
     assert rigid_spots_for(MapConfig(rigid_spots=True), narrow)
     assert not rigid_spots_for(MapConfig(steps=0), wide)
+
+
+def test_the_spots_scale_is_fitted_by_default_except_for_rigid_spots():
+    from ccstae_jax.model.geometry import Geometry
+
+    wide = Geometry(pattern_shape=(200, 200), center=(100.0, 100.0), disk_radius=16.0, spot_spacing=38.0,
+                    symmetry=6, ring=(18.0, 85.0))
+    narrow = dataclasses.replace(wide, disk_radius=3.7)
+    assert scale_spots_for(MapConfig(), narrow) and not scale_spots_for(MapConfig(scale_spots=False), narrow)
+    assert not scale_spots_for(MapConfig(), wide) and scale_spots_for(MapConfig(rigid_spots=False), wide)

@@ -73,6 +73,7 @@ class MapConfig:
       scale_spots: each pattern's fit also scales its base's spots by a free factor (`fit.BaseTable.scale_spots`):
         specimen thickness, tilt and dose change how bright the diffracted spots are from position to position, and
         a pattern whose spots are brighter or dimmer than the base's would otherwise pull its warp to make up for it.
+        Not with rigid spots (`scale_spots_for`).
     """
 
     steps: int = 5
@@ -117,6 +118,12 @@ class MapConfig:
     def set_blur(self) -> float:
         """The smoothing of the fit's spots unless the map chooses it: `blur`, or 0."""
         return 0.0 if self.blur is None else float(self.blur)
+
+
+def scale_spots_for(config: MapConfig, geometry) -> bool:
+    """Whether a map with ``config`` fits each pattern's spots' scale for a run of this ``geometry``: as set, except
+    with rigid spots (`rigid_spots_for`), whose wide disks mapped no better with it on simulated scans."""
+    return bool(config.scale_spots) and not rigid_spots_for(config, geometry)
 
 
 def rigid_spots_for(config: MapConfig, geometry) -> bool:
@@ -303,7 +310,7 @@ def _tables(task, bases, support, config: MapConfig,
     geometry = cfg.geometry
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
               interpolation=config.interpolation, noise_weight=noise_weight,
-              floor=config.set_floor, scale_spots=config.scale_spots,
+              floor=config.set_floor, scale_spots=scale_spots_for(config, geometry),
               rigid_radius=geometry.disk_radius if rigid_spots_for(config, geometry) else None)
     blur = config.set_blur if blur is None else blur
     fine = fit_lib.prepare_bases(bases, cfg.center_px, grow=config.grow, blur=blur,
