@@ -244,7 +244,7 @@ def cmd_map(args):
     maps = map_strain(args.run_dir, args.data, args.out, reference_region=_region(args.reference_region),
                       batch_size=args.batch_size, which=args.checkpoint, data=data, figures=args.figures,
                       refine_steps=args.refine_steps, base_update=not args.no_base_update,
-                      interpolation=args.interpolation, rigid_spots=args.rigid_spots,
+                      interpolation=args.interpolation, rigid_spots=args.rigid_spots, scale_spots=args.scale_spots,
                       allow_negative=True if args.allow_negative else None,
                       scan_rotation=args.scan_rotation,
                       correct_distortion=False if args.no_distortion_correction else None, progress=not args.quiet)
@@ -427,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="move each diffracted disk rigidly with its centre in the fit instead of stretching the whole "
                         "base with the strain (default: rigid when the disk radius exceeds "
                         f"{100 * WIDE_DISK_RATIO:.0f} %% of the first-order spot spacing)")
+    m.add_argument("--scale-spots", action="store_true",
+                   help="let each pattern's fit also scale the base's spots by a free factor, for specimens whose "
+                        "thickness or tilt changes how bright the spots are from position to position (not with "
+                        "rigid spots)")
     m.add_argument("--no-distortion-correction", action="store_true",
                    help="keep the anisotropy of the reference region's lattice instead of removing it as an "
                         "elliptical detector distortion (default: removed when the lattice is 4- or 6-fold: the "

@@ -23,7 +23,7 @@ from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.evaluate.metrics import error_table, format_table, referenced_labels
 from ccstae_jax.mapping.fit import BASE_BLUR, DEFAULT_FLOOR, FLOOR_GAIN, INTERPOLATIONS, LOW_FLOOR
 from ccstae_jax.mapping.phases import MIN_MISMATCH, PHASE_SEPARATION
-from ccstae_jax.mapping.predict import MapConfig, map_scan, rigid_spots_for, subset_rows
+from ccstae_jax.mapping.predict import MapConfig, map_scan, rigid_spots_for, scale_spots_for, subset_rows
 from ccstae_jax.mapping.reference import map_warnings, region_mask, strain_maps
 from ccstae_jax.model.geometry import SYMMETRIES, GeometryError, measure_geometry
 from ccstae_jax.model.networks import ModelConfig
@@ -386,6 +386,7 @@ def map_strain(
     base_update: bool = MapConfig.base_update,
     interpolation: str = MapConfig.interpolation,
     rigid_spots: bool | None = MapConfig.rigid_spots,
+    scale_spots: bool = MapConfig.scale_spots,
     allow_negative: bool | None = None,
     scan_rotation: float | None = None,
     correct_distortion: bool | None = None,
@@ -397,8 +398,9 @@ def map_strain(
     `ccstae_jax.mapping.fit`; 0 = the encoder's warps as they are) against bases re-estimated from the aligned
     patterns of a subset of the scan (``base_update``; else the learned bases), interpolated with ``interpolation``
     (``"cubic"``, Keys, or ``"bilinear"``), the whole base stretched by the warp or, with ``rigid_spots`` (None: when
-    the run's disks are wide), each spot moved rigidly with its centre; see `ccstae_jax.mapping.predict`. The map
-    records each position's 1-sigma error (``/uncertainty``, with a fit) and validity.
+    the run's disks are wide), each spot moved rigidly with its centre, and with ``scale_spots`` each pattern's spots
+    also scaled by a free factor (not with rigid spots); see `ccstae_jax.mapping.predict`. The map records each
+    position's 1-sigma error (``/uncertainty``, with a fit) and validity.
 
     The reference region is, in order: ``reference_region``; the one stored in the data file; else the whole scan.
     Its lattice is `ccstae_jax.mapping.reference.reference_deformation`: the error-weighted mean of its positions
@@ -425,7 +427,8 @@ def map_strain(
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
     config = MapConfig(steps=int(refine_steps), base_update=base_update, interpolation=interpolation,
-                       rigid_spots=None if rigid_spots is None else bool(rigid_spots), batch_size=int(batch_size))
+                       rigid_spots=None if rigid_spots is None else bool(rigid_spots), batch_size=int(batch_size),
+                       scale_spots=bool(scale_spots))
     if scan_rotation is not None and not np.isfinite(float(scan_rotation)):
         raise ValueError(f"--scan-rotation {scan_rotation}: expected a finite angle in degrees")
     _check_output_file(out_path, data_path)
@@ -492,6 +495,7 @@ def map_strain(
             "base_update": update,
             "interpolation": config.interpolation if config.steps else "none",
             "rigid_spots": rigid,
+            "scale_spots": scale_spots_for(config, cfg.geometry),
             "strain_reference": "relative",
             "geometry": json.dumps(cfg.geometry.to_dict()),
             "distortion_corrected": bool(correct_distortion),

@@ -330,6 +330,7 @@ def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):
         assert 0.0 <= f.attrs["noise_weight"] <= 1.0
         assert f.attrs["fit_floor"] in (0.1, 0.3) and np.isfinite(f.attrs["floor_ratio"])
         assert f.attrs["fit_blur"] in (0.0, 0.7) and np.isfinite(f.attrs["blur_ratio"])
+        assert not f.attrs["scale_spots"]
 
 
 @pytest.mark.slow
@@ -341,6 +342,19 @@ def test_map_with_rigid_spots_records_the_model_and_writes_finite_valid_strain(c
 
     with h5py.File(out, "r") as f:
         assert f.attrs["rigid_spots"]
+        valid = f["valid"][()]
+        assert valid.mean() > 0.9 and np.isfinite(f["strain_xx"][()][valid]).all()
+
+
+@pytest.mark.slow
+def test_map_with_the_spots_scale_fitted_records_it_and_writes_finite_valid_strain(chain, tmp_path):
+    assert chain["train"]["returncode"] == 0
+    out = tmp_path / "scaled.h5"
+    assert cli.main(["map", chain["run"], chain["sim"], "--out", str(out), "--scale-spots", "--quiet"]) == 0
+    import h5py
+
+    with h5py.File(out, "r") as f:
+        assert f.attrs["scale_spots"]
         valid = f["valid"][()]
         assert valid.mean() > 0.9 and np.isfinite(f["strain_xx"][()][valid]).all()
 

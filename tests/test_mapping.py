@@ -283,11 +283,12 @@ def test_rigid_spots_are_chosen_for_wide_disks_unless_set_and_never_without_a_fi
     assert not rigid_spots_for(MapConfig(steps=0), wide)
 
 
-def test_the_spots_scale_is_fitted_by_default_except_for_rigid_spots():
+def test_the_spots_scale_is_fitted_only_when_asked_and_never_with_rigid_spots():
     from ccstae_jax.model.geometry import Geometry
 
     wide = Geometry(pattern_shape=(200, 200), center=(100.0, 100.0), disk_radius=16.0, spot_spacing=38.0,
                     symmetry=6, ring=(18.0, 85.0))
     narrow = dataclasses.replace(wide, disk_radius=3.7)
-    assert scale_spots_for(MapConfig(), narrow) and not scale_spots_for(MapConfig(scale_spots=False), narrow)
-    assert not scale_spots_for(MapConfig(), wide) and scale_spots_for(MapConfig(rigid_spots=False), wide)
+    assert scale_spots_for(MapConfig(scale_spots=True), narrow) and not scale_spots_for(MapConfig(), narrow)
+    assert not scale_spots_for(MapConfig(scale_spots=True), wide)
+    assert scale_spots_for(MapConfig(scale_spots=True, rigid_spots=False), wide)

@@ -73,7 +73,8 @@ class MapConfig:
       scale_spots: each pattern's fit also scales its base's spots by a free factor (`fit.BaseTable.scale_spots`):
         specimen thickness, tilt and dose change how bright the diffracted spots are from position to position, and
         a pattern whose spots are brighter or dimmer than the base's would otherwise pull its warp to make up for it.
-        Not with rigid spots (`scale_spots_for`).
+        Off by default: the simulated scans, whose spots vary little, map about as well either way. Not with rigid
+        spots (`scale_spots_for`).
     """
 
     steps: int = 5
@@ -91,7 +92,7 @@ class MapConfig:
     blur: float | None = None
     floor_subset: int = 256
     batch_size: int = 256
-    scale_spots: bool = True
+    scale_spots: bool = False
 
     def __post_init__(self):
         for name in ("steps", "reselect", "subset", "base_rounds", "coarse_steps", "grow", "floor_subset",
@@ -122,7 +123,8 @@ class MapConfig:
 
 def scale_spots_for(config: MapConfig, geometry) -> bool:
     """Whether a map with ``config`` fits each pattern's spots' scale for a run of this ``geometry``: as set, except
-    with rigid spots (`rigid_spots_for`), whose wide disks mapped no better with it on simulated scans."""
+    with rigid spots (`rigid_spots_for`): each wide disk is anchored on its own centre, and on simulated scans they
+    mapped no better with the scale."""
     return bool(config.scale_spots) and not rigid_spots_for(config, geometry)
 
 
