@@ -334,27 +334,15 @@ def test_simulate_train_map_chain_exits_0_and_writes_its_files(chain):
 
 
 @pytest.mark.slow
-def test_map_with_rigid_spots_records_the_model_and_writes_finite_valid_strain(chain, tmp_path):
+@pytest.mark.parametrize("flag, attr", [("--rigid-spots", "rigid_spots"), ("--scale-spots", "scale_spots")])
+def test_map_with_a_fit_model_option_records_it_and_writes_finite_valid_strain(chain, tmp_path, flag, attr):
     assert chain["train"]["returncode"] == 0
-    out = tmp_path / "rigid.h5"
-    assert cli.main(["map", chain["run"], chain["sim"], "--out", str(out), "--rigid-spots", "--quiet"]) == 0
+    out = tmp_path / "strain.h5"
+    assert cli.main(["map", chain["run"], chain["sim"], "--out", str(out), flag, "--quiet"]) == 0
     import h5py
 
     with h5py.File(out, "r") as f:
-        assert f.attrs["rigid_spots"]
-        valid = f["valid"][()]
-        assert valid.mean() > 0.9 and np.isfinite(f["strain_xx"][()][valid]).all()
-
-
-@pytest.mark.slow
-def test_map_with_the_spots_scale_fitted_records_it_and_writes_finite_valid_strain(chain, tmp_path):
-    assert chain["train"]["returncode"] == 0
-    out = tmp_path / "scaled.h5"
-    assert cli.main(["map", chain["run"], chain["sim"], "--out", str(out), "--scale-spots", "--quiet"]) == 0
-    import h5py
-
-    with h5py.File(out, "r") as f:
-        assert f.attrs["scale_spots"]
+        assert f.attrs[attr]
         valid = f["valid"][()]
         assert valid.mean() > 0.9 and np.isfinite(f["strain_xx"][()][valid]).all()
 
