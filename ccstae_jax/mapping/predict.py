@@ -73,8 +73,8 @@ class MapConfig:
       scale_spots: each pattern's fit also scales its base's spots by a free factor (`fit.BaseTable.scale_spots`):
         specimen thickness, tilt and dose change how bright the diffracted spots are from position to position, and
         a pattern whose spots are brighter or dimmer than the base's would otherwise pull its warp to make up for it.
-        Off by default: the simulated scans, whose spots vary little, map about as well either way. Not with rigid
-        spots (`scale_spots_for`).
+        Off by default: on simulated scans, whose spots vary little, it helps some maps and hurts others (the
+        README's Limits). Not with rigid spots (`scale_spots_for`).
     """
 
     steps: int = 5
