@@ -84,8 +84,10 @@ LOW_FLOOR = 0.1
 #: of a pixel from the others', and a pattern fitted against it finds its own copy again: smoothing the edges by
 #: about a pixel removes those steps, at the cost of some of the edges' information.
 BASE_BLUR = 0.7
-#: With `BaseTable.scale_spots`, a fit step that would scale the spots below this factor is refused.
-MIN_SPOT_SCALE = 0.05
+#: With `BaseTable.scale_spots`, a fit step that would scale the spots below this factor stops at it: a pattern that
+#: mixes the lattices of grains meeting under the probe fits any one of them with a small factor, and a vanishing one
+#: would leave its warp free to drift.
+MIN_SPOT_SCALE = 0.4
 #: How a base may be interpolated: Keys' cubic convolution (``A = -0.5``) or bilinear.
 INTERPOLATIONS = ("cubic", "bilinear")
 _HP = jax.lax.Precision.HIGHEST
@@ -113,7 +115,7 @@ class BaseTable:
       floor: ``()`` float32 in (0, 1], the floor of the weights' variance relative to the brightest compared pixel
         (module docstring).
       scale_spots: static; each pattern's fit also scales the base's spots by a free factor ``a`` (module docstring),
-        a seventh parameter, kept above `MIN_SPOT_SCALE`.
+        a seventh parameter, kept at `MIN_SPOT_SCALE` or above.
     """
 
     table: jax.Array
@@ -672,11 +674,11 @@ def fit_patterns(
             best, lam = carry
             phi, wts, jtj, jtr, cost, _ = best
             trial = phi - jnp.linalg.solve(jtj + lam * jnp.diag(jnp.diag(jtj) + 1e-30), jtr)
+            if scale:
+                trial = trial.at[6].set(jnp.maximum(trial[6], MIN_SPOT_SCALE))
             mu_t, jac_t = model(trial)
             r_t = mu_t - xq
             inside = jnp.all(jnp.abs(trial[:6] - phi_start) <= max_change)  # a trust region about the start
-            if scale:
-                inside &= trial[6] > MIN_SPOT_SCALE
             better = (jnp.sum(wts * r_t * r_t) < cost) & inside
             wts_t = weights(mu_t)
             jtj_t, jtr_t, cost_t = normal_equations(mu_t, jac_t, wts_t)
