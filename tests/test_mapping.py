@@ -271,24 +271,31 @@ def test_bases_of_two_phases_are_registered_by_their_lattice_mismatch():
     np.testing.assert_allclose(np.diag(lat), [1.04, 1.04], atol=4e-3)
 
 
-def test_rigid_spots_are_chosen_for_wide_disks_unless_set_and_never_without_a_fit():
+def _wide_and_narrow():
+    """Geometries of 16-px (wide) and 3.7-px disks at a 38-px spot spacing."""
     from ccstae_jax.model.geometry import Geometry
 
     wide = Geometry(pattern_shape=(200, 200), center=(100.0, 100.0), disk_radius=16.0, spot_spacing=38.0,
                     symmetry=6, ring=(18.0, 85.0))
-    narrow = dataclasses.replace(wide, disk_radius=3.7)
+    return wide, dataclasses.replace(wide, disk_radius=3.7)
+
+
+def test_rigid_spots_are_chosen_for_wide_disks_unless_set_and_never_without_a_fit():
+    wide, narrow = _wide_and_narrow()
     assert rigid_spots_for(MapConfig(), wide) and not rigid_spots_for(MapConfig(), narrow)
     assert not rigid_spots_for(MapConfig(rigid_spots=False), wide)
     assert rigid_spots_for(MapConfig(rigid_spots=True), narrow)
     assert not rigid_spots_for(MapConfig(steps=0), wide)
 
 
-def test_the_spots_scale_is_fitted_only_when_asked_and_never_with_rigid_spots():
-    from ccstae_jax.model.geometry import Geometry
-
-    wide = Geometry(pattern_shape=(200, 200), center=(100.0, 100.0), disk_radius=16.0, spot_spacing=38.0,
-                    symmetry=6, ring=(18.0, 85.0))
-    narrow = dataclasses.replace(wide, disk_radius=3.7)
+def test_the_spots_scale_is_fitted_only_when_asked_and_never_with_rigid_spots_or_without_a_fit():
+    wide, narrow = _wide_and_narrow()
     assert scale_spots_for(MapConfig(scale_spots=True), narrow) and not scale_spots_for(MapConfig(), narrow)
     assert not scale_spots_for(MapConfig(scale_spots=True), wide)
     assert scale_spots_for(MapConfig(scale_spots=True, rigid_spots=False), wide)
+    assert not scale_spots_for(MapConfig(scale_spots=True, steps=0), narrow)
+
+
+def test_a_spots_scale_that_is_not_a_boolean_is_refused_by_the_map_config():
+    with pytest.raises(ValueError, match=r"scale_spots = 'yes': expected True or False"):
+        MapConfig(scale_spots="yes")

@@ -107,6 +107,8 @@ class MapConfig:
             raise ValueError(f"floor = {self.floor!r}: expected None or a fraction in (0, 1]")
         if self.blur is not None and not (np.isfinite(self.blur) and self.blur >= 0):
             raise ValueError(f"blur = {self.blur!r}: expected None or a width >= 0 in pixels")
+        if not isinstance(self.scale_spots, (bool, np.bool_)):
+            raise ValueError(f"scale_spots = {self.scale_spots!r}: expected True or False")
         if self.interpolation not in fit_lib.INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {fit_lib.INTERPOLATIONS}, got {self.interpolation!r}")
 
@@ -123,9 +125,9 @@ class MapConfig:
 
 def scale_spots_for(config: MapConfig, geometry) -> bool:
     """Whether a map with ``config`` fits each pattern's spots' scale for a run of this ``geometry``: as set, except
-    with rigid spots (`rigid_spots_for`): each wide disk is anchored on its own centre, and on simulated scans they
-    mapped no better with the scale."""
-    return bool(config.scale_spots) and not rigid_spots_for(config, geometry)
+    without a fit (``steps`` 0) and with rigid spots (`rigid_spots_for`): each wide disk is anchored on its own
+    centre, and on simulated scans they mapped no better with the scale."""
+    return bool(config.scale_spots) and config.steps > 0 and not rigid_spots_for(config, geometry)
 
 
 def rigid_spots_for(config: MapConfig, geometry) -> bool:
