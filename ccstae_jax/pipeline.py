@@ -23,7 +23,8 @@ from ccstae_jax.data.simulate import SimulationConfig, simulate_to_hdf5
 from ccstae_jax.evaluate.metrics import error_table, format_table, referenced_labels
 from ccstae_jax.mapping.fit import BASE_BLUR, DEFAULT_FLOOR, FLOOR_GAIN, INTERPOLATIONS, LOW_FLOOR
 from ccstae_jax.mapping.phases import MIN_MISMATCH, PHASE_SEPARATION
-from ccstae_jax.mapping.predict import MapConfig, map_scan, rigid_spots_for, scale_spots_for, subset_rows
+from ccstae_jax.mapping.predict import (MapConfig, map_scan, margin_for, rigid_spots_for, scale_spots_for,
+                                        subset_rows)
 from ccstae_jax.mapping.reference import map_warnings, region_mask, strain_maps
 from ccstae_jax.model.geometry import SYMMETRIES, GeometryError, measure_geometry
 from ccstae_jax.model.networks import ModelConfig
@@ -496,6 +497,7 @@ def map_strain(
             "interpolation": config.interpolation if config.steps else "none",
             "rigid_spots": rigid,
             "scale_spots": scale_spots_for(config, cfg.geometry),
+            "base_margin": margin_for(config, cfg),
             "strain_reference": "relative",
             "geometry": json.dumps(cfg.geometry.to_dict()),
             "distortion_corrected": bool(correct_distortion),

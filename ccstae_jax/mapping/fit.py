@@ -100,11 +100,11 @@ class BaseTable:
 
     Attributes:
       table: ``(K, FINE * (H + 1) + 1, FINE * (W + 1) + 1, 3)`` float32: the cubic interpolant of each base's spots
-        and its derivatives along rows and columns (per detector pixel), sampled at detector coordinates
+        and its derivatives along rows and columns (per detector pixel), sampled at base-frame pixel coordinates
         ``row = i / FINE - 1``, ``col = j / FINE - 1`` (zero beyond the base's frame).
       profile: ``(K, n_bins)`` float32 radial background of each base, value at radius ``i + 0.5`` pixels.
       mask: ``(K, H, W)`` bool, the base-frame pixels fitted (`information_mask`).
-      n_points: static length of each pattern's pixel list (enough for the largest mask plus margin).
+      n_points: static length of each pattern's pixel list (enough for the largest mask, with room to spare).
       centres: ``(K, S, 2)`` float32 spot centres of each base in normalised ``(x, y)`` coordinates (index 0: the
         zero beam; padding far outside the frame), or None: the whole base follows the affine warp.
       owner: ``(K, H, W)`` int32, the spot (index into ``centres``) nearest each base pixel, -1 where none is within
@@ -116,6 +116,10 @@ class BaseTable:
         (module docstring).
       scale_spots: static; each pattern's fit also scales the base's spots by a free factor ``a`` (module docstring),
         a seventh parameter, kept at `MIN_SPOT_SCALE` or above.
+      margin: static; the base frame extends the patterns' frame by this many pixels on every side (``H`` and ``W``
+        above are the base frame's: the pattern's plus ``2 margin``), so that a pattern's corners, turned by its warp,
+        still fall on the base. Coordinates stay the pattern frame's throughout (normalised ``[-1, 1]`` across the
+        pattern; the margin lies beyond).
     """
 
     table: jax.Array
@@ -128,6 +132,13 @@ class BaseTable:
     noise_weight: jax.Array | float = DEFAULT_NOISE_WEIGHT
     floor: jax.Array | float = DEFAULT_FLOOR
     scale_spots: bool = struct.field(pytree_node=False, default=False)
+    margin: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def pattern_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the patterns this table fits: the base frame less its margin."""
+        h, w = self.mask.shape[-2:]
+        return h - 2 * self.margin, w - 2 * self.margin
 
 
 class FitResult(NamedTuple):
@@ -267,6 +278,7 @@ def information_mask(
     min_radius: float = 0.0,
     grow: int = 1,
     stride: int = 1,
+    margin: int = 0,
 ) -> np.ndarray:
     """Base-frame pixels that carry a given share of the information about the warp, ``(K, H, W)`` bool.
 
@@ -278,7 +290,9 @@ def information_mask(
     ``border`` of the frame, or outside ``support``, or closer than ``min_radius`` to ``center`` (the central disk,
     whose edge is part of the background and says nothing about the lattice), are never taken. ``stride`` > 1 keeps
     only every ``stride``-th row and column of the result: enough for a model smooth on that scale (a blurred base),
-    at ``1 / stride**2`` of the cost.
+    at ``1 / stride**2`` of the cost. ``margin``: the base frame extends the patterns' by this many pixels on every
+    side (`BaseTable.margin`; the lever arm is measured in the patterns' normalised coordinates); ``center`` is in
+    the base frame's pixels.
 
     Args:
       spots: ``(K, H, W)`` the moving part of each base.
@@ -296,8 +310,8 @@ def information_mask(
     if min_radius > 0:
         keep &= _radius_image((h, w), (h // 2, w // 2) if center is None else center)[None] >= min_radius
     gr, gc = np.gradient(spots, axis=(1, 2))
-    u = affine.pixel_centre(np.arange(w), w)
-    v = affine.pixel_centre(np.arange(h), h)
+    u = affine.pixel_centre(np.arange(w) - margin, w - 2 * margin)
+    v = affine.pixel_centre(np.arange(h) - margin, h - 2 * margin)
     lever = 1.0 + u[None, :] ** 2 + v[:, None] ** 2
     out = np.zeros((k, h, w), bool)
     for i in range(k):
@@ -374,11 +388,12 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
 
 
 def _spot_owners(centres: list[np.ndarray], shape: tuple[int, int], center: tuple[float, float],
-                 min_spots: int = 0, reach: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
+                 min_spots: int = 0, reach: float = np.inf, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(K, S, 2)`` normalised ``(x, y)`` centres (index 0 the zero beam, padding far outside) and the ``(K, H, W)``
     index of the nearest of them for every base pixel, -1 where that is farther than ``reach`` pixels (a spot too
     faint to be found, or the background between spots: such a pixel moves with the warp itself) (S a multiple of
-    16, at least ``min_spots``)."""
+    16, at least ``min_spots``). ``centres``, ``center`` and ``shape`` are the base frame's, which extends the
+    patterns' by ``margin`` pixels on every side; the normalised coordinates are the patterns'."""
     h, w = shape
     n = max(len(c) for c in centres) + 1
     s = max(int(np.ceil(n / 16)) * 16, int(min_spots))
@@ -393,8 +408,8 @@ def _spot_owners(centres: list[np.ndarray], shape: tuple[int, int], center: tupl
             closer = dist < nearest
             owner[i][closer], nearest[closer] = j, dist[closer]
         owner[i][nearest > reach ** 2] = -1
-        table[i, : len(pix), 0] = affine.pixel_centre(pix[:, 1], w)
-        table[i, : len(pix), 1] = affine.pixel_centre(pix[:, 0], h)
+        table[i, : len(pix), 0] = affine.pixel_centre(pix[:, 1] - margin, w - 2 * margin)
+        table[i, : len(pix), 1] = affine.pixel_centre(pix[:, 0] - margin, h - 2 * margin)
     return table, owner
 
 
@@ -415,6 +430,7 @@ def prepare_bases(
     rigid_radius: float | None = None,
     like: BaseTable | None = None,
     scale_spots: bool = False,
+    margin: int = 0,
 ) -> BaseTable:
     """Splits each base into a radial background and spots, tabulates the spots' interpolant and selects the fitted
     pixels (`information_mask`, beyond ``min_radius`` of the centre, grown by ``grow`` pixels, every ``stride``-th
@@ -427,12 +443,17 @@ def prepare_bases(
     ``floor``: the floor of the fit's weights (`BaseTable.floor`), also used to choose the pixels.
     ``like``: an earlier table whose pixel lists and spot lists these are made at least as
     long as (so the fit compiled for it serves this one). ``scale_spots``: the fit also scales each pattern's spots
-    by a free factor (`BaseTable.scale_spots`)."""
+    by a free factor (`BaseTable.scale_spots`). ``margin``: the bases extend the patterns' frame by this many pixels
+    on every side (`BaseTable.margin`); ``center`` is then still the zero beam in the patterns' frame."""
     if not 0.0 <= noise_weight <= 1.0:
         raise ValueError(f"noise_weight = {noise_weight!r}: expected a share in [0, 1]")
     if not 0.0 < floor <= 1.0:
         raise ValueError(f"floor = {floor!r}: expected a fraction of the brightest pixel in (0, 1]")
     bases = jnp.asarray(bases, jnp.float32)
+    margin = int(margin)
+    if margin < 0 or min(bases.shape[-2:]) <= 2 * margin:
+        raise ValueError(f"margin = {margin}: expected 0 <= margin < half the base frame {bases.shape[-2:]}")
+    center = (float(center[0]) + margin, float(center[1]) + margin)  # in the base frame
     profile = radial_profile(bases, center, 0.5 if rigid_radius is None else RIGID_BACKGROUND_QUANTILE)
     radius = jnp.asarray(_radius_image(bases.shape[-2:], center))
     background = jax.vmap(lambda p: profile_at(p, radius))(profile)
@@ -447,20 +468,21 @@ def prepare_bases(
                              f"{min_radius:.1f} px of the zero beam (at least 3 are needed to anchor its lattice); "
                              "map without --rigid-spots")
         centres, owner = _spot_owners(found, bases.shape[-2:], center, reach=RIGID_REACH * rigid_radius + 2,
-                                      min_spots=0 if like is None or like.centres is None else like.centres.shape[1])
+                                      min_spots=0 if like is None or like.centres is None else like.centres.shape[1],
+                                      margin=margin)
         centres, owner = jnp.asarray(centres), jnp.asarray(owner)
     if blur > 0:
         spots = gaussian_blur(spots, blur)
     mask = information_mask(np.asarray(spots), np.asarray(background), support=support, share=share,
                             max_points=max_points, noise_weight=noise_weight, floor=floor, center=center,
-                            min_radius=min_radius, grow=grow, stride=stride)
+                            min_radius=min_radius, grow=grow, stride=stride, margin=margin)
     n_max = int(mask.reshape(mask.shape[0], -1).sum(1).max())
     n_points = int(np.ceil(1.1 * n_max / 64) + 1) * 64  # room for a pattern whose warp enlarges the mask
     if like is not None:
         n_points = max(n_points, like.n_points)
     return BaseTable(interpolation_table(spots, interpolation), profile, jnp.asarray(mask), n_points, centres, owner,
                      jnp.asarray(band_edges(mask, center)), jnp.asarray(noise_weight, jnp.float32),
-                     jnp.asarray(floor, jnp.float32), bool(scale_spots))
+                     jnp.asarray(floor, jnp.float32), bool(scale_spots), margin)
 
 
 def band_edges(mask: np.ndarray, center: tuple[float, float]) -> np.ndarray:
@@ -473,11 +495,13 @@ def band_edges(mask: np.ndarray, center: tuple[float, float]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- the fit
-def _nearest_pixel(table_hw: jax.Array, k: jax.Array, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``table_hw[k]`` (``(K, H, W)``) at the pixel nearest each normalised point, and whether it is in the frame."""
+def _nearest_pixel(table_hw: jax.Array, k: jax.Array, x: jax.Array, y: jax.Array,
+                   margin: int = 0) -> tuple[jax.Array, jax.Array]:
+    """``table_hw[k]`` (``(K, H, W)``, a base frame that extends the patterns' by ``margin`` pixels on every side) at
+    the pixel nearest each point (normalised in the patterns' frame), and whether it is in the base frame."""
     h, w = table_hw.shape[-2:]
-    c = jnp.round(((x + 1) * w - 1) / 2).astype(jnp.int32)
-    r = jnp.round(((y + 1) * h - 1) / 2).astype(jnp.int32)
+    c = jnp.round(((x + 1) * (w - 2 * margin) - 1) / 2).astype(jnp.int32) + margin
+    r = jnp.round(((y + 1) * (h - 2 * margin) - 1) / 2).astype(jnp.int32) + margin
     inside = (c >= 0) & (c < w) & (r >= 0) & (r < h)
     return table_hw.reshape(-1)[(k * h + jnp.clip(r, 0, h - 1)) * w + jnp.clip(c, 0, w - 1)], inside
 
@@ -486,7 +510,7 @@ def _spot_of(bases: BaseTable, k: jax.Array, phi: jax.Array, u: jax.Array, v: ja
     """Centre ``(x, y)`` of the spot each data point ``(u, v)`` belongs to (the base's spot nearest its pre-image
     under ``phi``), or that pre-image itself where no spot owns it (the point then moves with the warp)."""
     px, py = phi[0] * u + phi[1] * v + phi[2], phi[3] * u + phi[4] * v + phi[5]
-    j, _ = _nearest_pixel(bases.owner, k, px, py)
+    j, _ = _nearest_pixel(bases.owner, k, px, py, bases.margin)
     c = bases.centres[k, jnp.maximum(j, 0)]
     return jnp.where(j >= 0, c[..., 0], px), jnp.where(j >= 0, c[..., 1], py)
 
@@ -505,7 +529,7 @@ def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=N
     big_u = (phi[4] * dx - phi[1] * dy) / det
     big_v = (phi[0] * dy - phi[3] * dx) / det
     if turn is None:
-        turn = affine.turn_matrix(phi.reshape(2, 3)[:, :2], bases.mask.shape[-2:])
+        turn = affine.turn_matrix(phi.reshape(2, 3)[:, :2], bases.pattern_shape)
     du, dv = u - big_u, v - big_v
     return cx + turn[0, 0] * du + turn[0, 1] * dv, cy + turn[1, 0] * du + turn[1, 1] * dv, (big_u, big_v, turn, det)
 
@@ -513,12 +537,12 @@ def _preimage(bases: BaseTable, phi: jax.Array, u: jax.Array, v: jax.Array, cx=N
 def _pulled_mask(bases: BaseTable, k: jax.Array, phi: jax.Array) -> jax.Array:
     """Data-frame pixels whose model reads a fitted base pixel (nearest pixel to `_preimage` in ``bases.mask[k]``):
     ``(H, W)`` bool."""
-    h, w = bases.mask.shape[-2:]
+    h, w = bases.pattern_shape
     u = jnp.broadcast_to(affine.pixel_centre(jnp.arange(w, dtype=jnp.float32), w), (h, w))
     v = jnp.broadcast_to(affine.pixel_centre(jnp.arange(h, dtype=jnp.float32), h)[:, None], (h, w))
     spot = (None, None) if bases.centres is None else _spot_of(bases, k, phi, u, v)
     px, py, _ = _preimage(bases, phi, u, v, *spot)
-    fitted, inside = _nearest_pixel(bases.mask, k, px, py)
+    fitted, inside = _nearest_pixel(bases.mask, k, px, py, bases.margin)
     return inside & fitted
 
 
@@ -547,8 +571,8 @@ def _compact(mask: jax.Array, n: int, on_host: bool) -> tuple[jax.Array, jax.Arr
 
 
 def _sample_table(table: jax.Array, k: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
-    """Bilinear read of the tabulated interpolant ``table[k]`` (``table`` ``(K, Hf, Wf, 3)``) at detector coordinates
-    ``(N,)`` -> ``(N, 3)``. The base index enters the flat index (no per-pattern copy of the table)."""
+    """Bilinear read of the tabulated interpolant ``table[k]`` (``table`` ``(K, Hf, Wf, 3)``) at base-frame pixel
+    coordinates ``(N,)`` -> ``(N, 3)``. The base index enters the flat index (no per-pattern copy of the table)."""
     _, hf, wf, _ = table.shape
     fr = (rows + 1.0) * FINE
     fc = (cols + 1.0) * FINE
@@ -571,7 +595,8 @@ def _model(bases: BaseTable, k: jax.Array, phi: jax.Array, u: jax.Array, v: jax.
     without rigid spots."""
     h, w = shape
     pu, pv, centre = _preimage(bases, phi, u, v, *spot)
-    s = _sample_table(bases.table, k, ((pv + 1) * h - 1) / 2, ((pu + 1) * w - 1) / 2)
+    m = bases.margin
+    s = _sample_table(bases.table, k, ((pv + 1) * h - 1) / 2 + m, ((pu + 1) * w - 1) / 2 + m)
     mu = bg + s[:, 0]
     gu, gv = s[:, 2] * (w / 2), s[:, 1] * (h / 2)  # per normalised unit
     if centre is None:  # d(phi q)/d(phi)
@@ -625,6 +650,9 @@ def fit_patterns(
     on_host = jax.default_backend() == "cpu" if host_compaction is None else bool(host_compaction)
     images = jnp.asarray(images, jnp.float32)
     b, h, w = images.shape
+    if (h, w) != bases.pattern_shape:
+        raise ValueError(f"patterns of {h}x{w} px against bases made for {bases.pattern_shape[0]}x"
+                         f"{bases.pattern_shape[1]} px patterns (margin {bases.margin})")
     n = bases.n_points
     scale = bases.scale_spots
     phi0 = affine.invert(jnp.asarray(theta0, jnp.float32)).reshape(b, 6)

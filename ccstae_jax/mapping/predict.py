@@ -75,6 +75,10 @@ class MapConfig:
         a pattern whose spots are brighter or dimmer than the base's would otherwise pull its warp to make up for it.
         Off by default: on simulated scans, whose spots vary little, it helps some maps and hurts others (the
         README's Limits). Not with rigid spots (`scale_spots_for`).
+      margin: pixels by which the re-estimated bases extend the patterns' frame on every side, or None: as many as
+        a pattern's corners need when its warp turns them (`corner_margin`). A pattern turned against its base puts
+        its corners, which hold the diffraction orders farthest out and so the longest lever arm on strain, where a
+        base of the pattern's own frame has nothing; 0 leaves them out of the fit.
     """
 
     steps: int = 5
@@ -93,6 +97,7 @@ class MapConfig:
     floor_subset: int = 256
     batch_size: int = 256
     scale_spots: bool = False
+    margin: int | None = None
 
     def __post_init__(self):
         for name in ("steps", "reselect", "subset", "base_rounds", "coarse_steps", "grow", "floor_subset",
@@ -107,6 +112,9 @@ class MapConfig:
             raise ValueError(f"floor = {self.floor!r}: expected None or a fraction in (0, 1]")
         if self.blur is not None and not (np.isfinite(self.blur) and self.blur >= 0):
             raise ValueError(f"blur = {self.blur!r}: expected None or a width >= 0 in pixels")
+        if self.margin is not None and (isinstance(self.margin, bool) or int(self.margin) != self.margin
+                                        or self.margin < 0):
+            raise ValueError(f"margin = {self.margin!r}: expected None or an integer >= 0 (pixels)")
         if not isinstance(self.scale_spots, (bool, np.bool_)):
             raise ValueError(f"scale_spots = {self.scale_spots!r}: expected True or False")
         if self.interpolation not in fit_lib.INTERPOLATIONS:
@@ -121,6 +129,25 @@ class MapConfig:
     def set_blur(self) -> float:
         """The smoothing of the fit's spots unless the map chooses it: `blur`, or 0."""
         return 0.0 if self.blur is None else float(self.blur)
+
+
+def corner_margin(shape: tuple[int, int], center: tuple[float, float], *, strain: float = 0.03) -> int:
+    """Pixels by which a base frame must extend a ``shape = (H, W)`` pattern's on every side to hold all of it turned
+    any way about ``center`` (row, col) and stretched by ``strain``, plus 2: the circle about the centre through the
+    pattern's farthest corner."""
+    h, w = shape
+    cr, cc = (float(c) + 0.5 for c in center)  # pixel centres: the frame spans [0, H] x [0, W]
+    reach = max(np.hypot(r, c) for r in (cr, h - cr) for c in (cc, w - cc)) * (1.0 + strain) + 2.0
+    return max(0, int(np.ceil(reach - min(cr, h - cr, cc, w - cc))))
+
+
+def margin_for(config: MapConfig, cfg) -> int:
+    """The margin of a map's bases (`MapConfig.margin`) for a run's model config ``cfg``: as set, or
+    `corner_margin` of its patterns. Without a base update (``base_update`` False, or no fit) 0: the learned bases
+    have nothing beyond the pattern frame."""
+    if not (config.base_update and config.steps > 0):
+        return 0
+    return corner_margin(cfg.pattern_shape, cfg.center_px) if config.margin is None else int(config.margin)
 
 
 def scale_spots_for(config: MapConfig, geometry) -> bool:
@@ -294,9 +321,10 @@ class _Collector:
 
 
 # ----------------------------------------------------------------------------------------------- the scan
-def learned_bases(task, params) -> jax.Array:
-    """The dictionary the run learned, ``(K, H, W)``, in the scaled units of the model's inputs."""
-    return task.model.apply({"params": params}, method=lambda m: m.dictionary())
+def learned_bases(task, params, margin: int = 0) -> jax.Array:
+    """The dictionary the run learned, ``(K, H, W)``, in the scaled units of the model's inputs (with zeros ``margin``
+    pixels around)."""
+    return bases_lib.padded(task.model.apply({"params": params}, method=lambda m: m.dictionary()), margin)
 
 
 def _tables(task, bases, support, config: MapConfig,
@@ -309,11 +337,13 @@ def _tables(task, bases, support, config: MapConfig,
     before), the pixel and spot lists are at least as long as theirs, so the fit compiled for them serves these
     too. ``noise_weight``: the fits' blend of shot noise (`fit.noise_weight`). Their floor is `MapConfig.set_floor`
     (`estimate_bases` lowers it on the tables it returns when it chooses the floor); the fine table's spots are
-    smoothed by ``blur`` pixels (None: `MapConfig.set_blur`)."""
+    smoothed by ``blur`` pixels (None: `MapConfig.set_blur`). ``bases`` may extend the pattern frame by a margin
+    (`margin_for`), the same on every side."""
     cfg = task.model_cfg
     geometry = cfg.geometry
+    margin = (bases.shape[-1] - cfg.pattern_shape[1]) // 2
     kw = dict(support=support, share=config.share, max_points=config.max_points, min_radius=geometry.fit_min_radius,
-              interpolation=config.interpolation, noise_weight=noise_weight,
+              interpolation=config.interpolation, noise_weight=noise_weight, margin=margin,
               floor=config.set_floor, scale_spots=scale_spots_for(config, geometry),
               rigid_radius=geometry.disk_radius if rigid_spots_for(config, geometry) else None)
     blur = config.set_blur if blur is None else blur
@@ -389,14 +419,17 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
     (`MapConfig.floor_subset` patterns) are then fitted against the final bases at `fit.DEFAULT_FLOOR` and at
     `fit.LOW_FLOOR`, which the final fit keeps only if their neighbours agree better by `fit.FLOOR_GAIN`; with
     `MapConfig.blur` None, then at the chosen floor against the spots smoothed by `fit.BASE_BLUR`, kept on the same
-    terms."""
+    terms. The fit compiles twice: for the learned bases, whose blur spreads their information over many pixels,
+    and for all the re-estimated ones, whose pixel lists are sized once, by the first of them."""
     rows = subset_rows(scan.scan_shape, config.subset)
     ry = scan.scan_shape[1]
     start = _no_start(len(rows) * ry)  # each subset pattern's warp from the last round
     local = {int(r): i * ry for i, r in enumerate(rows)}
-    current, support, tables = learned_bases(task, params), None, None
+    margin = margin_for(config, task.model_cfg)
+    current, tables = learned_bases(task, params, margin), None
+    support = np.asarray(bases_lib.padded(np.ones(current.shape[:1] + task.model_cfg.pattern_shape, bool), margin))
     weight = fit_lib.DEFAULT_NOISE_WEIGHT
-    accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation, mesh=mesh)
+    accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation, mesh=mesh, margin=margin)
     fit = _fit_fn(task, config, mesh)
     lattice_at = np.zeros(len(start), bool)
     class_at = np.full(len(start), -1, np.int64)
@@ -405,7 +438,7 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
         return np.array([local[int(i) // ry] + int(i) % ry if i >= 0 else 0 for i in index])
 
     for round_ in range(config.base_rounds):
-        tables = _tables(task, current, support, config, like=tables, noise_weight=weight)
+        tables = _tables(task, current, support, config, like=tables if round_ > 1 else None, noise_weight=weight)
         spots = None if tables[0].centres is None else (tables[0].centres, tables[0].owner)
         sums, levels, tops, pairs = None, [], [], []
         for images, index in _row_batches(scan, rows, _batch(config, mesh)):
@@ -424,10 +457,11 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
             start[slot[index >= 0]] = np.asarray(out["theta"])[index >= 0]
             if progress is not None and round_ == config.base_rounds - 1:
                 progress.update(int((index >= 0).sum()))
-        upd = bases_lib.reestimate(task, params, *sums)
+        upd = bases_lib.reestimate(task, params, *sums, margin=margin)
         current, support = upd.bases, np.asarray(upd.support)
         weight = fit_lib.noise_weight(np.concatenate(levels), np.concatenate(tops), np.concatenate(pairs))
-    tables = _tables(task, current, support, config, like=tables, noise_weight=weight)
+    tables = _tables(task, current, support, config, like=tables if config.base_rounds > 1 else None,
+                     noise_weight=weight)
     floor, ratio = config.set_floor, float("nan")
     blur, blur_ratio = config.set_blur, float("nan")
     if config.floor is None or config.blur is None:
@@ -543,9 +577,12 @@ def register_bases(bases: jax.Array, table: fit_lib.BaseTable, center: tuple[flo
                    steps: int = 20) -> np.ndarray:
     """``(K, 2, 3)`` warps pulling base 0 onto each base (identity for base 0): each base is fitted, like a
     pattern, against base 0 (`fit.fit_patterns`). Composed with a pattern's warp against its own base, they put
-    every lattice in base 0's frame, so a phase with another lattice constant reads as strain relative to it."""
+    every lattice in base 0's frame, so a phase with another lattice constant reads as strain relative to it.
+    ``bases`` are in ``table``'s base frame; each is fitted over the patterns' frame (its margin cut off)."""
     k = bases.shape[0]
-    res = fit_lib.fit_patterns(affine.identity_warp((k,)), jnp.asarray(bases, jnp.float32),
+    m = table.margin
+    h, w = table.pattern_shape
+    res = fit_lib.fit_patterns(affine.identity_warp((k,)), jnp.asarray(bases, jnp.float32)[:, m:m + h, m:m + w],
                                jnp.broadcast_to(jnp.asarray(center, jnp.float32), (k, 2)),
                                jnp.zeros(k, jnp.int32), table, steps=steps)
     theta = np.array(res.theta)  # a writable copy

@@ -218,10 +218,11 @@ def harmonic_rotation(images: jax.Array, weights: jax.Array, symmetry: int) -> j
     return jnp.arctan2(s, c) / symmetry
 
 
-def about_center(theta: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Re-centres warps so their linear part acts about the pattern centre: ``T(c) theta T(-c)``, ``(B, 2, 3)``."""
-    h, w = cfg.pattern_shape
-    cr, cc = cfg.center_px
+def about_center(theta: jax.Array, cfg: ModelConfig, margin: int = 0) -> jax.Array:
+    """Re-centres warps so their linear part acts about the pattern centre: ``T(c) theta T(-c)``, ``(B, 2, 3)``, in
+    the normalised coordinates of the pattern frame, or of a frame extending it by ``margin`` pixels on every side."""
+    h, w = (n + 2 * margin for n in cfg.pattern_shape)
+    cr, cc = (c + margin for c in cfg.center_px)
     cu, cv = affine.pixel_centre(cc, w), affine.pixel_centre(cr, h)
     shift = jnp.array([[1.0, 0.0, cu], [0.0, 1.0, cv]], theta.dtype)
     unshift = jnp.array([[1.0, 0.0, -cu], [0.0, 1.0, -cv]], theta.dtype)
@@ -258,11 +259,12 @@ def encoder_ring(cfg: ModelConfig) -> np.ndarray:
     return (r > inner) & (r <= outer)
 
 
-def symmetrize(bases: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Average of each base over the ``cfg.symmetry`` rotations about the pattern centre, ``(K, H, W)``."""
+def symmetrize(bases: jax.Array, cfg: ModelConfig, margin: int = 0) -> jax.Array:
+    """Average of each base over the ``cfg.symmetry`` rotations about the pattern centre, ``(K, H, W)`` (the pattern
+    frame, or one extending it by ``margin`` pixels on every side)."""
     n = cfg.symmetry
     angles = 2 * np.pi * np.arange(n) / n
-    theta = about_center(affine.warp_matrix(rotation=jnp.asarray(angles, jnp.float32)), cfg)  # (n, 2, 3)
+    theta = about_center(affine.warp_matrix(rotation=jnp.asarray(angles, jnp.float32)), cfg, margin)  # (n, 2, 3)
     k = bases.shape[0]
     stacked = jnp.repeat(bases[:, None], n, axis=1).reshape(k * n, *bases.shape[1:])
     turned = warp.affine_warp(stacked[..., None], jnp.tile(theta, (k, 1, 1)))[..., 0]
