@@ -185,6 +185,55 @@ def test_rigid_spots_on_a_base_without_spots_are_refused_with_what_to_do():
         fit.prepare_bases(jnp.asarray(blank), (size // 2, size // 2), min_radius=9.0, rigid_radius=2.0)
 
 
+def _lattice_to_the_corners(labels, size, margin=0, g=12.0, sigma=1.2):
+    """Patterns ``(N, size + 2 margin, ...)`` of a hexagonal lattice of equal spots out past the frame's corners,
+    centred on pixel ``size // 2 + margin``; ``labels`` ``(N, 4)`` strain_xx, strain_yy, shear_xy, rotation."""
+    n = size + 2 * margin
+    rows, cols = np.mgrid[:n, :n].astype(np.float64) - (size // 2 + margin)
+    i, j = np.mgrid[-12:13, -12:13].reshape(2, -1)
+    points = g * np.stack([i + 0.5 * j, np.sqrt(3) / 2 * j], -1)
+    points = points[(np.hypot(*points.T) > 0) & (np.hypot(*points.T) < size)]
+    out = np.zeros((len(labels), n, n), np.float32)
+    for k, (exx, eyy, exy, rot) in enumerate(labels):
+        a = np.array([[1 + exx, exy], [exy, 1 + eyy]]) @ np.array([[np.cos(rot), -np.sin(rot)],
+                                                                    [np.sin(rot), np.cos(rot)]])
+        for r, c in points @ np.linalg.inv(a):
+            out[k] += np.exp(-((rows - r) ** 2 + (cols - c) ** 2) / (2 * sigma**2)).astype(np.float32)
+    return out
+
+
+def test_a_base_with_a_margin_fits_the_corners_of_a_pattern_turned_against_it():
+    """A pattern turned half a radian against its base keeps its corners, and the orders there, in the fit when the
+    base frame extends past the pattern's: more pixels, more information about the strain, and the strain as
+    right as without."""
+    size, margin, turn = 64, 16, 0.5
+    rng = np.random.default_rng(3)
+    labels = np.concatenate([rng.uniform(-0.01, 0.01, (4, 3)), np.full((4, 1), turn)], 1)
+    data = jnp.asarray(_lattice_to_the_corners(labels, size))
+    start = affine.warp_from_lattice(affine.lattice_from_strain(*(jnp.zeros(4),) * 3, jnp.full(4, turn)),
+                                     (size, size))
+    args = (start, data, jnp.full((4, 2), size // 2, jnp.float32), jnp.zeros(4, jnp.int32))
+    fits = {}
+    for m in (0, margin):
+        base = _lattice_to_the_corners(np.zeros((1, 4)), size, m)
+        table = fit.prepare_bases(jnp.asarray(base), (size // 2, size // 2), min_radius=8.0, margin=m)
+        assert table.pattern_shape == (size, size)
+        fits[m] = fit.fit_patterns(*args, table, steps=8)
+        err = _strain(fits[m].theta, size) - labels[:, :3]
+        assert np.abs(err).max() < 5e-4, (m, err)
+    assert (np.asarray(fits[margin].dof) > 1.15 * np.asarray(fits[0].dof)).all()
+    sd = {m: np.sqrt(np.linalg.inv(np.asarray(r.fisher, np.float64))[:, [0, 4], [0, 4]]) for m, r in fits.items()}
+    assert (sd[margin] < 0.9 * sd[0]).all(), sd
+
+
+def test_patterns_of_another_size_than_the_bases_were_made_for_are_refused():
+    base = _lattice_to_the_corners(np.zeros((1, 4)), 32, 4)
+    table = fit.prepare_bases(jnp.asarray(base), (16, 16), margin=4)
+    with pytest.raises(ValueError, match="40x40 px against bases made for 32x32 px"):
+        fit.fit_patterns(affine.identity_warp((1,)), jnp.asarray(base), jnp.full((1, 2), 20.0),
+                         jnp.zeros(1, jnp.int32), table)
+
+
 def test_fit_never_ends_with_a_higher_weighted_misfit_than_its_start():
     data, _ = hex_patterns(4, size=64, g=18.0, seed=4)
     base, _ = hex_patterns(1, size=64, g=18.0, rotations=[1.0], max_strain=0.0)  # a poor match on purpose

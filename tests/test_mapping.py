@@ -1,6 +1,7 @@
 """Specifications of the map of a scan: lattice signals, base re-estimation, and calibrated per-position errors."""
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,8 @@ from ccstae_jax.data.simulate import SimulationConfig, pattern_function, simulat
 from ccstae_jax.model.geometry import measure_geometry
 from ccstae_jax.model.masks import static_ring_mask
 from ccstae_jax.mapping import bases, fit
-from ccstae_jax.mapping.predict import MapConfig, lattice_signals, rigid_spots_for, scale_spots_for, subset_rows
+from ccstae_jax.mapping.predict import (MapConfig, corner_margin, lattice_signals, margin_for, rigid_spots_for,
+                                        scale_spots_for, subset_rows)
 from ccstae_jax.mapping.reference import (lattice_covariance, referenced_strain, region_mask, strain_uncertainty,
                                           warp_covariance)
 from ccstae_jax.model.networks import symmetrize
@@ -70,6 +72,65 @@ def test_reestimated_base_averages_each_pixel_over_the_patterns_that_saw_it():
     want = 2.0 * task.model_cfg.intensity_scale
     np.testing.assert_allclose(np.asarray(got.bases)[0][np.asarray(got.support)[0]], want, rtol=1e-4)
     assert np.asarray(got.support)[0, :, :31].all() and not np.asarray(got.support)[0, :, 33:].any()
+
+
+def _turn_about_centre(angle, size):
+    """``(1, 2, 3)`` pull warp turning a ``size`` x ``size`` frame by ``angle`` about its centre pixel."""
+    c = (2 * (size // 2) + 1) / size - 1
+    lin = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    return np.concatenate([lin, (c - lin @ [c, c])[:, None]], 1)[None].astype(np.float32)
+
+
+def test_a_base_frame_with_a_margin_receives_the_corners_of_a_turned_pattern():
+    """Pulled onto a base frame that extends the pattern's by `corner_margin`, a pattern turned by its warp lands
+    whole (the base pixels it covers add up to the pattern's area) and the pattern frame receives what it receives
+    without the margin; without it the turned corners are lost."""
+    size = 64
+    x, _ = hex_patterns(1, size=size, g=18.0, seed=5)
+    task, _ = _fast_task(x, symmetrize_bases=False)
+    margin = corner_margin((size, size), (size // 2, size // 2))
+    args = (jnp.asarray(x), jnp.asarray(_turn_about_centre(0.5, size)), jnp.zeros(1, jnp.int32), jnp.ones(1), None)
+    sums0, cover0, _ = bases.make_accumulator(task)(*args)
+    sums, cover, _ = bases.make_accumulator(task, margin=margin)(*args)
+    chex.assert_shape(sums, (1, size + 2 * margin, size + 2 * margin))
+    inner = (slice(None), slice(margin, margin + size), slice(margin, margin + size))
+    np.testing.assert_allclose(np.asarray(sums)[inner], np.asarray(sums0), rtol=1e-5, atol=1e-6)
+    assert abs(float(cover.sum()) - size * size) < 0.01 * size * size, float(cover.sum())
+    assert float(cover0.sum()) < 0.85 * size * size, float(cover0.sum())
+
+
+@pytest.mark.parametrize("shape, center", [((64, 64), (32, 32)), ((200, 200), (100.0, 100.0)),
+                                           ((128, 96), (70.0, 40.0))])
+def test_corner_margin_holds_every_pixel_of_the_pattern_turned_any_way_and_strained(shape, center):
+    """The margin is enough (every pixel turned and stretched by 3 % stays in the base frame) and not much more."""
+    h, w = shape
+    rows, cols = np.mgrid[:h, :w]
+
+    def holds(margin):
+        for angle in np.linspace(0, 2 * np.pi, 73):
+            c, s = np.cos(angle), np.sin(angle)
+            dr, dc = (rows - center[0]) * 1.03, (cols - center[1]) * 1.03
+            r, q = center[0] + c * dr - s * dc, center[1] + s * dr + c * dc
+            if r.min() < -margin or r.max() > h - 1 + margin or q.min() < -margin or q.max() > w - 1 + margin:
+                return False
+        return True
+
+    margin = corner_margin(shape, center)
+    assert holds(margin) and not holds(margin - 4), margin
+
+
+def test_the_margin_of_a_map_is_the_corners_own_unless_set_and_none_without_a_base_update():
+    x, _ = hex_patterns(1, size=64, g=18.0, seed=5)
+    cfg = _fast_task(x)[0].model_cfg
+    assert margin_for(MapConfig(), cfg) == corner_margin((64, 64), cfg.center_px) > 0
+    assert margin_for(MapConfig(margin=5), cfg) == 5
+    assert margin_for(MapConfig(base_update=False), cfg) == 0 and margin_for(MapConfig(steps=0), cfg) == 0
+
+
+@pytest.mark.parametrize("margin", [-1, 2.5, True])
+def test_a_margin_that_is_not_a_count_of_pixels_is_refused(margin):
+    with pytest.raises(ValueError, match="margin"):
+        MapConfig(margin=margin)
 
 
 def test_a_rigid_pull_puts_strained_wide_disks_back_on_the_base_unstretched():

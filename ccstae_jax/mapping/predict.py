@@ -5,9 +5,11 @@ The map of a scan is made in two reads of the file:
 1. **Bases.** A subset of whole scan rows (at most `MapConfig.subset` patterns, spread over the scan) is encoded
    and each pattern's warp fitted against the learned base (`ccstae_jax.mapping.fit`); the patterns, pulled onto
    the base frame by their fitted warps, are averaged per base (`ccstae_jax.mapping.bases`). The average of the
-   aligned patterns is the maximum-likelihood base for that alignment, sharper than the network's. A few rows of
-   the subset then choose how the map fits: the floor of its weights and whether the bases' spots are smoothed
-   (`MapConfig.floor`, `MapConfig.blur`), each kept where neighbouring positions' warps agree better.
+   aligned patterns is the maximum-likelihood base for that alignment, sharper than the network's. Its frame
+   extends the patterns' by a margin (`MapConfig.margin`), so that every pattern, turned by its warp, lies on it
+   whole, corners included. A few rows of the subset then choose how the map fits: the floor of its weights and
+   whether the bases' spots are smoothed (`MapConfig.floor`, `MapConfig.blur`), each kept where neighbouring
+   positions' warps agree better.
 2. **Map.** Every pattern is encoded and its warp fitted against the re-estimated base, starting from the encoder's
    warp, over the pixels that carry position information; the fit's Fisher information and misfit come with it.
 
