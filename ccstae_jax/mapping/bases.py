@@ -111,9 +111,9 @@ def reestimate(task, params, sums, coverage, counts, *, min_support: float = MIN
                margin: int = 0) -> UpdatedBases:
     """The bases from `make_accumulator` sums: each pixel averaged over the patterns that covered it (``sums /
     coverage``, both symmetrised first when the model symmetrises its bases); a pixel is ``support`` when that
-    coverage is at least ``min_support`` times the class's pattern count. A class with no
-    pattern keeps its learned base (its pattern frame supported, not the margin). ``margin``: the sums' frame extends
-    the patterns' by that many pixels on every side."""
+    coverage is at least ``min_support`` times the class's pattern count. A class with no pattern keeps its learned
+    base (its pattern frame supported, not the margin). ``margin``: the sums' frame extends the patterns' by that
+    many pixels on every side."""
     cfg = task.model_cfg
     learned = task.model.apply({"params": params}, method=lambda m: m.dictionary())
     learned_support = padded(jnp.ones_like(learned, dtype=bool), margin)
