@@ -107,6 +107,13 @@ def padded(images: jax.Array, margin: int) -> jax.Array:
     return jnp.pad(jnp.asarray(images), pad)
 
 
+def learned(task, params, margin: int = 0) -> UpdatedBases:
+    """The dictionary the run learned, ``(K, H, W)`` in the scaled units of the model's inputs, with zeros ``margin``
+    pixels around; its support is the pattern frame (the network knows nothing of the margin)."""
+    bases = task.model.apply({"params": params}, method=lambda m: m.dictionary())
+    return UpdatedBases(padded(bases, margin), padded(jnp.ones_like(bases, dtype=bool), margin))
+
+
 def reestimate(task, params, sums, coverage, counts, *, min_support: float = MIN_SUPPORT,
                margin: int = 0) -> UpdatedBases:
     """The bases from `make_accumulator` sums: each pixel averaged over the patterns that covered it (``sums /
@@ -115,9 +122,7 @@ def reestimate(task, params, sums, coverage, counts, *, min_support: float = MIN
     base (its pattern frame supported, not the margin). ``margin``: the sums' frame extends the patterns' by that
     many pixels on every side."""
     cfg = task.model_cfg
-    learned = task.model.apply({"params": params}, method=lambda m: m.dictionary())
-    learned_support = padded(jnp.ones_like(learned, dtype=bool), margin)
-    learned = padded(learned, margin)
+    fallback = learned(task, params, margin)
     counts = jnp.asarray(counts, jnp.float32)
     sums, coverage = jnp.asarray(sums, jnp.float32), jnp.asarray(coverage, jnp.float32)
     if cfg.symmetrize_bases:
@@ -125,4 +130,4 @@ def reestimate(task, params, sums, coverage, counts, *, min_support: float = MIN
     seen = coverage >= min_support * jnp.maximum(counts, 1.0)[:, None, None]
     mean = jnp.where(seen, sums / jnp.where(seen, coverage, 1.0), 0.0)
     used = (counts > 0)[:, None, None]
-    return UpdatedBases(jnp.where(used, mean, learned), jnp.where(used, seen, learned_support))
+    return UpdatedBases(jnp.where(used, mean, fallback.bases), jnp.where(used, seen, fallback.support))

@@ -323,12 +323,6 @@ class _Collector:
 
 
 # ----------------------------------------------------------------------------------------------- the scan
-def learned_bases(task, params, margin: int = 0) -> jax.Array:
-    """The dictionary the run learned, ``(K, H, W)``, in the scaled units of the model's inputs (with zeros ``margin``
-    pixels around)."""
-    return bases_lib.padded(task.model.apply({"params": params}, method=lambda m: m.dictionary()), margin)
-
-
 def _tables(task, bases, support, config: MapConfig,
             like: tuple[fit_lib.BaseTable, fit_lib.BaseTable | None] | None = None,
             noise_weight: float = fit_lib.DEFAULT_NOISE_WEIGHT, blur: float | None = None, coarse: bool = True,
@@ -428,8 +422,8 @@ def estimate_bases(task, params, scan, config: MapConfig, *, mesh=None, progress
     start = _no_start(len(rows) * ry)  # each subset pattern's warp from the last round
     local = {int(r): i * ry for i, r in enumerate(rows)}
     margin = margin_for(config, task.model_cfg)
-    current, tables = learned_bases(task, params, margin), None
-    support = np.asarray(bases_lib.padded(np.ones(current.shape[:1] + task.model_cfg.pattern_shape, bool), margin))
+    first = bases_lib.learned(task, params, margin)
+    current, support, tables = first.bases, np.asarray(first.support), None
     weight = fit_lib.DEFAULT_NOISE_WEIGHT
     accumulate = bases_lib.make_accumulator(task, interpolation=config.interpolation, mesh=mesh, margin=margin)
     fit = _fit_fn(task, config, mesh)
@@ -545,7 +539,7 @@ def map_scan(task, params, scan, config: MapConfig = MapConfig(), *, mesh="auto"
             blur, blur_ratio = est.blur, est.blur_ratio
             base_images = est.bases.bases
         else:
-            base_images = learned_bases(task, params)
+            base_images = bases_lib.learned(task, params).bases
             tables = _tables(task, base_images, None, config, noise_weight=weight)
         fn = functools.partial(_fit_fn(task, config, mesh), params, *tables)
         if cfg.num_bases > 1:
