@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from ccstae_jax.data.simulate import SimulationConfig, simulate_scan
-from ccstae_jax.model.geometry import Geometry, GeometryError, measure_geometry, zero_beam
+from ccstae_jax.model.geometry import (Geometry, GeometryError, _ring_extent, coherent_profile, measure_geometry,
+                                      spot_profile, zero_beam)
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,13 +37,35 @@ def test_geometry_reports_the_descan_drift_and_its_gradient():
     np.testing.assert_allclose(geo.descan, [[5.0, 0.0], [0.0, 5.0]], atol=0.3)
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.25])
 @pytest.mark.parametrize("radius", [1.5, 3.7, 8.0, 16.0])
-def test_disk_radius_and_spot_spacing_are_measured_for_spots_to_wide_disks(radius):
-    cfg, x, _ = _scan(disk_radius=radius)
+def test_disk_radius_and_spot_spacing_are_measured_for_spots_to_wide_disks(radius, noise):
+    """Noise-free patterns too: there the central disk's edge falls into nothing and every annulus is
+    'significant', so neither may move the radius or the first ring."""
+    cfg, x, _ = _scan(noise=noise, disk_radius=radius)
     geo = measure_geometry(x)
-    assert geo.disk_radius == pytest.approx(radius, abs=max(0.5, 0.15 * radius))
-    assert geo.spot_spacing == pytest.approx(_first_order(cfg), abs=max(2.0, 0.5 * radius))
+    assert geo.disk_radius == pytest.approx(radius, abs=max(0.5, 0.05 * radius))
+    assert geo.spot_spacing == pytest.approx(_first_order(cfg), abs=max(1.0, 0.1 * radius))
     assert geo.symmetry == 6
+    inner, outer = geo.ring
+    assert inner <= _first_order(cfg) - radius + 0.5 and outer >= np.sqrt(3.0) * _first_order(cfg)
+
+
+def test_wide_disks_whose_first_ring_is_too_faint_per_pattern_are_found_by_the_coherent_harmonic():
+    """16-px disks at 25 % noise: the per-pattern harmonic powers show the second ring (at sqrt 3 times the spacing)
+    and hardly the first; the spacing must still be the first ring's."""
+    cfg, x, _ = _scan(disk_radius=16.0)
+    geo = measure_geometry(x)
+    assert geo.spot_spacing == pytest.approx(_first_order(cfg), abs=1.6)
+    center = geo.center
+    profiles, z = spot_profile(x, center)
+    _, _, spacing_from_powers = _ring_extent(profiles, z, center, geo.disk_radius + 0.5, 98.0, geo.disk_radius)
+    assert spacing_from_powers > 1.3 * _first_order(cfg)  # the premise: the powers alone miss the first ring
+    amplitude, zc = coherent_profile(x, center, 6, geo.ring, 98.0)
+    radii = np.arange(amplitude.size) + 0.5
+    first_ring = (radii > _first_order(cfg) - 12) & (radii < _first_order(cfg) + 8)
+    empty = (radii > geo.disk_radius + 3) & (radii < _first_order(cfg) - 18)
+    assert np.median(zc[first_ring]) > 2.0 * np.median(zc[empty])
 
 
 @pytest.mark.parametrize("size", [128, 256])

@@ -15,12 +15,15 @@ Measurements (pixels, pattern frame: rows = Qx, columns = Qy):
   steeply. Every diffracted disk has the probe's radius.
 * **spot spacing** from `spot_profile`, the radial profile of the patterns' even angular harmonics above their odd
   ones (patterns shifted by whole pixels onto a common zero beam first): its bumps are the rings of spots, free of any
-  radially symmetric background and of the noise. The first bump starts at the inner edge of the first-order disks;
-  ``spot_spacing`` is its peak, at least a disk radius beyond that edge (`_ring_extent`). Orders 2, 6 and 10 are
-  looked at first; orders 4, 8 and 12 where they show a disk radius nearer the zero beam (a square lattice). The
-  peak is biased for wide disks: the harmonics of a ring of disks that fill most of it peak toward the disks' edges
-  (simulated hexagonal scans, 38.1-px spacing: 31-37 px for 8-px disks, 36-58 px for 16-px disks, depending on the
-  noise).
+  radially symmetric background and of the noise. The first bump starts at the inner edge of the first-order disks
+  (`_ring_extent`); ``spot_spacing`` is the bump's peak, or that edge plus a disk radius where the peak is not
+  there (wide disks, whose angular structure peaks toward their edges; `_first_order_distance`). Orders 2, 6 and 10
+  are looked at first; orders 4, 8 and 12 where they show a disk radius nearer the zero beam (a square lattice).
+  Wide disks at a low dose can hide their first ring from these per-pattern powers while the second shows; the
+  lattice's own harmonic added coherently over the patterns (`coherent_profile`) then finds it (`_nearer_ring`).
+  On simulated hexagonal, square and rectangular scans with disks of 1.5 to 16 px, noise-free to 70 % noise, and on
+  abTEM multislice scans with 3.7- and 16-px disks, the spacing comes within 2 px of the truth; disks that overlap
+  (diameter above the spacing) are not measured right.
 * **symmetry** from the angular harmonics of each pattern in the annulus of the first-order spots: a hexagonal
   lattice has only multiples of 6, a square one of 4, a rectangular one of 2 (Friedel symmetry removes the odd
   ones, which therefore measure the noise).
@@ -209,37 +212,42 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
     diameter are together more than 4 standard errors above the noise (the significance of each annulus summed over
     the window and divided by its square root: wide, faint disks are found from their many annuli) and their mean
     profile is above 2 % of its largest value (in noise-free data every annulus is "significant"). Orders 2, 6 and 10
-    are looked at from just outside the central disk, orders 4, 8 and 12 from 3 pixels farther out, past the grid
-    aliasing of the zero beam; the latter are used when the former show nothing or show only a disk radius (and 2
-    px) farther out (a square lattice). The first radius is the inner edge of the first-order disks; the first-order
-    distance is the peak of the showing order's profile within a disk diameter beyond it, at least a disk radius
-    beyond it (the middle of a wide disk carries little angular structure).
+    are looked at from 2 pixels outside the central disk, past the aliasing of its edge, orders 4, 8 and 12 from 3
+    pixels, past the grid aliasing of the zero beam; the latter are used when the former show nothing or show only a disk radius (and 2
+    px) farther out (a square lattice). Of the orders that show within a disk radius of the first, the strongest
+    is read: the first radius is the inner edge of its first ring (`_inner_edge`: a window becomes significant before
+    the ring starts), the inner edge of the first-order disks; the first-order distance follows from it and the
+    profile (`_first_order_distance`).
     ``profiles``, ``z``: `spot_profile` in 1-pixel annuli."""
     n = int(r_max)
     radii = np.arange(n) + 0.5
     width = max(1, int(round(disk_radius)))
     kernel = np.ones(width)
     found = []
-    for rows, start in (((0, 2, 4), core + 1.0), ((1, 3, 5), core + 3.0)):
+    for rows, start in (((0, 2, 4), core + 2.0), ((1, 3, 5), core + 3.0)):
         inside = radii >= start
         shows = np.zeros(n, bool)
-        best, best_z = rows[0], -np.inf
+        starts, strengths = {}, {}
         for i in rows:
-            zi = np.where(inside, z[i, :n], 0.0)
+            zi = np.where(inside, np.clip(z[i, :n], -1e3, 1e3), 0.0)
             vi = np.where(inside & np.isfinite(profiles[i, :n]), profiles[i, :n], 0.0)
             zw = np.convolve(zi, kernel[::-1], mode="full")[width - 1: width - 1 + n] / np.sqrt(width)
             vw = np.convolve(vi, kernel[::-1], mode="full")[width - 1: width - 1 + n] / width
             here = inside & (zw > 4.0) & (vw > 0.02 * max(vw.max(), 0.0))
-            if here.any() and (not shows.any() or np.argmax(here) <= np.argmax(shows)) and zw[here].max() > best_z:
-                best, best_z = i, zw[here].max()
+            if here.any():
+                starts[i] = int(np.argmax(here))
+                strengths[i] = float(vw[here][: 2 * width + 4].max())
             shows |= here
         if shows.any():
             idx = np.nonzero(shows)[0]
-            first = float(radii[idx[0]] - 0.5)
-            window = slice(idx[0], min(n, idx[0] + width + 4))
+            # the strongest of the orders that show within a disk radius of the first to show
+            best = max((i for i in starts if starts[i] <= idx[0] + width), key=strengths.get)
             value = np.where(np.isfinite(profiles[best, :n]), profiles[best, :n], 0.0)
-            peak = float(radii[window][np.argmax(value[window])])
-            found.append((first, float(min(r_max, radii[idx[-1]] + width)), max(peak, first + disk_radius)))
+            window = slice(idx[0], min(n, idx[0] + 2 * width + 4))
+            edge = idx[0] + _inner_edge(value[window], z[best, :n][window])
+            first = float(radii[edge] - 0.5)
+            found.append((first, float(min(r_max, radii[idx[-1]] + width)),
+                          _first_order_distance(value, edge, disk_radius)))
     if found:
         # Orders 4, 8, 12 showing a disk radius (and 2 px) nearer the zero beam than orders 2, 6, 10: a square lattice,
         # whose second-order spots leak a little into orders 2, 6, 10 under strain.
@@ -251,6 +259,84 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
         f"central disk and glow out to ~{core:.1f} px): no radius within {r_max:.0f} px shows a significant "
         "lattice-like angular structure; check --crop/--key/--transpose, or force a lattice with --ring INNER OUTER "
         "and --symmetry N")
+
+
+def _first_order_distance(value: np.ndarray, edge: int, disk_radius: float) -> float:
+    """Distance of the first-order spots from the zero beam, from a radial profile ``value`` (1-pixel annuli) of the
+    first ring of spots whose inner edge is annulus ``edge``: the profile's peak within a disk diameter beyond the
+    edge, where it lies within a quarter of a disk radius (at least 2 px) of the edge plus a disk radius; else the
+    edge plus a disk radius (the angular structure of wide disks peaks toward their edges, not at their centres, and
+    their flat profiles peak where the noise has it)."""
+    width = max(1, int(round(disk_radius)))
+    window = slice(edge, min(value.size, edge + 2 * width + 2))
+    k = edge + int(np.argmax(value[window]))
+    peak = k + 0.5 + _parabolic_offset(value, k)
+    first = float(edge)
+    return peak if abs(peak - first - disk_radius) <= max(2.0, 0.25 * disk_radius) else first + disk_radius
+
+
+def _parabolic_offset(value: np.ndarray, k: int) -> float:
+    """Sub-annulus offset (within +-0.5) of the maximum of ``value`` near its local maximum ``k``: the vertex of the
+    parabola through ``k - 1``, ``k``, ``k + 1``."""
+    if k <= 0 or k >= value.size - 1:
+        return 0.0
+    a, b, c = value[k - 1], value[k], value[k + 1]
+    curvature = a - 2.0 * b + c
+    if not curvature < 0:
+        return 0.0
+    return float(np.clip(0.5 * (a - c) / curvature, -0.5, 0.5))
+
+
+def _inner_edge(value: np.ndarray, z: np.ndarray) -> int:
+    """Index of the first annulus of a window over the first ring of spots whose (3-annulus smoothed) profile
+    ``value`` reaches 5 % of its largest value in the window with a smoothed significance ``z`` of at least 3:
+    where the ring starts. A window's sum becomes significant up to a window's width before the ring itself starts
+    (in noise-free data as soon as it reaches the ring), so the window's start alone is early."""
+    kernel = np.ones(3) / 3.0
+    smooth = np.convolve(value, kernel, mode="same")
+    zs = np.convolve(z, kernel, mode="same") * np.sqrt(3.0)
+    top = smooth.max()
+    if not top > 0:
+        return 0
+    ok = np.nonzero((smooth >= 0.05 * top) & (zs >= 3.0))[0]
+    return int(ok[0]) if ok.size else 0
+
+
+def _nearer_ring(amplitude: np.ndarray, z: np.ndarray, start: float, first: float, spacing: float,
+                 disk_radius: float, order: int) -> tuple[float, float] | None:
+    """A ring of the lattice nearer the zero beam than the first one `_ring_extent` found, in the coherent profile of
+    the lattice's order (`coherent_profile`), or None.
+
+    Wide disks at a low dose can hide their first-order ring from the per-pattern powers (the harmonic of a ring of
+    disks that fill much of it is weak) while the second-order one shows. A ring counts when, from some radius
+    between ``start`` and ``first``, the annuli over a disk radius are together more than 5 standard errors above the
+    noise (``z ** 2 - 1`` summed and divided by the root of their number) and their mean amplitude reaches 5 % of the
+    largest; for a square lattice, when its inner edge lies at least two annuli beyond where it first shows (4-fold
+    structure that starts right at the central disk is the disk's aliasing on the square pixel grid); and when the
+    distance it gives (`_first_order_distance`) is below ``spacing`` by at least a quarter of a disk radius (and 2 px)
+    and above ``spacing / 3.2`` (the farthest ring of the few innermost of a hexagonal lattice, at 2.65 times the
+    first-order distance, with a margin). Hexagonal and square lattices only: a rectangular one has rings at any
+    ratio. Returns ``(first, spacing)`` of that ring."""
+    if order not in (4, 6):
+        return None
+    n = amplitude.size
+    radii = np.arange(n) + 0.5
+    width = max(1, int(round(disk_radius)))
+    kernel = np.ones(width)
+    inside = (radii >= start) & (radii < first)
+    excess = np.where(radii >= start, np.clip(z, 0.0, 1e3) ** 2 - 1.0, 0.0)
+    stat = np.convolve(excess, kernel[::-1], mode="full")[width - 1: width - 1 + n] / np.sqrt(width)
+    mean = np.convolve(np.where(radii >= start, amplitude, 0.0), kernel[::-1], mode="full")[width - 1: width - 1 + n]
+    mean = mean / width
+    here = np.nonzero(inside & (stat > 5.0) & (mean >= 0.05 * mean[radii >= start].max(initial=0.0)))[0]
+    if not here.size:
+        return None
+    window = slice(here[0], min(n, here[0] + 2 * width + 4))
+    edge = here[0] + _inner_edge(amplitude[window], excess[window])
+    distance = _first_order_distance(amplitude, edge, disk_radius)
+    if (order == 4 and edge < here[0] + 2) or not spacing - max(2.0, 0.25 * disk_radius) >= distance >= spacing / 3.2:
+        return None
+    return float(edge), distance
 
 
 # --------------------------------------------------------------------------------------------- harmonics
@@ -356,6 +442,46 @@ def spot_profile(images: np.ndarray, center: tuple[float, float], *, step: float
     return profiles, z
 
 
+def _coherent_harmonic(images: np.ndarray, center: tuple[float, float], order: int, ring: tuple[float, float],
+                       r_max: float, iterations: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``order``-th angular harmonic of each 1-pixel annulus out to ``r_max``, averaged over the patterns relative
+    to each pattern's own orientation, the orientation read from the annuli inside ``ring`` (`matched_harmonic`).
+
+    Returns ``(annuli, m, noise, weights)``: the indices of the non-empty annuli, their mean harmonic relative to the
+    patterns' orientations (complex), their noise power (mean of the `NOISE_ORDERS`' powers per pattern) and the
+    matched weights of the annuli inside the ring (0 elsewhere)."""
+    images = np.asarray(images, np.float32)
+    n, h, w = images.shape
+    rr, cc = np.mgrid[:h, :w].astype(np.float64)
+    dr, dc = rr - center[0], cc - center[1]
+    radius = np.hypot(dr, dc).ravel()
+    inside = radius < np.floor(r_max) + 1.0
+    bins = np.floor(radius[inside]).astype(np.int64)
+    phi = np.arctan2(dr, dc).ravel()[inside]
+    x = images.reshape(n, -1)[:, inside]
+    order_px = np.argsort(bins, kind="stable")
+    bins, phi, x = bins[order_px], phi[order_px], x[:, order_px]
+    present, starts = np.unique(bins, return_index=True)
+
+    def harmonic(k):
+        return np.add.reduceat(x * np.exp(-1j * k * phi).astype(np.complex64), starts, axis=1)  # (N, n_present)
+
+    hp = harmonic(order)
+    noise = np.mean([np.mean(np.abs(harmonic(k)) ** 2, axis=0) for k in NOISE_ORDERS], axis=0)
+    r = present.astype(np.float64)
+    in_ring = (r + 1.0 > ring[0]) & (r <= ring[1])
+    weights = in_ring.astype(np.complex128)
+    m = np.zeros(len(present), np.complex128)
+    for _ in range(iterations):
+        total = hp[:, in_ring] @ weights[in_ring]
+        u = total / np.maximum(np.abs(total), 1e-300)
+        m = np.mean(hp * np.conj(u)[:, None], axis=0)
+        # noise-free data have no noise power: a floor of 1 % of the strongest signal power keeps the gain finite
+        floor = 0.01 * np.max(np.abs(m[in_ring]), initial=0.0) ** 2
+        weights = np.where(in_ring, np.conj(m) / (noise + floor + 1e-300), 0.0)
+    return present, m, noise, weights
+
+
 def matched_harmonic(images: np.ndarray, center: tuple[float, float], order: int, ring: tuple[float, float], *,
                      iterations: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Per 1-pixel annulus, the phase and the gain that add the ``order``-th angular harmonic of every ring of spots
@@ -372,52 +498,56 @@ def matched_harmonic(images: np.ndarray, center: tuple[float, float], order: int
       ``(phase, gain)``, each ``(n_annuli,)`` over annuli ``0 .. outer``; gain 0 outside the ring, normalised to a
       largest value of 1.
     """
-    images = np.asarray(images, np.float32)
-    n, h, w = images.shape
-    rr, cc = np.mgrid[:h, :w].astype(np.float64)
-    dr, dc = rr - center[0], cc - center[1]
-    radius = np.hypot(dr, dc).ravel()
     inner, outer = ring
     n_bins = int(np.floor(outer)) + 1
-    inside = (radius > inner) & (radius <= outer)
-    bins = np.floor(radius[inside]).astype(np.int64)
-    phi = np.arctan2(dr, dc).ravel()[inside]
-    x = images.reshape(n, -1)[:, inside]
-    order_px = np.argsort(bins, kind="stable")
-    bins, phi, x = bins[order_px], phi[order_px], x[:, order_px]
-    present, starts = np.unique(bins, return_index=True)
-
-    def harmonic(k):
-        return np.add.reduceat(x * np.exp(-1j * k * phi).astype(np.complex64), starts, axis=1)  # (N, n_present)
-
-    hp = harmonic(order)
-    noise = np.mean([np.mean(np.abs(harmonic(k)) ** 2, axis=0) for k in NOISE_ORDERS], axis=0)
-    weights = np.ones(len(present), np.complex128)
-    for _ in range(iterations):
-        total = hp @ weights
-        u = total / np.maximum(np.abs(total), 1e-300)
-        m = np.mean(hp * np.conj(u)[:, None], axis=0)
-        # noise-free data have no noise power: a floor of 1 % of the strongest signal power keeps the gain finite
-        weights = np.conj(m) / (noise + 0.01 * np.max(np.abs(m)) ** 2 + 1e-300)
+    present, _, _, weights = _coherent_harmonic(images, center, order, ring, outer, iterations)
     phase = np.zeros(n_bins)
     gain = np.zeros(n_bins)
-    phase[present] = -np.angle(weights)
+    phase[present] = np.where(weights != 0, -np.angle(weights), 0.0)
     gain[present] = np.abs(weights) / np.abs(weights).max()
     return phase, gain
+
+
+def coherent_profile(images: np.ndarray, center: tuple[float, float], order: int, ring: tuple[float, float],
+                     r_max: float, *, iterations: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Radial profile of the lattice's ``order``-th angular harmonic, added coherently over the patterns.
+
+    Each pattern's orientation is read from the rings of spots inside ``ring`` (`matched_harmonic`); relative to it,
+    the harmonic of every 1-pixel annulus out to ``r_max`` is averaged over the patterns. A ring of spots too faint to
+    show in any one pattern adds up over many (its amplitude grows as the number of patterns, the noise as its square
+    root), where the per-pattern powers of `spot_profile` only add up their excess over the noise.
+
+    Returns:
+      ``(amplitude, z)``, each ``(floor(r_max) + 1,)``: ``|m(r)|`` over the annulus's pixel count, and ``|m(r)|`` over
+      the standard error of a mean of pure noise (``sqrt(N(r) / n_patterns)``), about 1 where the annulus holds no
+      lattice. Empty annuli are 0.
+    """
+    n = len(images)
+    n_bins = int(np.floor(r_max)) + 1
+    present, m, noise, _ = _coherent_harmonic(images, center, order, ring, r_max, iterations)
+    h, w = np.asarray(images).shape[-2:]
+    counts = np.bincount(np.floor(pixel_radii((h, w), center)).astype(np.int64).ravel(), minlength=n_bins)[present]
+    amplitude = np.zeros(n_bins)
+    z = np.zeros(n_bins)
+    amplitude[present] = np.abs(m) / np.maximum(counts, 1)
+    with np.errstate(divide="ignore", over="ignore"):  # noise-free patterns: no noise power, z is infinite
+        z[present] = np.abs(m) / np.sqrt(noise / n)
+    return amplitude, z
 
 
 def central_disk_radius(mean_pattern: np.ndarray, center: tuple[float, float], *, step: float = 0.25) -> float:
     """Radius of the central disk of a (zero-beam-centred) mean pattern: where its radial profile starts to fall
     steeply, i.e. the first radius whose logarithmic slope ``d ln I / dr`` is below half the steepest one found
-    within half the pattern. A diffuse glow around the zero beam falls at most ~0.5 per pixel (a Lorentzian), a disk
-    edge much faster, so the glow does not hide the disk."""
+    within half the pattern (the profile floored at 1 % of its largest value). A diffuse glow around the zero beam
+    falls at most ~0.5 per pixel (a Lorentzian), a disk edge much faster, so the glow does not hide the disk."""
     p = radial_mean(mean_pattern, center, step=step)
     r = (np.arange(p.size) + 0.5) * step
     ok = np.isfinite(p) & (p > 0)
     r, p = r[ok], p[ok]
     if r.size < 4:
         return 1.0
-    slope = np.gradient(np.log(p), r)
+    # Floored at 1 % of the centre: the log of a noise-free disk's tail would fall ever faster into nothing.
+    slope = np.gradient(np.log(np.maximum(p, 0.01 * p.max())), r)
     sel = (r >= 0.75) & (r <= r.max() / 2)
     if not sel.any():
         return 1.0
@@ -486,9 +616,11 @@ def measure_geometry(
     core = max(core, disk_radius)
     profiles, z = spot_profile(aligned, center, step=1.0)
     margin = max(2.0, 0.5 * disk_radius)
+    measured = True
     try:
         first, last, spacing = _ring_extent(profiles, z, center, core, r_max, disk_radius)
     except GeometryError:
+        measured = False
         if ring is None or symmetry is None:
             raise
         # Forced by the user (no visible lattice): the given ring starts just inside the first-order disks.
@@ -505,12 +637,20 @@ def measure_geometry(
                 "specimen, or a wrong --crop/--transpose (pass --symmetry to force an order)")
     else:
         order, harm = int(symmetry), None
-    if ring is None:
+
+    def derived_ring():
         inner = max(disk_radius + 2.0, first - margin, core)
         outer = min(float(r_max), last + margin, np.sqrt(3.0) * spacing + disk_radius + margin)
-        if outer <= inner:
-            outer = float(r_max)
-        ring = (float(inner), float(outer))
+        return (float(inner), float(outer) if outer > inner else float(r_max))
+
+    if measured:
+        # the patterns' orientations from the rings found, then a look for a fainter ring nearer the zero beam
+        amplitude, zc = coherent_profile(aligned, center, order, derived_ring(), r_max)
+        nearer = _nearer_ring(amplitude, zc, core + (2.0 if order == 6 else 3.0), first, spacing, disk_radius, order)
+        if nearer is not None:
+            first, spacing = nearer
+    if ring is None:
+        ring = derived_ring()
     ring = tuple(round(float(v), 1) for v in ring)
     phase, gain = matched_harmonic(aligned, center, order, ring)
     return Geometry(pattern_shape=(h, w), center=center, disk_radius=round(disk_radius, 2),
