@@ -10,9 +10,9 @@ import pytest
 
 from ccstae_jax.ops import affine
 from ccstae_jax.evaluate.metrics import error_table, referenced_labels
-from ccstae_jax.mapping.reference import (lattice_covariance, map_warnings, mixing_uncertainty, reference_deformation,
-                                          scatter_scale,
-                                          referenced_strain, region_mask, strain_maps, strain_uncertainty)
+from ccstae_jax.mapping.reference import (INVALID_REASONS, lattice_covariance, map_warnings, mixing_uncertainty,
+                                          reference_deformation, scatter_scale, referenced_strain, region_mask,
+                                          strain_maps, strain_uncertainty)
 from ccstae_jax.report.files import read_strain_h5, write_strain_h5
 
 
@@ -491,3 +491,39 @@ def test_strain_maps_widen_every_error_bar_by_the_same_factor(monkeypatch):
     for q in ("strain_xx", "strain_yy", "shear_xy", "rotation"):
         np.testing.assert_allclose(wide[f"uncertainty_{q}"], 1.5 / base["error_scale"] * base[f"uncertainty_{q}"],
                                    rtol=1e-5)
+
+
+def _outlier_scan(fisher_factors=(), strain_jumps=()):
+    """A uniform 8x8 scan with small scatter; ``fisher_factors``: (position, factor) scaling its Fisher matrix,
+    ``strain_jumps``: (position, strain_xx added)."""
+    rng = np.random.default_rng(2)
+    n = 64
+    phi = np.eye(2, 3)[None] + np.concatenate([1e-3 * rng.standard_normal((n, 2, 2)), np.zeros((n, 2, 1))], -1)
+    fisher = np.broadcast_to(1e6 * np.eye(6), (n, 6, 6)).copy()
+    for i, f in fisher_factors:
+        fisher[i] *= f
+    for i, jump in strain_jumps:
+        phi[i, 0, 0] += jump
+    return {**_mixed_scan(0, 0.0), "theta": np.asarray(affine.invert(jnp.asarray(phi, jnp.float32))),
+            "fisher": fisher, "chi2": np.full(n, 100.0), "dof": np.full(n, 100.0)}
+
+
+def test_a_position_whose_fit_pins_nothing_down_is_invalid_not_a_strain_value():
+    """A fit whose 1-sigma strain is several per cent is marked invalid (reason 6) instead of having its value read
+    as strain; a position merely noisier than the rest (4.5x) stays."""
+    maps = strain_maps(_outlier_scan(fisher_factors=[(37, 1e-5), (12, 0.05)]), (8, 8), (64, 64))
+    reason = maps["invalid_reason"].reshape(-1)
+    assert reason[37] == 6 and not maps["valid"].reshape(-1)[37]
+    assert np.isnan(maps["strain_xx"].reshape(-1)[37]) and np.isnan(maps["uncertainty_strain_xx"].reshape(-1)[37])
+    assert reason[12] == 0 and (np.delete(reason, 37) == 0).all()
+    assert INVALID_REASONS[6].startswith("outlier")
+
+
+def test_a_confident_value_beyond_all_its_neighbours_by_whole_per_cent_is_invalid():
+    """A fit that matched the wrong spots (a grain boundary) can be confident and wrong: 5 % of strain where every
+    neighbour reads ~0. Its distance to the neighbours makes its error bar (`mixing_uncertainty`), and it is
+    invalid; a 0.3 % step, which a real strain feature can make, is kept."""
+    maps = strain_maps(_outlier_scan(strain_jumps=[(27, 0.05), (45, 0.003)]), (8, 8), (64, 64))
+    reason = maps["invalid_reason"].reshape(-1)
+    assert reason[27] == 6
+    assert reason[45] == 0 and (np.delete(reason, 27) == 0).all()

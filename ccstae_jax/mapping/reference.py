@@ -32,7 +32,14 @@ from ccstae_jax.ops import affine
 #: Reasons a position has no strain value (stored in /invalid_reason; 0 = valid).
 INVALID_REASONS = {0: "valid", 1: "blank pattern (no intensity in the ring)", 2: "no lattice signal in the ring",
                    3: "non-finite prediction", 4: "no specimen (vacuum: the central beam alone)",
-                   5: "two lattices under the probe (e.g. a grain boundary)"}
+                   5: "two lattices under the probe (e.g. a grain boundary)",
+                   6: "outlier (1-sigma strain above 0.5 % and 10 times the scan's median)"}
+#: A position whose 1-sigma strain (the mean of strain_xx's and strain_yy's) exceeds both this (dimensionless) and
+#: `OUTLIER_SIGMA` times the median over the valid positions is invalid (6): its fit pins nothing down, or its value
+#: lies beyond every neighbour's by that much (`mixing_uncertainty`; e.g. a fit at a grain boundary that matched
+#: the spots of one grain to those of the other), and would read as strain.
+IMPRECISE_POSITION = 5e-3
+OUTLIER_SIGMA = 10.0
 
 
 def region_mask(scan_shape: tuple[int, int], region: tuple[int, int, int, int] | None) -> np.ndarray:
@@ -521,7 +528,8 @@ def strain_maps(
 
     Returns a dict of arrays: the four `QUANTITIES` (NaN where invalid), ``reconstruction_error`` (the fit's
     reduced chi-square divided by its median over the valid positions: 1 = a typical fit, larger = the base explains
-    the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`), ``theta``, ``lattice``,
+    the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`; with a fit also 6 where a position's 1-sigma strain is an outlier,
+    `IMPRECISE_POSITION`), ``theta``, ``lattice``,
     ``class_index``, ``phase`` (each valid position's phase, -1 where invalid: its base when several bases are used,
     else the group `ccstae_jax.mapping.phases.split_phases` finds from the fit's ``spot_amplitude`` and the lattice
     dilation), ``phase_split`` (a `ccstae_jax.mapping.phases.PhaseSplit`: how many phases, how far apart),
@@ -574,6 +582,14 @@ def strain_maps(
             total = np.where(valid, scale * sigma[k].reshape(rx, ry), np.nan)
             mixing = mixing_uncertainty(out[k], total, period=period if k == "rotation" else None)
             out[f"uncertainty_{k}"] = np.hypot(total, mixing).astype(np.float32)
+        sigma = 0.5 * (out["uncertainty_strain_xx"] + out["uncertainty_strain_yy"])
+        with np.errstate(invalid="ignore"):
+            outlier = valid & (sigma > max(IMPRECISE_POSITION, OUTLIER_SIGMA * np.nanmedian(sigma[valid])))
+        reason = np.where(outlier, 6, reason).astype(np.uint8)
+        valid = reason == 0
+        for k in out:
+            if k in QUANTITIES or k.startswith("uncertainty_"):
+                out[k] = np.where(valid, out[k], np.nan).astype(np.float32)
     out["valid"] = valid
     out["invalid_reason"] = reason
     out["theta"] = theta.astype(np.float32)
