@@ -528,9 +528,9 @@ def strain_maps(
 
     Returns a dict of arrays: the four `QUANTITIES` (NaN where invalid), ``reconstruction_error`` (the fit's
     reduced chi-square divided by its median over the valid positions: 1 = a typical fit, larger = the base explains
-    the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`; with a fit also 6 where a position's 1-sigma strain is an outlier,
-    `IMPRECISE_POSITION`), ``theta``, ``lattice``,
-    ``class_index``, ``phase`` (each valid position's phase, -1 where invalid: its base when several bases are used,
+    the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`; with a fit also 6 where a
+    position's 1-sigma strain is an outlier, `IMPRECISE_POSITION`), ``theta``, ``lattice``, ``class_index``,
+    ``phase`` (each valid position's phase, -1 where invalid: its base when several bases are used,
     else the group `ccstae_jax.mapping.phases.split_phases` finds from the fit's ``spot_amplitude`` and the lattice
     dilation), ``phase_split`` (a `ccstae_jax.mapping.phases.PhaseSplit`: how many phases, how far apart),
     ``spot_amplitude`` ``(Rx, Ry, N_BANDS)`` (with a fit, NaN where invalid); with a fit (``fisher``, ``chi2``,

@@ -211,13 +211,14 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
     The lattice shows at radius ``r`` when, for one even angular order, the annuli from ``r`` over half a disk
     diameter are together more than 4 standard errors above the noise (the significance of each annulus summed over
     the window and divided by its square root: wide, faint disks are found from their many annuli) and their mean
-    profile is above 2 % of its largest value (in noise-free data every annulus is "significant"). Orders 2, 6 and 10
-    are looked at from 2 pixels outside the central disk, past the aliasing of its edge, orders 4, 8 and 12 from 3
-    pixels, past the grid aliasing of the zero beam; the latter are used when the former show nothing or show only a disk radius (and 2
-    px) farther out (a square lattice). Of the orders that show within a disk radius of the first, the strongest
-    is read: the first radius is the inner edge of its first ring (`_inner_edge`: a window becomes significant before
-    the ring starts), the inner edge of the first-order disks; the first-order distance follows from it and the
-    profile (`_first_order_distance`).
+    profile is above 2 % of its largest value (in noise-free data every annulus is "significant"). Orders 2, 6 and
+    10 are looked at from 2 pixels outside the central disk, past the aliasing of its edge, orders 4, 8 and 12 from 3
+    pixels, past the grid aliasing of the zero beam; the latter are used when the former show nothing, show only a
+    disk radius (and 2 px) farther out, or show as near but weaker (a square lattice). Of the orders that show within
+    a disk radius of the first, the lowest with a quarter of the strongest one's strength is read (a higher order of
+    a ring of disks peaks toward the disks' edges): the first radius is the inner edge of its first ring
+    (`_inner_edge`: a window becomes significant before the ring starts), the inner edge of the first-order disks;
+    the first-order distance follows from it and the profile (`_first_order_distance`).
     ``profiles``, ``z``: `spot_profile` in 1-pixel annuli."""
     n = int(r_max)
     radii = np.arange(n) + 0.5
@@ -240,20 +241,26 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
             shows |= here
         if shows.any():
             idx = np.nonzero(shows)[0]
-            # the strongest of the orders that show within a disk radius of the first to show
-            best = max((i for i in starts if starts[i] <= idx[0] + width), key=strengths.get)
+            # of the orders that show within a disk radius of the first to show, the lowest with a quarter of the
+            # strongest one's strength (a higher order of a ring of disks peaks toward the disks' edges)
+            near = [i for i in starts if starts[i] <= idx[0] + width]
+            top = max(strengths[i] for i in near)
+            best = min(i for i in near if strengths[i] >= 0.25 * top)
             value = np.where(np.isfinite(profiles[best, :n]), profiles[best, :n], 0.0)
             window = slice(idx[0], min(n, idx[0] + 2 * width + 4))
             edge = idx[0] + _inner_edge(value[window], z[best, :n][window])
             first = float(radii[edge] - 0.5)
             found.append((first, float(min(r_max, radii[idx[-1]] + width)),
-                          _first_order_distance(value, edge, disk_radius)))
+                          _first_order_distance(value, edge, disk_radius), top))
     if found:
-        # Orders 4, 8, 12 showing a disk radius (and 2 px) nearer the zero beam than orders 2, 6, 10: a square lattice,
-        # whose second-order spots leak a little into orders 2, 6, 10 under strain.
-        if len(found) == 2 and found[1][0] < found[0][0] - max(2.0, disk_radius):
-            return found[1]
-        return found[0]
+        # Orders 4, 8, 12 showing a disk radius (and 2 px) nearer the zero beam than orders 2, 6, 10, or as near and
+        # stronger: a square lattice, whose second-order spots leak a little into orders 2, 6, 10 under strain (and
+        # whose first-order disks' edges, under strain, too).
+        if len(found) == 2:
+            gap = max(2.0, disk_radius)
+            if found[1][0] < found[0][0] - gap or (found[1][0] <= found[0][0] + gap and found[1][3] > found[0][3]):
+                return found[1][:3]
+        return found[0][:3]
     raise GeometryError(
         f"no diffraction spots found outside the central disk (zero beam at ({center[0]:.1f}, {center[1]:.1f}) px, "
         f"central disk and glow out to ~{core:.1f} px): no radius within {r_max:.0f} px shows a significant "
