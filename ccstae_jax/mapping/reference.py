@@ -526,19 +526,18 @@ def strain_maps(
 ) -> dict:
     """Maps ``(Rx, Ry)`` of strain, shear, rotation, fit quality and validity from per-position predictions.
 
-    Returns a dict of arrays: the four `QUANTITIES` (NaN where invalid), ``reconstruction_error`` (the fit's
-    reduced chi-square divided by its median over the valid positions: 1 = a typical fit, larger = the base explains
-    the pattern worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`; with a fit also 6 where a
-    position's 1-sigma strain is an outlier, `IMPRECISE_POSITION`), ``theta``, ``lattice``, ``class_index``,
-    ``phase`` (each valid position's phase, -1 where invalid: its base when several bases are used,
-    else the group `ccstae_jax.mapping.phases.split_phases` finds from the fit's ``spot_amplitude`` and the lattice
-    dilation), ``phase_split`` (a `ccstae_jax.mapping.phases.PhaseSplit`: how many phases, how far apart),
-    ``spot_amplitude`` ``(Rx, Ry, N_BANDS)`` (with a fit, NaN where invalid); with a fit (``fisher``, ``chi2``,
-    ``dof`` in ``predictions``) ``uncertainty_<quantity>`` (1-sigma, rotation in radians, NaN where invalid: the
-    fit's own and the reference's, `strain_uncertainty`, times ``error_scale``, and at grain boundaries the mixing
-    of lattices under the probe, `mixing_uncertainty`, in quadrature); ``error_scale`` (a float, 1 without a fit:
-    `scatter_scale`, how much wider neighbouring positions scatter than the fit's errors say); and ``distortion``
-    (a `Distortion`).
+    Returns a dict of arrays: the four `QUANTITIES` (NaN where invalid), ``reconstruction_error`` (the fit's reduced
+    chi-square divided by its median over the valid positions: 1 = a typical fit, larger = the base explains the pattern
+    worse; NaN without a fit), ``valid``, ``invalid_reason`` (`validity`; with a fit also 6 where a position's 1-sigma
+    strain is an outlier, `IMPRECISE_POSITION`, decided after the reference), ``theta``, ``lattice``, ``class_index``,
+    ``phase`` (each valid position's phase, -1 where invalid: its base when several bases are used, else the group
+    `ccstae_jax.mapping.phases.split_phases` finds from the fit's ``spot_amplitude`` and the lattice dilation),
+    ``phase_split`` (a `ccstae_jax.mapping.phases.PhaseSplit`: how many phases, how far apart), ``spot_amplitude``
+    ``(Rx, Ry, N_BANDS)`` (with a fit, NaN where invalid); with a fit (``fisher``, ``chi2``, ``dof`` in ``predictions``)
+    ``uncertainty_<quantity>`` (1-sigma, rotation in radians, NaN where invalid: the fit's own and the reference's,
+    `strain_uncertainty`, times ``error_scale``, and at grain boundaries the mixing of lattices under the probe,
+    `mixing_uncertainty`, in quadrature); ``error_scale`` (a float, 1 without a fit: `scatter_scale`, how much wider
+    neighbouring positions scatter than the fit's errors say); and ``distortion`` (a `Distortion`).
     """
     rx, ry = scan_shape
     theta = predictions["theta"].reshape(rx, ry, 2, 3)
@@ -582,9 +581,11 @@ def strain_maps(
             total = np.where(valid, scale * sigma[k].reshape(rx, ry), np.nan)
             mixing = mixing_uncertainty(out[k], total, period=period if k == "rotation" else None)
             out[f"uncertainty_{k}"] = np.hypot(total, mixing).astype(np.float32)
-        sigma = 0.5 * (out["uncertainty_strain_xx"] + out["uncertainty_strain_yy"])
+        # outliers: invalid from here on (the reference and the error scale, computed above, still include them)
+        strain_sigma = 0.5 * (out["uncertainty_strain_xx"] + out["uncertainty_strain_yy"])
         with np.errstate(invalid="ignore"):
-            outlier = valid & (sigma > max(IMPRECISE_POSITION, OUTLIER_SIGMA * np.nanmedian(sigma[valid])))
+            limit = max(IMPRECISE_POSITION, OUTLIER_SIGMA * np.nanmedian(strain_sigma[valid]))
+            outlier = valid & (strain_sigma > limit)
         reason = np.where(outlier, 6, reason).astype(np.uint8)
         valid = reason == 0
         for k in out:
