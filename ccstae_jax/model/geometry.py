@@ -223,7 +223,6 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
     n = int(r_max)
     radii = np.arange(n) + 0.5
     width = max(1, int(round(disk_radius)))
-    kernel = np.ones(width)
     found = []
     for rows, start in (((0, 2, 4), core + 2.0), ((1, 3, 5), core + 3.0)):
         inside = radii >= start
@@ -232,8 +231,8 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
         for i in rows:
             zi = np.where(inside, np.clip(z[i, :n], -1e3, 1e3), 0.0)
             vi = np.where(inside & np.isfinite(profiles[i, :n]), profiles[i, :n], 0.0)
-            zw = np.convolve(zi, kernel[::-1], mode="full")[width - 1: width - 1 + n] / np.sqrt(width)
-            vw = np.convolve(vi, kernel[::-1], mode="full")[width - 1: width - 1 + n] / width
+            zw = _forward_sum(zi, width) / np.sqrt(width)
+            vw = _forward_sum(vi, width) / width
             here = inside & (zw > 4.0) & (vw > 0.02 * max(vw.max(), 0.0))
             if here.any():
                 starts[i] = int(np.argmax(here))
@@ -266,6 +265,11 @@ def _ring_extent(profiles: np.ndarray, z: np.ndarray, center: tuple[float, float
         f"central disk and glow out to ~{core:.1f} px): no radius within {r_max:.0f} px shows a significant "
         "lattice-like angular structure; check --crop/--key/--transpose, or force a lattice with --ring INNER OUTER "
         "and --symmetry N")
+
+
+def _forward_sum(x: np.ndarray, width: int) -> np.ndarray:
+    """``out[i] = x[i] + ... + x[i + width - 1]`` (the annuli from ``i`` outward; short at the end), same length."""
+    return np.convolve(x, np.ones(width), mode="full")[width - 1: width - 1 + x.size]
 
 
 def _first_order_distance(value: np.ndarray, edge: int, disk_radius: float) -> float:
@@ -329,12 +333,10 @@ def _nearer_ring(amplitude: np.ndarray, z: np.ndarray, start: float, first: floa
     n = amplitude.size
     radii = np.arange(n) + 0.5
     width = max(1, int(round(disk_radius)))
-    kernel = np.ones(width)
     inside = (radii >= start) & (radii < first)
     excess = np.where(radii >= start, np.clip(z, 0.0, 1e3) ** 2 - 1.0, 0.0)
-    stat = np.convolve(excess, kernel[::-1], mode="full")[width - 1: width - 1 + n] / np.sqrt(width)
-    mean = np.convolve(np.where(radii >= start, amplitude, 0.0), kernel[::-1], mode="full")[width - 1: width - 1 + n]
-    mean = mean / width
+    stat = _forward_sum(excess, width) / np.sqrt(width)
+    mean = _forward_sum(np.where(radii >= start, amplitude, 0.0), width) / width
     here = np.nonzero(inside & (stat > 5.0) & (mean >= 0.05 * mean[radii >= start].max(initial=0.0)))[0]
     if not here.size:
         return None
