@@ -97,6 +97,28 @@ def test_rigid_spots_anchor_the_first_order_of_disks_that_nearly_touch():
     assert (np.abs(radii - spacing) < 1.0).sum() == 6, np.sort(radii[radii < 300])
 
 
+def test_wide_disk_centres_are_their_rims_centres_beside_a_zero_beam_edge_that_outshines_them():
+    """A learned base's zero beam is not exactly round: the residuals at its edge are a hundred times brighter than
+    the diffracted disks and fall off over several pixels toward the first order. The first-order centres must still
+    be the disks' own (16-px disks 38 px apart, their inner edges 6 px from the zero beam's)."""
+    base, centre, spacing = _wide_disks([[0.0, 0.0, 0.0, 0.3]])
+    h, w = base.shape[-2:]
+    rows, cols = np.mgrid[:h, :w]
+    radius = np.hypot(rows - centre[0], cols - centre[1])
+    plateau = np.asarray(base[0])[np.abs(radius - spacing) < 1].max()
+    lopsided = 1 + 0.5 * np.cos(np.arctan2(rows - centre[0], cols - centre[1]))
+    tails = 200 * np.exp(-np.abs(radius - 16.0) / 0.6) + 6 * np.exp(-np.abs(radius - 18.0) / 1.2)
+    spots = np.asarray(base[0]) + plateau * tails * lopsided  # as bright as the disks 4 px beyond the edge
+    found = fit.spot_centres(spots[None], centre, 16.0, min_radius=17.5)[0]
+    offset = found - np.asarray(centre)
+    radii, angles = np.hypot(*offset.T), np.arctan2(offset[:, 0], offset[:, 1])
+    first = np.abs(radii - spacing) < 3
+    assert first.sum() == 6, np.sort(radii)
+    np.testing.assert_allclose(radii[first], spacing, atol=0.2)  # no disk pulled toward the zero beam
+    turns = np.sort(np.mod(angles[first], np.pi / 3))
+    assert turns.max() - turns.min() < 0.2 / spacing  # six centres on one hexagon, each within 0.2 px
+
+
 def test_rigid_spots_recover_the_strain_of_wide_disks_turned_half_a_radian_from_their_base():
     """A grain turned against the base: each disk moves with its centre and its surroundings turn with the lattice
     (16-px flat disks, noise-free, fit started at the turn with no strain)."""
@@ -371,6 +393,23 @@ def test_symmetrized_base_is_invariant_under_lattice_rotations():
     np.testing.assert_allclose(np.asarray(turned[0, ..., 0])[inner], np.asarray(sym[0])[inner], atol=0.05 * peak)
     before = warp.affine_warp(base[..., None], turn)
     assert np.abs(np.asarray(before[0, ..., 0] - base[0])[inner]).max() > 0.2 * peak  # the input was not symmetric
+
+
+def test_cubic_symmetrisation_keeps_a_sharp_disk_edge_sharper_than_bilinear():
+    """Six 5-px disks on a hexagon: each rotation of a bilinear symmetrisation smooths their edges by its sub-pixel
+    offsets; Keys' cubic keeps them as sharp as they were."""
+    cfg = ModelConfig(geometry=hex_geometry(64, 18.0))
+    rows, cols = np.mgrid[:64, :64] - 32.0
+    angles = 0.1 + np.arange(6) * np.pi / 3
+    disks = sum(jax.nn.sigmoid(-4.0 * (np.hypot(rows - 18 * np.sin(a), cols - 18 * np.cos(a)) - 5.0)) for a in angles)
+    near = np.hypot(rows - 18 * np.sin(angles[0]), cols - 18 * np.cos(angles[0])) < 9
+
+    def edge_pixels(image):  # pixels on the first disk's edge, between 10 % and 90 % of its plateau
+        return int(np.sum((image[near] > 0.1) & (image[near] < 0.9)))
+
+    widths = {mode: edge_pixels(np.asarray(symmetrize(jnp.asarray(disks)[None], cfg, mode=mode))[0])
+              for mode in ("bilinear", "cubic")}
+    assert widths["cubic"] <= 1.1 * edge_pixels(np.asarray(disks)) < widths["bilinear"], widths
 
 
 def test_spot_amplitudes_measure_how_bright_each_radial_band_of_spots_is_against_the_base():

@@ -52,8 +52,8 @@ def test_reestimated_base_is_the_symmetrised_mean_of_the_aligned_patterns_withou
     np.testing.assert_array_equal(np.asarray(counts), [2.0])  # the third pattern is padding
     got = bases.reestimate(task, params, sums, coverage, counts)
     scale = task.model_cfg.intensity_scale
-    want = np.asarray(symmetrize(jnp.asarray(x[:2].mean(0) * scale)[None], task.model_cfg))
-    seen = np.asarray(symmetrize(jnp.ones((1, 64, 64)), task.model_cfg)) >= bases.MIN_SUPPORT
+    want = np.asarray(symmetrize(jnp.asarray(x[:2].mean(0) * scale)[None], task.model_cfg, mode="cubic"))
+    seen = np.asarray(symmetrize(jnp.ones((1, 64, 64)), task.model_cfg, mode="cubic")) >= bases.MIN_SUPPORT
     np.testing.assert_array_equal(np.asarray(got.support), seen)
     inner = static_ring_mask((64, 64), -1, 20)[None]  # well inside the frame every rotation covers it fully
     np.testing.assert_allclose(np.asarray(got.bases)[inner], want[inner], rtol=1e-4, atol=1e-5 * np.abs(want).max())

@@ -117,7 +117,8 @@ def learned(task, params, margin: int = 0) -> UpdatedBases:
 def reestimate(task, params, sums, coverage, counts, *, min_support: float = MIN_SUPPORT,
                margin: int = 0) -> UpdatedBases:
     """The bases from `make_accumulator` sums: each pixel averaged over the patterns that covered it (``sums /
-    coverage``, both symmetrised first when the model symmetrises its bases); a pixel is ``support`` when that
+    coverage``, both symmetrised first when the model symmetrises its bases, with cubic rotations that keep the
+    aligned disks' edges as sharp as the data hold them); a pixel is ``support`` when that
     coverage is at least ``min_support`` times the class's pattern count. A class with no pattern keeps its learned
     base (its pattern frame supported, not the margin). ``margin``: the sums' frame extends the patterns' by that
     many pixels on every side."""
@@ -126,7 +127,7 @@ def reestimate(task, params, sums, coverage, counts, *, min_support: float = MIN
     counts = jnp.asarray(counts, jnp.float32)
     sums, coverage = jnp.asarray(sums, jnp.float32), jnp.asarray(coverage, jnp.float32)
     if cfg.symmetrize_bases:
-        sums, coverage = symmetrize(sums, cfg, margin), symmetrize(coverage, cfg, margin)
+        sums, coverage = symmetrize(sums, cfg, margin, "cubic"), symmetrize(coverage, cfg, margin, "cubic")
     seen = coverage >= min_support * jnp.maximum(counts, 1.0)[:, None, None]
     mean = jnp.where(seen, sums / jnp.where(seen, coverage, 1.0), 0.0)
     used = (counts > 0)[:, None, None]

@@ -66,6 +66,13 @@ RIGID_BACKGROUND_QUANTILE = 0.2
 SPOT_SEARCH_QUANTILE = 0.05
 #: With rigid spots, base pixels within this many disk radii (plus 2 px) of a found spot centre move with that spot.
 RIGID_REACH = 1.5
+#: At most this many times `spot_centres` moves a spot's window onto the centroid it holds.
+CENTROID_STEPS = 20
+#: Disks at least this many pixels in radius are located by their rim (`spot_centres`), not their centroid.
+RIM_MIN_RADIUS = 4.0
+#: Rays along which `spot_centres` finds a wide disk's rim, and at most how often it re-centres them.
+RIM_RAYS = 64
+RIM_STEPS = 10
 #: Radial bands of the fitted pixels (equal shares of them, innermost first) in which `fit_patterns` measures how
 #: bright a pattern's spots are against its base's: the relative intensity of the diffraction orders, which tells
 #: phases apart.
@@ -348,13 +355,15 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
                  threshold: float = 0.15) -> list[np.ndarray]:
     """The spot centres of each base, ``(K, H, W)`` spots -> K arrays ``(n_k, 2)`` (row, col) in pixels.
 
-    A centre is a maximum of the spots smoothed by half a disk radius (the zero beam's disk, plus 2 px, blanked
-    first, so its edge cannot outshine the first order), the largest within a disk radius (a square window; peaks
-    closer than a disk radius are one disk, the brightest kept: a brighter order nearby must not hide a disk that
-    nearly touches it), brighter than ``threshold`` times the brightest one farther from ``center`` than a disk
-    diameter and ``min_radius`` (the fitted region: the central disk's tails must not set the scale), refined to the
-    centroid of the positive spots within a disk radius plus one pixel. The zero beam (``center``) is not among
-    them."""
+    The zero beam's disk is blanked first, out to `zero_beam_blank` (its edge, where a base that is not exactly round
+    leaves residuals a thousand times brighter than a diffracted disk, must neither outshine the first order nor pull
+    its centre inward). A centre is a maximum of the rest smoothed by half a disk radius, the largest within a disk
+    radius (a square window; peaks closer than a disk radius are one disk, the brightest kept: a brighter order
+    nearby must not hide a disk that nearly touches it), brighter than ``threshold`` times the brightest one farther
+    from ``center`` than a disk diameter and ``min_radius`` (the fitted region: the central disk's tails must not set
+    the scale), refined to the centroid of the positive spots within a disk radius plus one pixel of it, that window
+    moved onto the centroid until it settles (`CENTROID_STEPS` at most): a window about the smoothed maximum, which
+    a neighbour can pull off centre, would cut the disk on one side. The zero beam (``center``) is not among them."""
     from scipy import ndimage
 
     spots = np.asarray(spots, np.float64)
@@ -362,11 +371,12 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
     r_disk = max(float(disk_radius), 0.5)
     radius = _radius_image((h, w), center)
     far = radius > max(2 * r_disk, float(min_radius))
-    zero_beam = radius <= r_disk + 2
-    rr, cc = np.mgrid[:h, :w]
+    zero_beam = radius <= zero_beam_blank(r_disk)
+    reach = int(np.ceil(r_disk + 1))
     out = []
     for i in range(k):
-        smooth = ndimage.gaussian_filter(np.where(zero_beam, 0.0, spots[i]), max(1.0, 0.5 * r_disk))
+        blanked = np.where(zero_beam, 0.0, spots[i])
+        smooth = ndimage.gaussian_filter(blanked, max(1.0, 0.5 * r_disk))
         top = smooth[far].max() if far.any() else 0.0
         size = int(np.ceil(r_disk)) | 1
         peaks = (smooth == ndimage.maximum_filter(smooth, size=size)) & far & (smooth > threshold * top) & (top > 0)
@@ -375,16 +385,72 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
         for j in np.argsort(-smooth[rows, cols]):
             if all((rows[j] - rows[q]) ** 2 + (cols[j] - cols[q]) ** 2 > r_disk ** 2 for q in kept):
                 kept.append(j)
-        pos = np.clip(spots[i], 0.0, None)
+        pos = np.clip(blanked, 0.0, None)
         found = []
         for r, c in zip(rows[kept], cols[kept]):
-            near = np.hypot(rr - r, cc - c) <= r_disk + 1
-            wts = pos[near]
-            if wts.sum() <= 0:
-                continue
-            found.append(((rr[near] * wts).sum() / wts.sum(), (cc[near] * wts).sum() / wts.sum()))
+            y, x = float(r), float(c)
+            for _ in range(CENTROID_STEPS):
+                r0, r1 = max(int(np.floor(y)) - reach, 0), min(int(np.ceil(y)) + reach + 1, h)
+                c0, c1 = max(int(np.floor(x)) - reach, 0), min(int(np.ceil(x)) + reach + 1, w)
+                yy, xx = np.mgrid[r0:r1, c0:c1]
+                near = np.hypot(yy - y, xx - x) <= r_disk + 1
+                wts = pos[r0:r1, c0:c1][near]
+                if wts.sum() <= 0:
+                    break
+                y_new, x_new = (yy[near] * wts).sum() / wts.sum(), (xx[near] * wts).sum() / wts.sum()
+                settled = np.hypot(y_new - y, x_new - x) < 1e-3
+                y, x = y_new, x_new
+                if settled:
+                    break
+            if pos[r0:r1, c0:c1].sum() > 0:
+                rim = _rim_centre(blanked, y, x, r_disk) if r_disk >= RIM_MIN_RADIUS else None
+                found.append((y, x) if rim is None else rim)
         out.append(np.asarray(found, np.float64).reshape(-1, 2))
     return out
+
+
+def _rim_centre(image: np.ndarray, y: float, x: float, disk_radius: float) -> tuple[float, float] | None:
+    """The centre of the circle through a wide disk's rim, from a start ``(y, x)`` inside it (pixels), or None where
+    the rim does not show. Along `RIM_RAYS` rays from the current centre the rim is where the profile first falls
+    below halfway between the disk's plateau (the median within 0.6 radii) and its surroundings (the 0.2 quantile
+    1.5 to 3 px beyond the radius); rays whose rim lies more than a pixel from the median are left out (a
+    neighbour's tail, or the zero beam's, where it nearly touches), and a circle is fitted to the rest by least
+    squares. A centroid is pulled toward whatever else its window holds; the rim of a flat-topped disk is where its
+    position is measured."""
+    from scipy import ndimage
+
+    r = float(disk_radius)
+    angles = 2 * np.pi * np.arange(RIM_RAYS) / RIM_RAYS
+    ca, sa = np.cos(angles), np.sin(angles)
+    step = 0.1
+    t = np.arange(0.25 * r, r + 3.0 + step, step)
+    core, ring = t <= 0.6 * r, (t >= r + 1.5) & (t <= r + 3.0)
+    for _ in range(RIM_STEPS):
+        prof = ndimage.map_coordinates(image, [y + t[None, :] * sa[:, None], x + t[None, :] * ca[:, None]],
+                                       order=1, mode="constant")
+        inside, outside = np.median(prof[:, core]), np.quantile(prof[:, ring], 0.2)
+        if not inside > outside:
+            return None
+        half = 0.5 * (inside + outside)
+        below = (prof < half) & (t >= 0.5 * r)[None, :]
+        hit = below.any(1)
+        j = np.maximum(np.argmax(below, 1), 1)
+        a, b = prof[np.arange(RIM_RAYS), j - 1], prof[np.arange(RIM_RAYS), j]
+        edge = t[j - 1] + step * np.clip((a - half) / np.where(a > b, a - b, 1.0), 0.0, 1.0)
+        ok = hit & (np.abs(edge - np.median(edge[hit])) <= 1.0) if hit.any() else hit
+        if ok.sum() < RIM_RAYS // 2:
+            return None
+        design = np.stack([np.ones(ok.sum()), sa[ok], ca[ok]], 1)
+        _, dy, dx = np.linalg.lstsq(design, edge[ok], rcond=None)[0]
+        y, x = y + dy, x + dx
+        if np.hypot(dy, dx) < 1e-3:
+            break
+    return y, x
+
+
+def zero_beam_blank(disk_radius: float) -> float:
+    """Radius (pixels) within which `spot_centres` ignores a base: the zero beam's disk and its edge's tails."""
+    return float(disk_radius) + max(2.0, 0.25 * float(disk_radius))
 
 
 def _spot_owners(centres: list[np.ndarray], shape: tuple[int, int], center: tuple[float, float],

@@ -259,15 +259,17 @@ def encoder_ring(cfg: ModelConfig) -> np.ndarray:
     return (r > inner) & (r <= outer)
 
 
-def symmetrize(bases: jax.Array, cfg: ModelConfig, margin: int = 0) -> jax.Array:
+def symmetrize(bases: jax.Array, cfg: ModelConfig, margin: int = 0, mode: str = "bilinear") -> jax.Array:
     """Average of each base over the ``cfg.symmetry`` rotations about the pattern centre, ``(K, H, W)`` (the pattern
-    frame, or one extending it by ``margin`` pixels on every side)."""
+    frame, or one extending it by ``margin`` pixels on every side), each rotation interpolated with ``mode``
+    (`ccstae_jax.ops.warp.grid_sample`): ``"bilinear"`` smooths a sharp edge by about 0.4 px on average,
+    ``"cubic"`` (Keys) does not."""
     n = cfg.symmetry
     angles = 2 * np.pi * np.arange(n) / n
     theta = about_center(affine.warp_matrix(rotation=jnp.asarray(angles, jnp.float32)), cfg, margin)  # (n, 2, 3)
     k = bases.shape[0]
     stacked = jnp.repeat(bases[:, None], n, axis=1).reshape(k * n, *bases.shape[1:])
-    turned = warp.affine_warp(stacked[..., None], jnp.tile(theta, (k, 1, 1)))[..., 0]
+    turned = warp.affine_warp(stacked[..., None], jnp.tile(theta, (k, 1, 1)), mode=mode)[..., 0]
     return turned.reshape(k, n, *bases.shape[1:]).mean(1)
 
 
