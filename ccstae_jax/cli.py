@@ -184,7 +184,8 @@ def cmd_simulate(args):
         scan_shape=tuple(args.scan), n_grains=args.grains, noise_level=w, seed=args.seed,
         detector_size=args.detector, crop=tuple(args.detector_crop) if args.detector_crop else None,
         reference_region=_region(args.reference_region), disk_radius=args.disk_radius, lattice=args.lattice,
-        lattice_aspect=args.lattice_aspect, ellipticity=args.ellipticity, ellipticity_angle=args.ellipticity_angle,
+        lattice_aspect=args.lattice_aspect, lattice_angle=args.lattice_angle, ellipticity=args.ellipticity,
+        ellipticity_angle=args.ellipticity_angle,
         descan=tuple(args.descan) if args.descan is not None else (0.0, 0.0, 0.0, 0.0),
         phases=args.phases, vacuum=args.vacuum,
         phase_fractions=_comma_floats(args.phase_fractions, "--phase-fractions") if args.phase_fractions else None)
@@ -322,9 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="convergent-beam disk radius in detector px (default: %(default)s)")
     s.add_argument("--lattice", default="hexagonal", choices=["hexagonal", "square", "rectangular"],
                    help="hexagonal (1H-MX2, 6-fold), square (4-fold) or rectangular (2-fold); a1 along +Qx "
-                        "(default: %(default)s)")
+                        "unless --lattice-angle turns it (default: %(default)s)")
     s.add_argument("--lattice-aspect", type=float, default=1.25, metavar="B/A",
                    help="b/a of the rectangular lattice, at least 5 %% away from 1 (default: %(default)s)")
+    s.add_argument("--lattice-angle", type=float, default=0.0, metavar="RAD",
+                   help="orientation of the reference lattice: a1 turned this many radians counter-clockwise from "
+                        "+Qx toward +Qy; every grain turns with it, the labels stay relative to it (default: "
+                        "%(default)s)")
     s.add_argument("--phases", metavar="LIST",
                    help="comma-separated phases of the grains, the first one the reference: built-in WS2 (3.153 A), "
                         "WSe2 (3.282 A), MoS2 (3.160 A), MoSe2 (3.288 A), or NAME:A for a lattice constant A in "

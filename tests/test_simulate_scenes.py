@@ -109,6 +109,24 @@ def test_ellipticity_leaves_labels_unchanged():
         np.testing.assert_array_equal(plain[name], stretched[name])
 
 
+# ----- lattice orientation --------------------------------------------------------------------------------
+def test_lattice_angle_turns_the_pattern_as_a_grain_turned_by_it_would_be():
+    turned = np.asarray(sim.pattern_function(_config(lattice_angle=0.3))(np.zeros(4)))
+    grain = np.asarray(sim.pattern_function(_config())(np.array([0.0, 0.0, 0.0, 0.3])))
+    np.testing.assert_allclose(turned, grain, atol=1e-6 * grain.max())
+    axis_aligned = np.asarray(sim.pattern_function(_config())(np.zeros(4)))
+    rows, cols = np.mgrid[:128, :128] - 64.0
+    spots = np.hypot(rows, cols) > 10  # beyond the central disk
+    assert np.abs(turned - axis_aligned)[spots].max() > 0.5 * axis_aligned[spots].max()  # the lattice did turn
+
+
+def test_lattice_angle_leaves_labels_relative_to_the_reference_lattice():
+    plain = sim.grain_labels(_config(scan_shape=(8, 8)))
+    turned = sim.grain_labels(_config(scan_shape=(8, 8), lattice_angle=0.3))
+    for name in ("strain_xx", "strain_yy", "shear_xy", "rotation", "grain_index"):
+        np.testing.assert_array_equal(plain[name], turned[name])
+
+
 # ----- descan --------------------------------------------------------------------------------------------
 J = (3.0, 1.0, -2.0, 4.0)
 
@@ -263,7 +281,7 @@ def test_noisy_vacuum_pattern_is_the_noise_model_of_the_central_disk():
 # ----- file, defaults, bad values ------------------------------------------------------------------------
 def test_hdf5_records_the_scene(tmp_path):
     cfg = _config(scan_shape=(8, 8), lattice="square", phases="WS2,WSe2:3.3", vacuum=0.2, ellipticity=0.02,
-                  ellipticity_angle=0.4, descan=2.0, reference_region=(0, 2, 0, 2))
+                  ellipticity_angle=0.4, descan=2.0, reference_region=(0, 2, 0, 2), lattice_angle=0.25)
     path = sim.simulate_to_hdf5(tmp_path / "s.h5", cfg, progress=False)
     with h5py.File(path, "r") as f:
         a = f.attrs

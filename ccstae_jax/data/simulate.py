@@ -108,7 +108,7 @@ PHASES: dict[str, tuple[float, float, float]] = {
 }
 _PHASE_NAMES = {name.lower(): name for name in PHASES}
 # Fields of SimulationConfig written to the JSON configuration only when they differ from their defaults.
-_SCENE_FIELDS = ("lattice", "lattice_aspect", "ellipticity", "ellipticity_angle", "descan", "phases",
+_SCENE_FIELDS = ("lattice", "lattice_aspect", "lattice_angle", "ellipticity", "ellipticity_angle", "descan", "phases",
                  "phase_fractions", "vacuum")
 
 
@@ -222,6 +222,10 @@ class SimulationConfig:
         per cell, ``f(s) = Z / (s^2 + s0^2)`` with Z = 42, and the Debye-Waller factor); see `LATTICES`.
         ``lattice_constant`` is ``a``, the length of ``a1`` along +x.
       lattice_aspect: ``b / a`` of the rectangular lattice (at least 5 % away from 1; unused otherwise).
+      lattice_angle: orientation of the reference lattice on the detector, radians counter-clockwise from +Qx
+        toward +Qy (0: ``a1`` along +Qx). Every grain turns with it; the labels' rotations stay relative to the
+        reference lattice and their strains are in the detector's frame, as always. At 0 the first-order spots of a
+        hexagonal or square lattice lie on the detector's axes, where the pixel grid samples them alike.
       ellipticity: projector distortion ``e`` (0.02 = 2 %) in [0, 0.5): a detector position is
         ``q' = c + D (q - c)``, ``D = R(angle) diag(1 + e/2, 1 - e/2) R(-angle)``, ``c`` the zero beam; the
         whole pattern (spots, disks, central beam) is rendered exactly through ``D`` (disks become
@@ -266,6 +270,7 @@ class SimulationConfig:
     batch_rows: int = 4
     lattice: str = "hexagonal"
     lattice_aspect: float = 1.25
+    lattice_angle: float = 0.0
     ellipticity: float = 0.0
     ellipticity_angle: float = 0.0
     descan: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
@@ -343,6 +348,7 @@ class SimulationConfig:
             raise ValueError(f"lattice_aspect={self.lattice_aspect!r}: a rectangular lattice needs b / a at least "
                              "5 % away from 1 (use lattice='square')")
         fix("lattice_aspect", aspect)
+        fix("lattice_angle", _finite(self.lattice_angle, "lattice_angle"))
         e = _finite(self.ellipticity, "ellipticity")
         if not 0.0 <= e < 0.5:
             raise ValueError(f"ellipticity={self.ellipticity!r} must be in [0, 0.5) (0.02 = 2 % stretch)")
@@ -630,6 +636,8 @@ def spot_table(config: SimulationConfig, *, phase: int = 0) -> SpotTable:
                                       z_chalcogen=z_chalcogen)
     else:
         inten = one_atom_intensities(g, debye_waller=config.debye_waller)
+    c, s = math.cos(config.lattice_angle), math.sin(config.lattice_angle)
+    g = g @ np.array([[c, s], [-s, c]])  # each (gx, gy) turned by lattice_angle toward +Qy
     return SpotTable(g / config.pixel_size, inten * (1.0 - config.central_frac), hk)
 
 
