@@ -356,7 +356,7 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
     """The spot centres of each base, ``(K, H, W)`` spots -> K arrays ``(n_k, 2)`` (row, col) in pixels.
 
     The zero beam's disk is blanked first, out to `zero_beam_blank` (its edge, where a base that is not exactly round
-    leaves residuals a thousand times brighter than a diffracted disk, must neither outshine the first order nor pull
+    leaves residuals hundreds of times brighter than a diffracted disk, must neither outshine the first order nor pull
     its centre inward). A centre is a maximum of the rest smoothed by half a disk radius, the largest within a disk
     radius (a square window; peaks closer than a disk radius are one disk, the brightest kept: a brighter order
     nearby must not hide a disk that nearly touches it), brighter than ``threshold`` times the brightest one farther
@@ -388,7 +388,7 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
         pos = np.clip(blanked, 0.0, None)
         found = []
         for r, c in zip(rows[kept], cols[kept]):
-            y, x = float(r), float(c)
+            y, x, held = float(r), float(c), False
             for _ in range(CENTROID_STEPS):
                 r0, r1 = max(int(np.floor(y)) - reach, 0), min(int(np.ceil(y)) + reach + 1, h)
                 c0, c1 = max(int(np.floor(x)) - reach, 0), min(int(np.ceil(x)) + reach + 1, w)
@@ -397,12 +397,13 @@ def spot_centres(spots: np.ndarray, center: tuple[float, float], disk_radius: fl
                 wts = pos[r0:r1, c0:c1][near]
                 if wts.sum() <= 0:
                     break
+                held = True
                 y_new, x_new = (yy[near] * wts).sum() / wts.sum(), (xx[near] * wts).sum() / wts.sum()
                 settled = np.hypot(y_new - y, x_new - x) < 1e-3
                 y, x = y_new, x_new
                 if settled:
                     break
-            if pos[r0:r1, c0:c1].sum() > 0:
+            if held:
                 rim = _rim_centre(blanked, y, x, r_disk) if r_disk >= RIM_MIN_RADIUS else None
                 found.append((y, x) if rim is None else rim)
         out.append(np.asarray(found, np.float64).reshape(-1, 2))
