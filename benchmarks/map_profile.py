@@ -75,7 +75,8 @@ def profile(run_dir: Path, data_path: Path, out_dir: Path) -> dict:
         stages["encode"] = _over_scan(scan, batch, lambda x: encode(params, x))
 
         fit = predict._fit_fn(task, config, None)
-        coarse_fit = predict.make_fit_fn(task, 0, coarse_steps=config.coarse_steps)
+        coarse_steps = predict.coarse_steps_for(config, task.model_cfg.geometry)
+        coarse_fit = predict.make_fit_fn(task, 0, coarse_steps=coarse_steps)
         no_start = predict._no_start(batch)
         predict.estimate_bases(task, params, scan, config)  # compiles the base estimate
         t = time.perf_counter()

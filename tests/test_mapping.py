@@ -13,8 +13,8 @@ from ccstae_jax.data.simulate import SimulationConfig, pattern_function, simulat
 from ccstae_jax.model.geometry import measure_geometry
 from ccstae_jax.model.masks import static_ring_mask
 from ccstae_jax.mapping import bases, fit
-from ccstae_jax.mapping.predict import (MapConfig, corner_margin, lattice_signals, margin_for, rigid_spots_for,
-                                        scale_spots_for, subset_rows)
+from ccstae_jax.mapping.predict import (COARSE_STEPS, MapConfig, coarse_steps_for, corner_margin, lattice_signals,
+                                        margin_for, rigid_spots_for, scale_spots_for, subset_rows)
 from ccstae_jax.mapping.reference import (lattice_covariance, referenced_strain, region_mask, strain_uncertainty,
                                           warp_covariance)
 from ccstae_jax.model.networks import symmetrize
@@ -348,6 +348,15 @@ def test_rigid_spots_are_chosen_for_wide_disks_unless_set_and_never_without_a_fi
     assert not rigid_spots_for(MapConfig(rigid_spots=False), wide)
     assert rigid_spots_for(MapConfig(rigid_spots=True), narrow)
     assert not rigid_spots_for(MapConfig(steps=0), wide)
+
+
+def test_the_coarse_fit_runs_for_stretched_spots_and_not_for_rigid_ones_unless_set():
+    wide, narrow = _wide_and_narrow()
+    assert coarse_steps_for(MapConfig(), narrow) == COARSE_STEPS > 0
+    assert coarse_steps_for(MapConfig(), wide) == 0
+    assert coarse_steps_for(MapConfig(rigid_spots=False), wide) == COARSE_STEPS
+    assert coarse_steps_for(MapConfig(coarse_steps=2), wide) == 2
+    assert coarse_steps_for(MapConfig(coarse_steps=0), narrow) == 0
 
 
 def test_the_spots_scale_is_fitted_only_when_asked_and_never_with_rigid_spots_or_without_a_fit():
