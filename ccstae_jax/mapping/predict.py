@@ -166,10 +166,9 @@ def scale_spots_for(config: MapConfig, geometry) -> bool:
 
 def coarse_steps_for(config: MapConfig, geometry) -> int:
     """Iterations of the coarse fit a map with ``config`` runs for a run of this ``geometry``: as set, or (None)
-    `COARSE_STEPS` for spots that stretch with the base and none with rigid spots (`rigid_spots_for`). Blurred by half
-    a disk radius, wide flat-topped disks lose the edges that place them, and the coarse fit's warps are not the ones
-    the fine fit can reach from: on a 16-px scan at 25 % noise the strain MAE fell by 15-17 % without it and grew
-    2.6-fold with 6 coarse steps instead of 3."""
+    `COARSE_STEPS` for spots that stretch with the base and none with rigid spots (`rigid_spots_for`): blurred by half
+    a disk radius, wide flat-topped disks lose the edges that place them, and the coarse fit pulls their warps away
+    from the fine fit's optimum (the README's Limits, *Wide disks*)."""
     if config.coarse_steps is not None:
         return int(config.coarse_steps)
     return 0 if rigid_spots_for(config, geometry) else COARSE_STEPS
