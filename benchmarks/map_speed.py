@@ -32,6 +32,8 @@ sys.path.insert(0, str(HERE))
 
 from memory import measured  # noqa: E402  (a sibling script)
 
+from ccstae_jax.compilation_cache import ENV_CACHE  # noqa: E402
+
 _TWICE = """
 import json, sys, time
 from ccstae_jax import pipeline
@@ -145,7 +147,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        res = run(scan, a.noise, work, baseline=not a.no_baseline)
+        # the commands' compilation cache starts empty in the work folder, so every run times its compilations
+        own_cache = ENV_CACHE not in os.environ
+        if own_cache:
+            os.environ[ENV_CACHE] = str(work / "xla-cache")
+        try:
+            res = run(scan, a.noise, work, baseline=not a.no_baseline)
+            res["compilation_cache"] = os.environ[ENV_CACHE]
+        finally:
+            if own_cache:
+                os.environ.pop(ENV_CACHE, None)
     table = markdown(res)
     print(table)
     if a.json:

@@ -16,7 +16,7 @@ import logging
 import sys
 import tomllib
 
-from ccstae_jax import conventions
+from ccstae_jax import compilation_cache, conventions
 from ccstae_jax.errors import CcstaeError
 
 EXIT_BAD_INPUT = 2
@@ -515,6 +515,7 @@ def main(argv=None) -> int:
         # Orbax logs its own ERROR lines (e.g. for a corrupt checkpoint) through absl; the error is reported below
         # in one line, so they are shown with --verbose only.
         logging.getLogger("absl").setLevel(logging.CRITICAL)
+    compilation_cache.enable()  # later runs on scans of the same shapes skip most compilation
     try:
         args.func(args)
     except KeyboardInterrupt:

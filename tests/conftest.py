@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# the commands run by the tests never write to the user's compilation cache (tests/test_cli.py shares its own)
+os.environ.setdefault("CCSTAE_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 
