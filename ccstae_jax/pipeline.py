@@ -40,7 +40,7 @@ from ccstae_jax.train.parallel import is_main_process
 MODEL_FILE = "model.json"
 
 #: Patterns a default training shows the network (`default_epochs`).
-TRAINING_PATTERNS = 6_000
+TRAINING_PATTERNS = 3_000
 
 # Training defaults per preset (learning rates tuned on simulated WS2 scans); epochs None = `default_epochs`.
 PRESET_TRAINING = {
@@ -286,8 +286,8 @@ def train(
 
 def default_epochs(n_positions: int) -> int:
     """Epochs of a default training: enough passes to show the network about `TRAINING_PATTERNS` patterns, between 3
-    and 20 (a small scan is seen 20 times; a 256 x 256 scan 3 times). The map's per-pattern fit, not the encoder,
-    sets the accuracy, so long trainings buy little."""
+    and 20 (a scan of at most 150 positions is seen 20 times, one of 1,000 or more 3 times). The map's per-pattern
+    fit, not the encoder, sets the accuracy, so long trainings buy little."""
     return int(np.clip(np.ceil(TRAINING_PATTERNS / max(n_positions, 1)), 3, 20))
 
 
