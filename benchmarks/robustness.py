@@ -14,7 +14,8 @@ the benchmark
 4. runs the py4DSTEM baseline on the same file (``ccstae baseline``, in the interpreter ``$CCSTAE_BASELINE_PYTHON``
    when set): it is given the truth the simulation records (disk radius, lattice, spot spacing, reference phase,
    that the patterns are elliptical, that there is vacuum) and calibrates the rest itself
-   (`ccstae_jax.baselines.py4dstem.config_from_attrs`); its absolute maps are referenced to the same region,
+   (`ccstae_jax.baselines.py4dstem.config_from_attrs`); its absolute maps are referenced to the same region. It
+   runs beside steps 2 (its fit is single-threaded), so the case's timings overlap,
 5. computes the Cramér-Rao bound for the grains of that scan (`_common.crb_for_scan`; 0 at 0 % noise, where the
    simulated data are noise-free).
 
@@ -51,6 +52,7 @@ that the map marks invalid.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -67,6 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.p
 from _common import QUANTITIES, Clock, calibration_markdown, clean, crb_for_scan, environment, file_attrs  # noqa: E402
 from _common import loadavg, mae_row  # noqa: E402
 from _common import write_json  # noqa: E402
+
+from ccstae_jax.compilation_cache import ENV_CACHE, chosen_directory  # noqa: E402
 
 RESULT_FILE = "result.json"
 METHODS = ("ccstae", "py4dstem")
@@ -345,35 +349,49 @@ def run_case(cfg: RobustnessConfig, case: Case, case_dir: Path, *, baseline_ok: 
     if cfg.epochs is not None:
         train_args += ["--epochs", str(int(cfg.epochs))]
     map_args = ["map", str(run), str(data), "--out", str(strain), "--quiet"]
-    with clock.part("train"):
-        proc = run_ccstae(train_args, timeout=cfg.timeout_s)
-    train_output = _tail(proc.stdout + proc.stderr, 60)
-    (case_dir / "train_output.txt").write_text(proc.stdout + proc.stderr)
-    ok = proc.returncode == 0
-    if ok:
-        with clock.part("map"):
-            proc = run_ccstae(map_args, timeout=cfg.timeout_s)
-        ok = proc.returncode == 0
-    if ok:
-        scores["ccstae"] = score_map(strain, data)
-    else:
-        notes.append(f"ccstae failed: {_tail(proc.stderr, 3)}")
-        scores["ccstae"] = None
 
-    if cfg.baseline == "off":
-        notes.append("py4DSTEM baseline off")
-    elif not baseline_ok:
-        notes.append("py4DSTEM baseline unavailable (found at an earlier case)")
-    else:
+    def baseline() -> bool:  # in a second thread: py4DSTEM's single-threaded fit beside ccstae's train and map
         with clock.part("py4dstem"):
             try:
                 py4dstem.run_baseline_subprocess(data, base, timeout=cfg.timeout_s)
-                scores["py4dstem"] = score_map(base, data)
+                return True
             except py4dstem.BaselineUnavailable as e:
                 if cfg.baseline == "require":
                     raise
                 notes.append(f"py4DSTEM baseline unavailable: {e}")
             except (RuntimeError, ValueError) as e:  # failed on this file: record it, keep going
+                if cfg.baseline == "require":
+                    raise
+                notes.append(f"py4DSTEM baseline failed: {e}")
+        return False
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        if cfg.baseline == "off":
+            notes.append("py4DSTEM baseline off")
+            job = None
+        elif not baseline_ok:
+            notes.append("py4DSTEM baseline unavailable (found at an earlier case)")
+            job = None
+        else:
+            job = pool.submit(baseline)
+        with clock.part("train"):
+            proc = run_ccstae(train_args, timeout=cfg.timeout_s)
+        train_output = _tail(proc.stdout + proc.stderr, 60)
+        (case_dir / "train_output.txt").write_text(proc.stdout + proc.stderr)
+        ok = proc.returncode == 0
+        if ok:
+            with clock.part("map"):
+                proc = run_ccstae(map_args, timeout=cfg.timeout_s)
+            ok = proc.returncode == 0
+        if ok:
+            scores["ccstae"] = score_map(strain, data)
+        else:
+            notes.append(f"ccstae failed: {_tail(proc.stderr, 3)}")
+            scores["ccstae"] = None
+        if job is not None and job.result():  # job.result() re-raises with --baseline require
+            try:
+                scores["py4dstem"] = score_map(base, data)
+            except (RuntimeError, ValueError) as e:
                 if cfg.baseline == "require":
                     raise
                 notes.append(f"py4DSTEM baseline failed: {e}")
@@ -539,6 +557,10 @@ def format_markdown(results: dict) -> str:
         lines.append(f"Wall time {env.get('wall_s', '?')} s on {env.get('cpu_count', '?')} CPUs "
                      f"({env.get('device', '?')}, load average at start {env.get('loadavg_start')}); "
                      f"command: `{env.get('command', '')}`.")
+        cache = env.get("compilation_cache")
+        if cache:
+            state = "empty" if cache["entries_at_start"] == 0 else f"{cache['entries_at_start']} entries"
+            lines.append(f"The commands shared one compilation cache ({state} at the start).")
     return "\n".join(lines) + "\n"
 
 
@@ -675,6 +697,18 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("TQDM_DISABLE", "1")
+    # the commands share one compilation cache, empty in a new output folder (as for a user mapping several scans)
+    own_cache = ENV_CACHE not in os.environ
+    if own_cache:
+        os.environ[ENV_CACHE] = str(Path(a.out_dir).resolve() / "xla-cache")
+    try:
+        return _run(a)
+    finally:
+        if own_cache:
+            os.environ.pop(ENV_CACHE, None)
+
+
+def _run(a) -> int:
     try:
         cfg = config_from_args(a)
     except ValueError as e:
@@ -683,7 +717,11 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     log(f"robustness: {len(cfg.cases)} cases ({', '.join(c.id for c in cfg.cases)}), scan {cfg.scan}x{cfg.scan}, "
         f"{cfg.n_grains} grains -> {a.out_dir}")
+    cache = chosen_directory()  # None: switched off, or JAX's own JAX_COMPILATION_CACHE_DIR
+    cached_before = sum(1 for _ in cache.iterdir()) if cache is not None and cache.is_dir() else 0
     results = run_benchmark(cfg, a.out_dir, fresh=a.fresh, log=log)
+    if cache is not None:
+        results["environment"]["compilation_cache"] = {"path": str(cache), "entries_at_start": cached_before}
     paths = write_outputs(results, a.out_dir, json_path=a.json, markdown_path=a.markdown, figure_path=a.figure)
     print(format_markdown(results))
     log("wrote " + ", ".join(paths.values()))
