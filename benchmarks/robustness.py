@@ -14,8 +14,7 @@ the benchmark
 4. runs the py4DSTEM baseline on the same file (``ccstae baseline``, in the interpreter ``$CCSTAE_BASELINE_PYTHON``
    when set): it is given the truth the simulation records (disk radius, lattice, spot spacing, reference phase,
    that the patterns are elliptical, that there is vacuum) and calibrates the rest itself
-   (`ccstae_jax.baselines.py4dstem.config_from_attrs`); its absolute maps are referenced to the same region. It
-   runs beside steps 2 (its fit is single-threaded), so the case's timings overlap,
+   (`ccstae_jax.baselines.py4dstem.config_from_attrs`); its absolute maps are referenced to the same region,
 5. computes the Cramér-Rao bound for the grains of that scan (`_common.crb_for_scan`; 0 at 0 % noise, where the
    simulated data are noise-free).
 
@@ -52,7 +51,6 @@ that the map marks invalid.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -349,49 +347,35 @@ def run_case(cfg: RobustnessConfig, case: Case, case_dir: Path, *, baseline_ok: 
     if cfg.epochs is not None:
         train_args += ["--epochs", str(int(cfg.epochs))]
     map_args = ["map", str(run), str(data), "--out", str(strain), "--quiet"]
+    with clock.part("train"):
+        proc = run_ccstae(train_args, timeout=cfg.timeout_s)
+    train_output = _tail(proc.stdout + proc.stderr, 60)
+    (case_dir / "train_output.txt").write_text(proc.stdout + proc.stderr)
+    ok = proc.returncode == 0
+    if ok:
+        with clock.part("map"):
+            proc = run_ccstae(map_args, timeout=cfg.timeout_s)
+        ok = proc.returncode == 0
+    if ok:
+        scores["ccstae"] = score_map(strain, data)
+    else:
+        notes.append(f"ccstae failed: {_tail(proc.stderr, 3)}")
+        scores["ccstae"] = None
 
-    def baseline() -> bool:  # in a second thread: py4DSTEM's single-threaded fit beside ccstae's train and map
+    if cfg.baseline == "off":
+        notes.append("py4DSTEM baseline off")
+    elif not baseline_ok:
+        notes.append("py4DSTEM baseline unavailable (found at an earlier case)")
+    else:
         with clock.part("py4dstem"):
             try:
                 py4dstem.run_baseline_subprocess(data, base, timeout=cfg.timeout_s)
-                return True
+                scores["py4dstem"] = score_map(base, data)
             except py4dstem.BaselineUnavailable as e:
                 if cfg.baseline == "require":
                     raise
                 notes.append(f"py4DSTEM baseline unavailable: {e}")
             except (RuntimeError, ValueError) as e:  # failed on this file: record it, keep going
-                if cfg.baseline == "require":
-                    raise
-                notes.append(f"py4DSTEM baseline failed: {e}")
-        return False
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        if cfg.baseline == "off":
-            notes.append("py4DSTEM baseline off")
-            job = None
-        elif not baseline_ok:
-            notes.append("py4DSTEM baseline unavailable (found at an earlier case)")
-            job = None
-        else:
-            job = pool.submit(baseline)
-        with clock.part("train"):
-            proc = run_ccstae(train_args, timeout=cfg.timeout_s)
-        train_output = _tail(proc.stdout + proc.stderr, 60)
-        (case_dir / "train_output.txt").write_text(proc.stdout + proc.stderr)
-        ok = proc.returncode == 0
-        if ok:
-            with clock.part("map"):
-                proc = run_ccstae(map_args, timeout=cfg.timeout_s)
-            ok = proc.returncode == 0
-        if ok:
-            scores["ccstae"] = score_map(strain, data)
-        else:
-            notes.append(f"ccstae failed: {_tail(proc.stderr, 3)}")
-            scores["ccstae"] = None
-        if job is not None and job.result():  # job.result() re-raises with --baseline require
-            try:
-                scores["py4dstem"] = score_map(base, data)
-            except (RuntimeError, ValueError) as e:
                 if cfg.baseline == "require":
                     raise
                 notes.append(f"py4DSTEM baseline failed: {e}")
