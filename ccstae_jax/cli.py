@@ -515,7 +515,7 @@ def main(argv=None) -> int:
         # Orbax logs its own ERROR lines (e.g. for a corrupt checkpoint) through absl; the error is reported below
         # in one line, so they are shown with --verbose only.
         logging.getLogger("absl").setLevel(logging.CRITICAL)
-    compilation_cache.enable()  # later runs on scans of the same shapes skip most compilation
+    compilation_cache.enable()  # a command compiling what an earlier one did reads it from disk
     try:
         args.func(args)
     except KeyboardInterrupt:

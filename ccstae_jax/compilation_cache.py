@@ -1,8 +1,8 @@
-"""A compilation cache on disk, so a command run again on scans of the same shapes skips most of XLA's compilation.
+"""A compilation cache on disk, so a command that compiles what an earlier one did reads it instead.
 
-The first ``ccstae train`` or ``ccstae map`` of a pattern size compiles its training step, encoder and fits (10-20 s
-on a laptop CPU); later runs on scans of the same shapes read the compiled programs from this cache. The commands of
-`ccstae_jax.cli` turn it on; a library user calls `enable` once, before the first computation.
+A ``ccstae train`` compiles its training step (about 10 s on a laptop CPU); training the same scan again reads that
+program from this cache. The step holds the scan's measured geometry, so another scan compiles its own. The commands
+of `ccstae_jax.cli` turn the cache on; a library user calls `enable` once, before the first computation.
 
 Where the cache lives, in this order:
 
