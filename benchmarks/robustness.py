@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    # the commands share one compilation cache, empty in a new output folder (as for a user mapping several scans)
+    # the commands share one compilation cache, empty in a new output folder (the timings include every compilation)
     own_cache = ENV_CACHE not in os.environ
     if own_cache:
         os.environ[ENV_CACHE] = str(Path(a.out_dir).resolve() / "xla-cache")
