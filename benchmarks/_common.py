@@ -5,6 +5,7 @@ Imported by those scripts from their own folder (``benchmarks/`` is not a packag
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -117,6 +118,22 @@ class Clock:
                     clock.log(f"{clock.prefix} {name}: {dt:.1f} s")
 
         return _Part()
+
+
+@contextlib.contextmanager
+def own_compilation_cache(directory: Path):
+    """Points the ``ccstae`` commands run inside at ``directory`` as their compilation cache, unless
+    ``CCSTAE_COMPILATION_CACHE`` is already set (then left as it is); restores the environment after."""
+    from ccstae_jax.compilation_cache import ENV_CACHE
+
+    own = ENV_CACHE not in os.environ
+    if own:
+        os.environ[ENV_CACHE] = str(directory)
+    try:
+        yield
+    finally:
+        if own:
+            os.environ.pop(ENV_CACHE, None)
 
 
 def write_json(path: Path, obj) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from _common import own_compilation_cache  # noqa: E402
 from memory import measured  # noqa: E402  (a sibling script)
 
 from ccstae_jax.compilation_cache import ENV_CACHE  # noqa: E402
@@ -148,15 +149,9 @@ def main(argv=None) -> int:
         work = Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         # the commands' compilation cache starts empty in the work folder, so every run times its compilations
-        own_cache = ENV_CACHE not in os.environ
-        if own_cache:
-            os.environ[ENV_CACHE] = str(work / "xla-cache")
-        try:
+        with own_compilation_cache(work / "xla-cache"):
             res = run(scan, a.noise, work, baseline=not a.no_baseline)
             res["compilation_cache"] = os.environ[ENV_CACHE]
-        finally:
-            if own_cache:
-                os.environ.pop(ENV_CACHE, None)
     table = markdown(res)
     print(table)
     if a.json:

@@ -66,9 +66,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/_common.py
 from _common import QUANTITIES, Clock, calibration_markdown, clean, crb_for_scan, environment, file_attrs  # noqa: E402
 from _common import loadavg, mae_row  # noqa: E402
-from _common import write_json  # noqa: E402
+from _common import own_compilation_cache, write_json  # noqa: E402
 
-from ccstae_jax.compilation_cache import ENV_CACHE, chosen_directory  # noqa: E402
+from ccstae_jax.compilation_cache import chosen_directory  # noqa: E402
 
 RESULT_FILE = "result.json"
 METHODS = ("ccstae", "py4dstem")
@@ -682,14 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     os.environ.setdefault("TQDM_DISABLE", "1")
     # the commands share one compilation cache, empty in a new output folder (the timings include every compilation)
-    own_cache = ENV_CACHE not in os.environ
-    if own_cache:
-        os.environ[ENV_CACHE] = str(Path(a.out_dir).resolve() / "xla-cache")
-    try:
+    with own_compilation_cache(Path(a.out_dir).resolve() / "xla-cache"):
         return _run(a)
-    finally:
-        if own_cache:
-            os.environ.pop(ENV_CACHE, None)
 
 
 def _run(a) -> int:
